@@ -1,0 +1,236 @@
+"""Graphs and padded batches.
+
+A batch is a `jraph.GraphsTuple` (numpy on the host, moved to the device by the loader):
+  nodes   = {positions (N, 3) Å, species (N,) int32 atomic numbers (0 = padding), forces (N, 3) eV/Å}
+  edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell}
+  globals = {energy (G,) eV, stress (G, 3, 3) eV/Å³, cell (G, 3, 3) Å, pbc (G, 3),
+             has_energy, has_forces, has_stress (G,) 0/1 label masks}
+  senders / receivers (E,) int32, n_node (G,), n_edge (G,).
+Batches are padded to a small ladder of static budgets (jraph convention: one padding graph last, padding
+edges attached to the first padding node), so `jit` compiles once per budget.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import logging
+import math
+from typing import Iterator, Sequence
+
+import jraph
+import numpy as np
+
+from so3lib.data.dataset import Dataset, _ranges
+from so3lib.graph.neighbours import neighbour_list
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphBudget:
+    """Static padded sizes: n_node and n_edge include padding; n_graph includes the padding graph."""
+    n_node: int
+    n_edge: int
+    n_graph: int
+
+    def fits(self, n_node: int, n_edge: int, n_graph: int) -> bool:
+        return n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
+
+
+def round_up(x: int, quantum: int) -> int:
+    return int(quantum * math.ceil(max(x, 1) / quantum))
+
+
+def round_up_ladder(x: int, quantum: int = 8, steps_per_octave: int = 2) -> int:
+    """Round x up to the next value of a geometric ladder (2^(k/steps_per_octave)·quantum, multiples of
+    quantum): at most ~41 % padding, and only a handful of distinct sizes over many orders of magnitude."""
+    x = max(int(x), 1)
+    k = math.ceil(steps_per_octave * math.log2(max(x / quantum, 1.0)) - 1e-9)
+    return round_up(int(math.ceil(quantum * 2 ** (k / steps_per_octave))), quantum)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetLadder:
+    """A few (n_node, n_edge) rungs for batches of up to ``batch_size`` graphs. `select` picks the smallest."""
+    rungs: tuple[GraphBudget, ...]
+
+    @staticmethod
+    def from_counts(n_atoms: np.ndarray, n_edges: np.ndarray, batch_size: int, max_rungs: int = 4) -> "BudgetLadder":
+        """Rungs from dataset statistics: the top rung holds the ``batch_size`` largest structures (so every
+        batch fits); lower rungs are geometric down to ~5 % above a typical batch."""
+        b = min(batch_size, len(n_atoms))
+        worst_n = int(np.sort(n_atoms)[-b:].sum()) + 1
+        worst_e = int(np.sort(n_edges)[-b:].sum())
+        typ_n = b * float(np.mean(n_atoms)) * 1.05 + 1
+        typ_e = b * float(np.mean(n_edges)) * 1.05
+        k = 1 if worst_n <= typ_n * 1.1 and worst_e <= typ_e * 1.1 else max_rungs
+        fr = np.linspace(0.0, 1.0, k) if k > 1 else np.ones(1)
+        rungs = []
+        for f in fr:
+            nn = round_up(int(typ_n * (worst_n / typ_n) ** f) if k > 1 else worst_n, 8)
+            ne = round_up(int(max(typ_e, 1) * (max(worst_e, 1) / max(typ_e, 1)) ** f) if k > 1 else worst_e, 64)
+            rungs.append(GraphBudget(max(nn, worst_n if f == 1 else 0), max(ne, worst_e if f == 1 else 0), batch_size + 1))
+        uniq = sorted(set(rungs), key=lambda r: (r.n_node, r.n_edge))
+        return BudgetLadder(tuple(uniq))
+
+    def select(self, n_node: int, n_edge: int, n_graph: int) -> GraphBudget:
+        for r in self.rungs:
+            if r.fits(n_node, n_edge, n_graph):
+                return r
+        raise ValueError(f"batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges exceeds the largest padding "
+                         f"budget {self.rungs[-1]}: rebuild the ladder for this data (never truncated)")
+
+
+def dynamic_budget(n_node: int, n_edge: int, n_graph: int) -> GraphBudget:
+    """Budget for ad-hoc inputs (calculator, MD): geometric ladder, so repeated calls reuse compilations."""
+    return GraphBudget(round_up_ladder(n_node + 1, 8), round_up_ladder(max(n_edge, 1), 64),
+                       round_up_ladder(n_graph + 1, 2, 1))
+
+
+@dataclasses.dataclass
+class NeighbourTable:
+    """Neighbour lists of all frames of a dataset, packed: local senders/receivers (E,), shifts (E, 3),
+    offsets (F+1,) into the edge arrays."""
+    cutoff: float
+    senders: np.ndarray
+    receivers: np.ndarray
+    shifts: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def n_edges(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @staticmethod
+    def build(dataset: Dataset, cutoff: float, progress: bool = False) -> "NeighbourTable":
+        from tqdm.auto import tqdm
+
+        s_all, r_all, sh_all, counts = [], [], [], np.zeros(len(dataset), np.int64)
+        it = range(len(dataset))
+        for f in tqdm(it, desc=f"neighbour lists (cutoff {cutoff} Å)", disable=not progress, leave=False):
+            a, b = dataset.offsets[f], dataset.offsets[f + 1]
+            s, r, sh = neighbour_list(dataset.positions[a:b], dataset.cell[f], dataset.pbc[f], cutoff)
+            s_all.append(s)
+            r_all.append(r)
+            sh_all.append(sh)
+            counts[f] = len(s)
+        return NeighbourTable(cutoff, np.concatenate(s_all), np.concatenate(r_all),
+                              np.concatenate(sh_all).reshape(-1, 3), np.concatenate([[0], np.cumsum(counts)]))
+
+
+def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
+                budget: GraphBudget | None = None, dtype=np.float32) -> jraph.GraphsTuple:
+    """Padded GraphsTuple of the given frames (numpy). With ``budget=None`` a `dynamic_budget` is used."""
+    frames = np.asarray(frames, np.int64)
+    n_node = dataset.n_atoms[frames]
+    n_edge = table.n_edges[frames]
+    N, E, G = int(n_node.sum()), int(n_edge.sum()), len(frames)
+    budget = budget or dynamic_budget(N, E, G)
+    if not budget.fits(N, E, G):
+        raise ValueError(f"{G} graphs / {N} nodes / {E} edges do not fit the budget {budget}")
+    atom_idx = _ranges(dataset.offsets[frames], n_node)
+    edge_idx = _ranges(table.offsets[frames], n_edge)
+    node_base = np.repeat(np.concatenate([[0], np.cumsum(n_node)[:-1]]), n_edge)
+    pn, pe, pg = budget.n_node, budget.n_edge, budget.n_graph
+    positions = np.zeros((pn, 3), dtype)
+    positions[:N] = dataset.positions[atom_idx]
+    species = np.zeros(pn, np.int32)
+    species[:N] = dataset.numbers[atom_idx]
+    forces = np.zeros((pn, 3), dtype)
+    has_forces = np.zeros(pg, dtype)
+    if dataset.forces is not None:
+        f = dataset.forces[atom_idx]
+        ok = np.isfinite(f).all(axis=1)
+        forces[:N] = np.where(ok[:, None], f, 0.0)
+        has_forces[:G] = np.minimum.reduceat(ok, np.concatenate([[0], np.cumsum(n_node)[:-1]])) if G else 0
+    senders = np.full(pe, N, np.int32)
+    receivers = np.full(pe, N, np.int32)
+    senders[:E] = table.senders[edge_idx] + node_base
+    receivers[:E] = table.receivers[edge_idx] + node_base
+    shift = np.zeros((pe, 3), dtype)
+    shift[:E] = table.shifts[edge_idx]
+    energy = np.zeros(pg, dtype)
+    e = dataset.energy[frames]
+    energy[:G] = np.nan_to_num(e)
+    has_energy = np.zeros(pg, dtype)
+    has_energy[:G] = np.isfinite(e)
+    stress = np.zeros((pg, 3, 3), dtype)
+    has_stress = np.zeros(pg, dtype)
+    if dataset.stress is not None:
+        s = dataset.stress[frames]
+        ok = np.isfinite(s).all(axis=(1, 2))
+        stress[:G] = np.where(ok[:, None, None], s, 0.0)
+        has_stress[:G] = ok
+    cell = np.zeros((pg, 3, 3), dtype)
+    cell[:G] = dataset.cell[frames]
+    pbc = np.zeros((pg, 3), bool)
+    pbc[:G] = dataset.pbc[frames]
+    n_node_p = np.zeros(pg, np.int32)
+    n_node_p[:G] = n_node
+    n_node_p[-1] = pn - N
+    n_edge_p = np.zeros(pg, np.int32)
+    n_edge_p[:G] = n_edge
+    n_edge_p[-1] = pe - E
+    return jraph.GraphsTuple(
+        nodes={"positions": positions, "species": species, "forces": forces},
+        edges={"shift": shift}, senders=senders, receivers=receivers, n_node=n_node_p, n_edge=n_edge_p,
+        globals={"energy": energy, "stress": stress, "cell": cell, "pbc": pbc, "has_energy": has_energy,
+                 "has_forces": has_forces, "has_stress": has_stress})
+
+
+def budget_key(graph: jraph.GraphsTuple) -> tuple[int, int, int]:
+    return (int(graph.n_node.shape[0]), int(graph.nodes["positions"].shape[0]), int(graph.senders.shape[0]))
+
+
+class GraphLoader:
+    """Batches of a dataset as padded GraphsTuples, shuffled with (seed, epoch), built ahead of the consumer
+    by host threads and placed on the device. The order depends only on (seed, epoch), so a run can resume
+    mid-epoch exactly (``start_batch``)."""
+
+    def __init__(self, dataset: Dataset, cutoff: float, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 ladder: BudgetLadder | None = None, prefetch: int = 4, dtype=np.float32, progress: bool = False,
+                 table: NeighbourTable | None = None, device_put: bool = True, sharding=None):
+        if len(dataset) == 0:
+            raise ValueError("empty dataset")
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), shuffle, seed
+        self.table = table if table is not None else NeighbourTable.build(dataset, cutoff, progress=progress)
+        self.ladder = ladder or BudgetLadder.from_counts(dataset.n_atoms, self.table.n_edges, self.batch_size)
+        self.prefetch, self.dtype, self.device_put, self.sharding = prefetch, dtype, device_put, sharding
+        self.shapes_seen: set[tuple[int, int, int]] = set()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.dataset))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def _make(self, frames: np.ndarray):
+        n_node = int(self.dataset.n_atoms[frames].sum())
+        n_edge = int(self.table.n_edges[frames].sum())
+        budget = self.ladder.select(n_node, n_edge, len(frames))
+        g = build_batch(self.dataset, self.table, frames, budget, self.dtype)
+        if self.device_put:
+            import jax
+            g = jax.device_put(g, self.sharding) if self.sharding is not None else jax.device_put(g)
+        return g
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:
+        order = self.order(epoch)
+        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][start_batch:]
+        with cf.ThreadPoolExecutor(max_workers=2) as pool:
+            futures = [pool.submit(self._make, c) for c in chunks[: self.prefetch]]
+            for k in range(len(chunks)):
+                g = futures[k].result()
+                if k + self.prefetch < len(chunks):
+                    futures.append(pool.submit(self._make, chunks[k + self.prefetch]))
+                key = budget_key(g)
+                if key not in self.shapes_seen:
+                    self.shapes_seen.add(key)
+                    log.info("new padded batch shape (graphs, nodes, edges) = %s; %d distinct so far", key,
+                             len(self.shapes_seen))
+                yield g
+
+    def __iter__(self):
+        return self.epoch(0)
