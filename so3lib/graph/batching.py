@@ -3,7 +3,7 @@
 A batch is a `jraph.GraphsTuple` (numpy on the host, moved to the device by the loader):
   nodes   = {positions (N, 3) Å, species (N,) int32 atomic numbers (0 = padding), forces (N, 3) eV/Å}
   edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell}
-  globals = {energy (G,) eV, stress (G, 3, 3) eV/Å³, cell (G, 3, 3) Å, pbc (G, 3),
+  globals = {energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³, cell (G, 3, 3) Å, pbc (G, 3),
              has_energy, has_forces, has_stress (G,) 0/1 label masks}
   senders / receivers (E,) int32, n_node (G,), n_edge (G,).
 Batches are padded to a small ladder of static budgets (jraph convention: one padding graph last, padding
@@ -119,8 +119,11 @@ class NeighbourTable:
 
 
 def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
-                budget: GraphBudget | None = None, dtype=np.float32) -> jraph.GraphsTuple:
-    """Padded GraphsTuple of the given frames (numpy). With ``budget=None`` a `dynamic_budget` is used."""
+                budget: GraphBudget | None = None, dtype=np.float32,
+                energy_offset: np.ndarray | None = None) -> jraph.GraphsTuple:
+    """Padded GraphsTuple of the given frames (numpy). With ``budget=None`` a `dynamic_budget` is used.
+    ``energy_offset`` (F,) eV per dataset frame (the per-element reference): ``globals['energy_residual']`` =
+    energy − offset is computed here in float64, so float32 batches keep meV precision."""
     frames = np.asarray(frames, np.int64)
     n_node = dataset.n_atoms[frames]
     n_edge = table.n_edges[frames]
@@ -152,6 +155,8 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
     energy = np.zeros(pg, dtype)
     e = dataset.energy[frames]
     energy[:G] = np.nan_to_num(e)
+    residual = np.zeros(pg, dtype)
+    residual[:G] = np.nan_to_num(e - (energy_offset[frames] if energy_offset is not None else 0.0))
     has_energy = np.zeros(pg, dtype)
     has_energy[:G] = np.isfinite(e)
     stress = np.zeros((pg, 3, 3), dtype)
@@ -174,7 +179,7 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
     return jraph.GraphsTuple(
         nodes={"positions": positions, "species": species, "forces": forces},
         edges={"shift": shift}, senders=senders, receivers=receivers, n_node=n_node_p, n_edge=n_edge_p,
-        globals={"energy": energy, "stress": stress, "cell": cell, "pbc": pbc, "has_energy": has_energy,
+        globals={"energy": energy, "energy_residual": residual, "stress": stress, "cell": cell, "pbc": pbc, "has_energy": has_energy,
                  "has_forces": has_forces, "has_stress": has_stress})
 
 
@@ -189,7 +194,8 @@ class GraphLoader:
 
     def __init__(self, dataset: Dataset, cutoff: float, batch_size: int, shuffle: bool = True, seed: int = 0,
                  ladder: BudgetLadder | None = None, prefetch: int = 4, dtype=np.float32, progress: bool = False,
-                 table: NeighbourTable | None = None, device_put: bool = True, sharding=None):
+                 table: NeighbourTable | None = None, device_put: bool = True, sharding=None,
+                 energy_offset: np.ndarray | None = None):
         if len(dataset) == 0:
             raise ValueError("empty dataset")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), shuffle, seed
@@ -197,6 +203,7 @@ class GraphLoader:
         self.ladder = ladder or BudgetLadder.from_counts(dataset.n_atoms, self.table.n_edges, self.batch_size)
         self.prefetch, self.dtype, self.device_put, self.sharding = prefetch, dtype, device_put, sharding
         self.shapes_seen: set[tuple[int, int, int]] = set()
+        self.energy_offset = energy_offset
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
@@ -210,7 +217,7 @@ class GraphLoader:
         n_node = int(self.dataset.n_atoms[frames].sum())
         n_edge = int(self.table.n_edges[frames].sum())
         budget = self.ladder.select(n_node, n_edge, len(frames))
-        g = build_batch(self.dataset, self.table, frames, budget, self.dtype)
+        g = build_batch(self.dataset, self.table, frames, budget, self.dtype, self.energy_offset)
         if self.device_put:
             import jax
             g = jax.device_put(g, self.sharding) if self.sharding is not None else jax.device_put(g)

@@ -1,0 +1,98 @@
+"""PNG figures a person would rather look at than read: learning curves and parity plots."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _read_csv(path: Path) -> dict[str, np.ndarray]:
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return {}
+    out = {}
+    for k in rows[0]:
+        vals = []
+        for r in rows:
+            try:
+                vals.append(float(r[k]))
+            except (TypeError, ValueError):
+                vals.append(np.nan)
+        out[k] = np.array(vals)
+    return out
+
+
+def learning_curve(metrics_csv: str | Path, out_png: str | Path, title: str = "") -> Path:
+    """Training loss and validation energy/force MAE against step (log scale)."""
+    m = _read_csv(Path(metrics_csv))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if m:
+        ok = np.isfinite(m.get("train_loss", np.array([])))
+        axes[0].semilogy(m["step"][ok], m["train_loss"][ok], label="train loss")
+        if "val_loss" in m:
+            axes[0].semilogy(m["step"], m["val_loss"], "o-", ms=3, label="validation loss")
+        axes[0].set_xlabel("step")
+        axes[0].set_ylabel("loss (eV², eV²/Å²)")
+        axes[0].legend()
+        ax = axes[1]
+        ax.semilogy(m["step"], m["val_forces_mae_mev_per_a"], "o-", ms=3, color="C2", label="force MAE (meV/Å)")
+        ax.semilogy(m["step"], m["val_energy_mae_mev"], "s-", ms=3, color="C3", label="energy MAE (meV)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation MAE")
+        ax.legend()
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title or "learning curve")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def parity(target: np.ndarray, pred: np.ndarray, out_png: str | Path, quantity: str, unit: str,
+           title: str = "") -> Path:
+    """Predicted against reference values with the y = x line, MAE and RMSE in the legend."""
+    target, pred = np.ravel(target), np.ravel(pred)
+    mae = float(np.mean(np.abs(pred - target)))
+    rmse = float(np.sqrt(np.mean((pred - target) ** 2)))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    ax = axes[0]
+    ax.scatter(target, pred, s=4, alpha=0.4, edgecolors="none")
+    lo, hi = float(min(target.min(), pred.min())), float(max(target.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel(f"reference {quantity} ({unit})")
+    ax.set_ylabel(f"predicted {quantity} ({unit})")
+    ax.set_title(f"MAE {mae:.4g} {unit}, RMSE {rmse:.4g} {unit}", fontsize=10)
+    axes[1].hist(pred - target, bins=60, color="C1")
+    axes[1].set_xlabel(f"error ({unit})")
+    axes[1].set_ylabel("count")
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.suptitle(title or f"{quantity} parity")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def bar_table(labels: Sequence[str], values: Sequence[float], out_png: str | Path, ylabel: str, title: str = "",
+              reference: dict[str, float] | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(labels) + 2), 4))
+    ax.bar(labels, values, color="C0", label="so3lib")
+    for i, (name, v) in enumerate((reference or {}).items()):
+        ax.axhline(v, color=f"C{i + 1}", ls="--", lw=1, label=name)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

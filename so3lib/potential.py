@@ -1,0 +1,125 @@
+"""The potential layer: per-atom model energies → energy, forces = −∂E/∂r and stress = (1/V) ∂E/∂ε.
+
+E_graph = Σ_i [scale · e_i + shift] + Σ_i e_ref(Z_i)  where e_i is the model output, ``scale`` (eV) and ``shift``
+(eV/atom) are fitted on the training set and e_ref is the per-element `EnergyReference`. The model learns the
+residual E − E_ref; the loss and metrics use the residual, computed on the host in float64, so float32 training
+does not lose meV to the large absolute energies. All outputs are exactly energy-conserving (autodiff).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from so3lib.data.dataset import Dataset
+from so3lib.data.reference import EnergyReference
+from so3lib.graph.geometry import node_graph_index
+from so3lib.models.registry import ModelConfig, config_from_dict
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Potential:
+    """A model plus its fitted output transform. Pure: parameters are passed to every call."""
+
+    model: ModelConfig
+    reference: EnergyReference
+    scale: float = 1.0  # eV per unit of model output
+    shift: float = 0.0  # eV per atom
+
+    @functools.cached_property
+    def module(self):
+        return self.model.build()
+
+    @property
+    def dtype(self):
+        return self.model.jnp_dtype
+
+    @property
+    def cutoff(self) -> float:
+        return self.model.cutoff
+
+    def init(self, key: jax.Array, graph: jraph.GraphsTuple) -> Params:
+        return self.module.init(key, self._cast(graph))
+
+    def _cast(self, graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
+        dt = self.dtype
+        return graph._replace(nodes={**graph.nodes, "positions": jnp.asarray(graph.nodes["positions"], dt)},
+                              globals={**graph.globals, "cell": jnp.asarray(graph.globals["cell"], dt)})
+
+    # ------------------------------------------------------------------ energies
+    def residual_energy(self, params: Params, graph: jraph.GraphsTuple) -> jax.Array:
+        """(G,) E − E_ref per graph, eV (padding graph gives 0)."""
+        e_atom = self.module.apply(params, graph)
+        mask = graph.nodes["species"] > 0
+        e_atom = jnp.where(mask, self.scale * e_atom + self.shift, 0.0)
+        return jax.ops.segment_sum(e_atom, node_graph_index(graph), num_segments=graph.n_node.shape[0])
+
+    def reference_energy(self, graph: jraph.GraphsTuple) -> jax.Array:
+        """(G,) Σ_i e_ref(Z_i) in the model dtype (lossy in float32: use host float64 for absolute energies)."""
+        table = jnp.asarray(self.reference.table(), self.dtype)
+        return jax.ops.segment_sum(table[graph.nodes["species"]], node_graph_index(graph),
+                                   num_segments=graph.n_node.shape[0])
+
+    def __call__(self, params: Params, graph: jraph.GraphsTuple, compute_stress: bool = False) -> dict[str, jax.Array]:
+        """{energy_residual (G,), energy (G,), forces (N, 3), [stress (G, 3, 3)]} in eV, eV/Å, eV/Å³."""
+        graph = self._cast(graph)
+        pos = graph.nodes["positions"]
+        if not compute_stress:
+            def total(p):
+                e = self.residual_energy(params, graph._replace(nodes={**graph.nodes, "positions": p}))
+                return jnp.sum(e), e
+            (_, e), grad_pos = jax.value_and_grad(total, has_aux=True)(pos)
+            out = {"energy_residual": e, "forces": -grad_pos}
+        else:
+            n_graph = graph.n_node.shape[0]
+            strain0 = jnp.zeros((n_graph, 3, 3), self.dtype)
+            cell = graph.globals["cell"]
+            gidx = node_graph_index(graph)
+
+            def total(p, strain):
+                sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+                p_s = p + jnp.einsum("ni,nij->nj", p, sym[gidx])
+                cell_s = cell + jnp.einsum("gij,gjk->gik", cell, sym)
+                g = graph._replace(nodes={**graph.nodes, "positions": p_s}, globals={**graph.globals, "cell": cell_s})
+                e = self.residual_energy(params, g)
+                return jnp.sum(e), e
+            (_, e), (grad_pos, grad_strain) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(pos, strain0)
+            vol = jnp.abs(jnp.linalg.det(cell))
+            periodic = jnp.any(graph.globals["pbc"], axis=1) & (vol > 0)
+            stress = jnp.where(periodic[:, None, None], grad_strain / jnp.where(periodic, vol, 1.0)[:, None, None], 0.0)
+            out = {"energy_residual": e, "forces": -grad_pos, "stress": stress}
+        out["energy"] = out["energy_residual"] + self.reference_energy(graph)
+        return out
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "reference": self.reference.to_dict(), "scale": float(self.scale),
+                "shift": float(self.shift)}
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "Potential":
+        return Potential(model=config_from_dict(d["model"]), reference=EnergyReference.from_dict(d["reference"]),
+                         scale=float(d["scale"]), shift=float(d["shift"]))
+
+
+def fit_scale_shift(dataset: Dataset, reference: EnergyReference) -> tuple[float, float]:
+    """shift = mean residual energy per atom (eV); scale = RMS force component (eV/Å), or the residual
+    per-atom energy std when no forces are labelled. Both from the training split."""
+    resid = reference.subtract(dataset) / dataset.n_atoms
+    ok = np.isfinite(resid)
+    shift = float(np.mean(resid[ok])) if ok.any() else 0.0
+    scale = float("nan")
+    if dataset.forces is not None:
+        f = dataset.forces[np.isfinite(dataset.forces).all(axis=1)]
+        if len(f):
+            scale = float(np.sqrt(np.mean(f ** 2)))
+    if not np.isfinite(scale) or scale <= 0:
+        scale = float(np.std(resid[ok])) if ok.sum() > 1 else 1.0
+    return (scale if scale > 0 else 1.0), shift

@@ -1,0 +1,93 @@
+"""Typed, validated run configuration, saved as ``config.yaml`` in every run folder and read back exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+
+from so3lib.models.registry import ModelConfig, config_from_dict
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TrainingConfig(_Strict):
+    """Optimisation. Loss L = (1 − β)·(E − Ẽ)² + β/(3N)·Σ(F − F̃)² [+ w_σ·mean (σ − σ̃)²] over real graphs/atoms."""
+
+    batch_size: int = Field(32, ge=1)
+    max_epochs: Optional[int] = Field(2000, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0)
+    beta: float = Field(0.99, ge=0.0, le=1.0, description="force weight β")
+    stress_weight: float = Field(0.0, ge=0.0, description="weight of the stress term (eV/Å³)² for periodic data")
+    optimizer: Literal["adam", "amsgrad"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["constant", "exponential", "plateau"] = "exponential"
+    decay_rate: float = Field(0.1, gt=0, le=1, description="exponential: lr × decay_rate every decay_steps")
+    decay_steps: int = Field(100_000, ge=1)
+    plateau_patience: int = Field(10, ge=1, description="plateau: evaluations without improvement")
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    grad_clip: Optional[float] = Field(10.0, gt=0)
+    ema_decay: Optional[float] = Field(0.99, ge=0, lt=1)
+    eval_every_steps: Optional[int] = Field(None, ge=1, description="None: after each epoch")
+    checkpoint_every_steps: int = Field(500, ge=1)
+    early_stopping_patience: Optional[int] = Field(50, ge=1, description="evaluations without improvement")
+    log_every_steps: int = Field(10, ge=1)
+    seed: int = 0
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.max_epochs is None and self.max_steps is None and self.max_minutes is None:
+            raise ValueError("set at least one of max_epochs, max_steps, max_minutes")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the data came from and how it was split (the indices are saved in splits.npz)."""
+
+    train: str
+    val: Optional[str] = None
+    test: Optional[str] = None
+    format: Optional[str] = None
+    split: str = "random"
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    split_seed: int = 0
+    energy_reference: Literal["lstsq", "lstsq+intercept", "isolated_atoms"] = "lstsq"
+    isolated_atom_energies_ev: Optional[dict[int, float]] = None
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    model: Any
+    training: TrainingConfig = TrainingConfig()
+    data: Optional[DataConfig] = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v):
+        if isinstance(v, ModelConfig):
+            return v
+        if isinstance(v, dict):
+            return config_from_dict(v)
+        raise ValueError(f"model must be a mapping with a 'name', got {type(v).__name__}")
+
+    @field_serializer("model")
+    def _ser_model(self, v):
+        return v.to_dict()
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @staticmethod
+    def from_yaml(path_or_text: str | Path) -> "RunConfig":
+        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith(("name:", "model:", "{")) else None
+        text = p.read_text() if p is not None else str(path_or_text)
+        return RunConfig.model_validate(yaml.safe_load(text))

@@ -1,0 +1,34 @@
+"""Optimiser: gradient clipping → Adam/AMSGrad with linear warm-up then exponential decay, or reduce-on-plateau."""
+from __future__ import annotations
+
+import optax
+
+from so3lib.training.config import TrainingConfig
+
+
+def learning_rate_schedule(cfg: TrainingConfig) -> optax.Schedule:
+    warm = optax.linear_schedule(cfg.learning_rate * 1e-2, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "exponential":
+        after = optax.exponential_decay(cfg.learning_rate, cfg.decay_steps, cfg.decay_rate)
+    else:
+        after = optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules([warm, after], [cfg.warmup_steps]) if cfg.warmup_steps else after
+
+
+def make_optimizer(cfg: TrainingConfig, steps_per_eval: int) -> optax.GradientTransformation:
+    """With schedule='plateau' the chain ends in optax.contrib.reduce_on_plateau, fed the training loss
+    averaged over one evaluation interval (``steps_per_eval`` updates)."""
+    sched = learning_rate_schedule(cfg)
+    opt = optax.adam(sched) if cfg.optimizer == "adam" else optax.amsgrad(sched)
+    parts = ([optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []) + [opt]
+    if cfg.schedule == "plateau":
+        parts.append(optax.contrib.reduce_on_plateau(factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+                                                     accumulation_size=max(steps_per_eval, 1)))
+    return optax.chain(*parts)
+
+
+def plateau_scale(opt_state) -> float:
+    """Current reduce-on-plateau factor (1.0 without plateau scheduling)."""
+    for leaf_state in optax.tree_utils.tree_get_all_with_path(opt_state, "scale"):
+        return float(leaf_state[1])
+    return 1.0

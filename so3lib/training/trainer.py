@@ -1,0 +1,372 @@
+"""The training loop: optax, EMA, per-epoch validation, best-model tracking, early stopping, orbax
+checkpoints with exact resume, NaN guard, run folder with config, metrics, results and plots.
+
+    results = train(run_config, train_ds, val_ds, test_ds, out_dir="runs/ethanol", resume=False)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from so3lib.data.dataset import Dataset
+from so3lib.data.reference import EnergyReference, fit_energy_reference
+from so3lib.graph.batching import BudgetLadder, GraphLoader, NeighbourTable
+from so3lib.potential import Potential, fit_scale_shift
+from so3lib.training.checkpoint import Checkpointer
+from so3lib.training.config import RunConfig
+from so3lib.training.loss import error_sums, loss_fn, metrics_from_sums
+from so3lib.training.optim import learning_rate_schedule, make_optimizer, plateau_scale
+from so3lib.training.saving import save_potential
+
+log = logging.getLogger("so3lib.train")
+METRIC_FIELDS = ["step", "epoch", "time_s", "learning_rate", "train_loss", "val_loss", "val_energy_mae_mev",
+                 "val_energy_rmse_mev", "val_energy_mae_per_atom_mev", "val_forces_mae_mev_per_a",
+                 "val_forces_rmse_mev_per_a"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def count_parameters(params) -> int:
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+
+
+def build_potential(cfg: RunConfig, train_ds: Dataset) -> Potential:
+    """Fit the per-element reference and the scale/shift on the training split."""
+    d = cfg.data
+    method = d.energy_reference if d is not None else "lstsq"
+    ref = fit_energy_reference(train_ds, intercept=method == "lstsq+intercept",
+                               isolated_atom_energies_ev=d.isolated_atom_energies_ev if method == "isolated_atoms" else None)
+    scale, shift = fit_scale_shift(train_ds, ref)
+    return Potential(cfg.model, ref, scale, shift)
+
+
+def make_loader(ds: Dataset, pot: Potential, batch_size: int, shuffle: bool, seed: int, name: str) -> GraphLoader:
+    pot.reference.check_species(ds.numbers, f"{name} set ({ds.meta['source'][0]})")
+    dtype = np.float64 if pot.model.dtype == "float64" else np.float32
+    table = NeighbourTable.build(ds, pot.cutoff)
+    ladder = BudgetLadder.from_counts(ds.n_atoms, table.n_edges, batch_size)
+    return GraphLoader(ds, pot.cutoff, batch_size, shuffle=shuffle, seed=seed, ladder=ladder, dtype=dtype,
+                       table=table, energy_offset=pot.reference.energy(ds))
+
+
+def make_eval_fn(pot: Potential, stress: bool = False):
+    @jax.jit
+    def eval_batch(params, graph):
+        pred = pot(params, graph, compute_stress=stress)
+        return error_sums(pred, graph), pred
+    return eval_batch
+
+
+def evaluate(pot: Potential, params, loader: GraphLoader, eval_fn=None, collect: bool = False) -> dict:
+    """MAE/RMSE over a loader (eV, eV/Å). With ``collect`` also the predictions for parity plots."""
+    eval_fn = eval_fn or make_eval_fn(pot)
+    sums, coll = None, {"e_ref": [], "e_pred": [], "f_ref": [], "f_pred": [], "n_atoms": []}
+    for g in loader.epoch(0):
+        s, pred = eval_fn(params, g)
+        sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
+        if collect:
+            G = int(g.n_node.shape[0]) - 1
+            gm = np.asarray(g.globals["has_energy"][:G]) > 0
+            n_real = int(np.sum(np.asarray(g.n_node[:G])))
+            coll["e_ref"].append(np.asarray(g.globals["energy_residual"][:G])[gm])
+            coll["e_pred"].append(np.asarray(pred["energy_residual"][:G])[gm])
+            coll["n_atoms"].append(np.asarray(g.n_node[:G])[gm])
+            coll["f_ref"].append(np.asarray(g.nodes["forces"][:n_real]))
+            coll["f_pred"].append(np.asarray(pred["forces"][:n_real]))
+    out = metrics_from_sums(jax.tree_util.tree_map(float, sums))
+    out["mse_energy"] = out["energy_rmse_ev"] ** 2
+    out["mse_forces"] = out["forces_rmse_ev_per_a"] ** 2
+    if collect:
+        out["predictions"] = {k: np.concatenate(v) for k, v in coll.items()}
+    return out
+
+
+def _ms(m: dict, prefix: str = "val_") -> dict:
+    return {f"{prefix}energy_mae_mev": 1e3 * m["energy_mae_ev"], f"{prefix}energy_rmse_mev": 1e3 * m["energy_rmse_ev"],
+            f"{prefix}energy_mae_per_atom_mev": 1e3 * m["energy_mae_per_atom_ev"],
+            f"{prefix}forces_mae_mev_per_a": 1e3 * m["forces_mae_ev_per_a"],
+            f"{prefix}forces_rmse_mev_per_a": 1e3 * m["forces_rmse_ev_per_a"]}
+
+
+def train(cfg: RunConfig, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset | None = None,
+          out_dir: str | Path = "runs/run", resume: bool = False, progress: bool = True,
+          splits: dict | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``train_ds``, validate on ``val_ds`` (EMA parameters), test the best model on
+    ``test_ds``. Writes config.yaml, metrics.csv, checkpoints/, model/, results.json, plots/*.png, train.log."""
+    t_setup = time.perf_counter()
+    tc = cfg.training
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    if out.exists() and (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and not resume:
+        raise FileExistsError(f"{out} already holds a run: pass resume=True (--resume) to continue it, or choose "
+                              "another output folder")
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("so3lib")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        return _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup):
+    tc = cfg.training
+    if resume and (out / "config.yaml").exists():
+        saved = RunConfig.from_yaml(out / "config.yaml")
+        if saved.model != cfg.model:
+            raise ValueError(f"{out}/config.yaml has model {saved.model.to_dict()}, the resumed run asks for "
+                             f"{cfg.model.to_dict()}: a resumed run must keep its model")
+    cfg.to_yaml(out / "config.yaml")
+    if splits:
+        from so3lib.data.splits import save_splits
+        save_splits(out / "splits.npz", splits)
+
+    pot = build_potential(cfg, train_ds)
+    ref = pot.reference
+    log.info("energy reference (%s): %s; residual std %.4g meV/atom (raw %.4g meV/atom); scale %.4g eV, shift %.4g eV/atom",
+             ref.method, dict(zip(ref.species, np.round(ref.energies_ev, 4))), 1e3 * ref.residual_std_per_atom_ev,
+             1e3 * ref.raw_std_per_atom_ev, pot.scale, pot.shift)
+    train_loader = make_loader(train_ds, pot, tc.batch_size, True, tc.seed, "training")
+    eval_bs = tc.eval_batch_size or max(tc.batch_size, 64)
+    val_loader = make_loader(val_ds, pot, eval_bs, False, 0, "validation")
+    steps_per_epoch = len(train_loader)
+    steps_per_eval = tc.eval_every_steps or steps_per_epoch
+    use_stress = tc.stress_weight > 0
+
+    first = next(train_loader.epoch(0))
+    params = pot.init(jax.random.PRNGKey(tc.seed), first)
+    opt = make_optimizer(tc, steps_per_eval)
+    opt_state = opt.init(params)
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731  (distinct buffers: the step donates them)
+    state = {"params": params, "opt_state": opt_state, "ema": copy(params), "best": copy(params),
+             "step": jnp.zeros((), jnp.int32)}
+    meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_step": -1, "bad_evals": 0,
+            "elapsed_s": 0.0, "stopped": None, "n_evals": 0}
+    ckpt = Checkpointer(ckpt_dir)
+    if resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        state = jax.tree_util.tree_map(jnp.asarray, state)
+        log.info("resumed from checkpoint at step %d (epoch %d, batch %d)", meta["step"], meta["epoch"],
+                 meta["batch_in_epoch"])
+        _truncate_metrics(out / "metrics.csv", meta["step"])
+    elif not resume and (out / "metrics.csv").exists():
+        (out / "metrics.csv").unlink()
+    n_params = count_parameters(state["params"])
+    log.info("model %s: %d parameters; %d training, %d validation structures; %d steps/epoch; padded shapes %s",
+             cfg.model.name, n_params, len(train_ds), len(val_ds), steps_per_epoch,
+             [(r.n_graph, r.n_node, r.n_edge) for r in train_loader.ladder.rungs])
+
+    beta, sw, ema_decay = tc.beta, tc.stress_weight, tc.ema_decay
+
+    def train_step(state, graph):
+        def lf(p):
+            return loss_fn(pot(p, graph, compute_stress=use_stress), graph, beta, sw)
+        (loss, aux), grads = jax.value_and_grad(lf, has_aux=True)(state["params"])
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"], value=loss)
+        params = optax.apply_updates(state["params"], updates)
+        step = state["step"] + 1
+        if ema_decay:
+            d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+            ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1 - d) * p).astype(p.dtype), state["ema"], params)
+        else:
+            ema = params
+        return {**state, "params": params, "opt_state": opt_state, "ema": ema, "step": step}, loss, aux
+
+    train_step = jax.jit(train_step, donate_argnums=0)
+    eval_fn = make_eval_fn(pot, use_stress)
+    lr_sched = learning_rate_schedule(tc)
+
+    step, epoch, bie = int(meta["step"]), int(meta["epoch"]), int(meta["batch_in_epoch"])
+    budget_steps = tc.max_steps or (tc.max_epochs * steps_per_epoch if tc.max_epochs else None)
+    if tc.max_epochs and tc.max_steps:
+        budget_steps = min(tc.max_steps, tc.max_epochs * steps_per_epoch)
+    elapsed0 = float(meta["elapsed_s"])
+    csv_new = not (out / "metrics.csv").exists()
+    csv_fh = open(out / "metrics.csv", "a", newline="")
+    writer = csv.DictWriter(csv_fh, fieldnames=METRIC_FIELDS)
+    if csv_new:
+        writer.writeheader()
+    pending: list = []
+    loss_window: list[float] = []
+    compile_time = None
+    t_loop = time.perf_counter()
+    step_times_from = None
+    steps_timed = 0
+    stop = meta["stopped"] if meta["stopped"] and budget_steps and step >= budget_steps else None
+    if budget_steps is not None and step >= budget_steps:
+        stop = stop or "max_steps"
+    pbar = tqdm(total=budget_steps, initial=step, desc=f"train {cfg.model.name}", disable=not progress,
+                dynamic_ncols=True, unit="step")
+
+    def flush():
+        for s, l_dev in pending:
+            val = float(l_dev)
+            if not math.isfinite(val):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({val}) at step {s} (epoch {epoch}): training stopped. The last good "
+                    f"checkpoint is at step {ckpt.latest_step()} in {ckpt_dir}; lower the learning rate or check the "
+                    "data")
+            loss_window.append(val)
+        pending.clear()
+        if loss_window:
+            pbar.set_postfix(loss=f"{loss_window[-1]:.4g}", refresh=False)
+
+    def do_eval():
+        nonlocal stop
+        flush()
+        m = evaluate(pot, state["ema"], val_loader, eval_fn)
+        val_loss = (1 - beta) * m["mse_energy"] + beta * m["mse_forces"]
+        meta["n_evals"] += 1
+        lr = float(lr_sched(step)) * plateau_scale(state["opt_state"])
+        row = {"step": step, "epoch": epoch, "time_s": round(elapsed0 + time.perf_counter() - t_loop, 3),
+               "learning_rate": lr, "train_loss": float(np.mean(loss_window)) if loss_window else "",
+               "val_loss": val_loss, **_ms(m)}
+        writer.writerow(row)
+        csv_fh.flush()
+        loss_window.clear()
+        if val_loss < meta["best_val_loss"]:
+            meta.update(best_val_loss=val_loss, best_step=step, bad_evals=0)
+            state["best"] = jax.tree_util.tree_map(jnp.copy, state["ema"])
+        else:
+            meta["bad_evals"] += 1
+        log.info("step %d epoch %d: val energy MAE %.3f meV, forces MAE %.3f meV/Å, loss %.4g (best %.4g @ %d), lr %.3g",
+                 step, epoch, row["val_energy_mae_mev"], row["val_forces_mae_mev_per_a"], val_loss,
+                 meta["best_val_loss"], meta["best_step"], lr)
+        pbar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.4g}",
+                         val_F=f"{row['val_forces_mae_mev_per_a']:.1f}meV/Å", refresh=False)
+        if tc.early_stopping_patience and meta["bad_evals"] >= tc.early_stopping_patience:
+            stop = "early_stopping"
+
+    def save():
+        flush()
+        meta.update(step=step, epoch=epoch, batch_in_epoch=bie,
+                    elapsed_s=elapsed0 + time.perf_counter() - t_loop, stopped=stop)
+        if ckpt.latest_step() == step:  # the final save after a save at the same step
+            ckpt.manager.delete(step)
+        ckpt.save(step, state, meta)
+
+    try:
+        while stop is None:
+            for graph in train_loader.epoch(epoch, bie):
+                t0 = time.perf_counter()
+                state, loss, _ = train_step(state, graph)
+                if compile_time is None:
+                    jax.block_until_ready(loss)
+                    compile_time = time.perf_counter() - t0
+                    step_times_from = time.perf_counter()
+                else:
+                    steps_timed += 1
+                step += 1
+                bie += 1
+                pending.append((step, loss))
+                pbar.update(1)
+                if step % tc.log_every_steps == 0:
+                    flush()
+                at_epoch_end = bie == steps_per_epoch
+                if (tc.eval_every_steps and step % tc.eval_every_steps == 0) or (not tc.eval_every_steps and at_epoch_end):
+                    if at_epoch_end:
+                        epoch, bie = epoch + 1, 0
+                    do_eval()
+                elif at_epoch_end:
+                    epoch, bie = epoch + 1, 0
+                if budget_steps is not None and step >= budget_steps:
+                    stop = stop or "max_steps"
+                if tc.max_minutes and elapsed0 + time.perf_counter() - t_loop > 60 * tc.max_minutes:
+                    stop = stop or "max_minutes"
+                if step % tc.checkpoint_every_steps == 0 or stop:
+                    save()
+                if stop:
+                    break
+        flush()
+        jax.block_until_ready(state["params"])
+        t_end = time.perf_counter()
+        if meta["best_step"] < 0:  # no evaluation ran yet: evaluate once so a best model exists
+            do_eval()
+        save()
+    finally:
+        pbar.close()
+        csv_fh.close()
+        ckpt.close()
+
+    train_time = elapsed0 + (t_end - t_loop)
+    best = state["best"]
+    save_potential(out / "model", pot, best)
+    results: dict[str, Any] = {
+        "model": cfg.model.name, "n_parameters": n_params, "train_time_s": train_time, "steps": step,
+        "epochs_completed": epoch, "stopped_because": stop, "best_step": meta["best_step"],
+        "compile_time_s": compile_time, "overhead_time_s": None,
+        "steps_per_s": steps_timed / max(t_end - step_times_from, 1e-9) if step_times_from and steps_timed else None,
+        "n_train": len(train_ds), "n_val": len(val_ds), "batch_size": tc.batch_size,
+        "n_compiles_train_step": _cache_size(train_step), "padded_shapes_train": sorted(train_loader.shapes_seen),
+        "energy_reference": ref.to_dict(), "scale_ev": pot.scale, "shift_ev_per_atom": pot.shift,
+    }
+    if results["steps_per_s"]:
+        results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
+    val_m = evaluate(pot, best, val_loader, eval_fn)
+    results["val"] = {k: v for k, v in val_m.items() if not k.startswith("mse")}
+    plots = out / "plots"
+    from so3lib import plotting
+    plotting.learning_curve(out / "metrics.csv", plots / "learning_curve.png", f"{cfg.name}: {cfg.model.name}")
+    if test_ds is not None:
+        test_loader = make_loader(test_ds, pot, eval_bs, False, 0, "test")
+        tm = evaluate(pot, best, test_loader, eval_fn, collect=True)
+        pred = tm.pop("predictions")
+        results["test"] = {k: v for k, v in tm.items() if not k.startswith("mse")}
+        plotting.parity(pred["e_ref"] / pred["n_atoms"], pred["e_pred"] / pred["n_atoms"], plots / "parity_energy.png",
+                        "energy per atom (minus reference)", "eV/atom", f"{cfg.name}: test energies")
+        plotting.parity(pred["f_ref"], pred["f_pred"], plots / "parity_forces.png", "force component", "eV/Å",
+                        f"{cfg.name}: test forces")
+        log.info("test: energy MAE %.3f meV (%.3f meV/atom), forces MAE %.3f meV/Å on %d structures",
+                 1e3 * tm["energy_mae_ev"], 1e3 * tm["energy_mae_per_atom_ev"], 1e3 * tm["forces_mae_ev_per_a"],
+                 tm["n_structures"])
+    results["overhead_time_s"] = time.perf_counter() - t_setup - train_time  # data, neighbour lists, eval, plots
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    return results
+
+
+def _cache_size(fn) -> int | None:
+    try:
+        return int(fn._cache_size())
+    except Exception:  # private API; absent in some jax versions
+        return None
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, tuple, set)):
+        return list(o)
+    return str(o)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        for r in rows:
+            if int(float(r["step"])) <= step:
+                w.writerow({k: r.get(k, "") for k in METRIC_FIELDS})
