@@ -6,8 +6,9 @@ A batch is a `jraph.GraphsTuple` (numpy on the host, moved to the device by the 
   globals = {energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³, cell (G, 3, 3) Å, pbc (G, 3),
              has_energy, has_forces, has_stress (G,) 0/1 label masks}
   senders / receivers (E,) int32, n_node (G,), n_edge (G,).
-Batches are padded to a small ladder of static budgets (jraph convention: one padding graph last, padding
-edges attached to the first padding node), so `jit` compiles once per budget.
+Batches are padded to a small ladder of static budgets (the `jraph.pad_with_graphs` convention: all padding
+nodes and edges in the first padding graph, any further padding graphs empty, padding edges attached to the
+first padding node, so jraph's padding masks apply), so `jit` compiles once per budget.
 """
 from __future__ import annotations
 
@@ -172,10 +173,10 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
     pbc[:G] = dataset.pbc[frames]
     n_node_p = np.zeros(pg, np.int32)
     n_node_p[:G] = n_node
-    n_node_p[-1] = pn - N
+    n_node_p[G] = pn - N  # jraph convention: all padding in the first padding graph, later ones empty
     n_edge_p = np.zeros(pg, np.int32)
     n_edge_p[:G] = n_edge
-    n_edge_p[-1] = pe - E
+    n_edge_p[G] = pe - E
     return jraph.GraphsTuple(
         nodes={"positions": positions, "species": species, "forces": forces},
         edges={"shift": shift}, senders=senders, receivers=receivers, n_node=n_node_p, n_edge=n_edge_p,

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -78,14 +79,13 @@ def evaluate(pot: Potential, params, loader: GraphLoader, eval_fn=None, collect:
         s, pred = eval_fn(params, g)
         sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
         if collect:
-            G = int(g.n_node.shape[0]) - 1
-            gm = np.asarray(g.globals["has_energy"][:G]) > 0
-            n_real = int(np.sum(np.asarray(g.n_node[:G])))
-            coll["e_ref"].append(np.asarray(g.globals["energy_residual"][:G])[gm])
-            coll["e_pred"].append(np.asarray(pred["energy_residual"][:G])[gm])
-            coll["n_atoms"].append(np.asarray(g.n_node[:G])[gm])
-            coll["f_ref"].append(np.asarray(g.nodes["forces"][:n_real]))
-            coll["f_pred"].append(np.asarray(pred["forces"][:n_real]))
+            gm = np.asarray(jraph.get_graph_padding_mask(g)) & (np.asarray(g.globals["has_energy"]) > 0)
+            nm = np.asarray(jraph.get_node_padding_mask(g))
+            coll["e_ref"].append(np.asarray(g.globals["energy_residual"])[gm])
+            coll["e_pred"].append(np.asarray(pred["energy_residual"])[gm])
+            coll["n_atoms"].append(np.asarray(g.n_node)[gm])
+            coll["f_ref"].append(np.asarray(g.nodes["forces"])[nm])
+            coll["f_pred"].append(np.asarray(pred["forces"])[nm])
     out = metrics_from_sums(jax.tree_util.tree_map(float, sums))
     out["mse_energy"] = out["energy_rmse_ev"] ** 2
     out["mse_forces"] = out["forces_rmse_ev_per_a"] ** 2
