@@ -46,13 +46,13 @@ FULL = {"model": {}, "training": {"batch_size": 16, "max_epochs": 3000, "learnin
                                   "plateau_patience": 15, "plateau_factor": 0.5, "early_stopping_patience": 60,
                                   "warmup_steps": 200}}
 QUICK = {  # finishes on 2 CPU cores in < 5 minutes
-    "schnet": {"model": {"n_atom_basis": 64, "n_interactions": 3}, "training": {"max_steps": 2000}},
+    "schnet": {"model": {"n_atom_basis": 64, "n_interactions": 3}, "training": {"max_steps": 16000}},
     "so3krates": {"model": {"features": 64, "l_max": 2, "layers": 2}, "training": {"max_steps": 1200}},
     "bpnn": {"model": {}, "training": {"max_steps": 3000}},
 }
 QUICK_TRAINING = {"batch_size": 16, "max_epochs": None, "learning_rate": 2e-3, "schedule": "exponential",
-                  "decay_steps": 1000, "decay_rate": 0.3, "warmup_steps": 50, "eval_every_steps": 250,
-                  "checkpoint_every_steps": 500, "early_stopping_patience": None}
+                  "decay_steps": 5300, "decay_rate": 0.3, "warmup_steps": 100, "eval_every_steps": 500,
+                  "checkpoint_every_steps": 1000, "early_stopping_patience": None}
 
 
 def default_data_dir(dataset: str) -> Path:

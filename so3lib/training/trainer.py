@@ -101,6 +101,36 @@ def _ms(m: dict, prefix: str = "val_") -> dict:
             f"{prefix}forces_rmse_mev_per_a": 1e3 * m["forces_rmse_ev_per_a"]}
 
 
+def init_state(params, opt_state) -> dict:
+    """Training state; EMA and best copies get their own buffers (the step donates the state)."""
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731
+    return {"params": params, "opt_state": opt_state, "ema": copy(params), "best": copy(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+
+def make_train_step(pot: Potential, opt: optax.GradientTransformation, beta: float, stress_weight: float = 0.0,
+                    ema_decay: float | None = 0.99):
+    """Jitted ``(state, graph) -> (state, loss, aux)``: loss and gradient, optax update (the loss is passed as
+    ``value`` for reduce-on-plateau), EMA of the parameters. The state buffers are donated."""
+    use_stress = stress_weight > 0
+
+    def train_step(state, graph):
+        def lf(p):
+            return loss_fn(pot(p, graph, compute_stress=use_stress), graph, beta, stress_weight)
+        (loss, aux), grads = jax.value_and_grad(lf, has_aux=True)(state["params"])
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"], value=loss)
+        params = optax.apply_updates(state["params"], updates)
+        step = state["step"] + 1
+        if ema_decay:
+            d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+            ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1 - d) * p).astype(p.dtype), state["ema"], params)
+        else:
+            ema = params
+        return {**state, "params": params, "opt_state": opt_state, "ema": ema, "step": step}, loss, aux
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
 def train(cfg: RunConfig, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset | None = None,
           out_dir: str | Path = "runs/run", resume: bool = False, progress: bool = True,
           splits: dict | None = None) -> dict[str, Any]:
@@ -154,9 +184,7 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     params = pot.init(jax.random.PRNGKey(tc.seed), first)
     opt = make_optimizer(tc, steps_per_eval)
     opt_state = opt.init(params)
-    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731  (distinct buffers: the step donates them)
-    state = {"params": params, "opt_state": opt_state, "ema": copy(params), "best": copy(params),
-             "step": jnp.zeros((), jnp.int32)}
+    state = init_state(params, opt_state)
     meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_step": -1, "bad_evals": 0,
             "elapsed_s": 0.0, "stopped": None, "n_evals": 0}
     ckpt = Checkpointer(ckpt_dir)
@@ -173,23 +201,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
              cfg.model.name, n_params, len(train_ds), len(val_ds), steps_per_epoch,
              [(r.n_graph, r.n_node, r.n_edge) for r in train_loader.ladder.rungs])
 
-    beta, sw, ema_decay = tc.beta, tc.stress_weight, tc.ema_decay
-
-    def train_step(state, graph):
-        def lf(p):
-            return loss_fn(pot(p, graph, compute_stress=use_stress), graph, beta, sw)
-        (loss, aux), grads = jax.value_and_grad(lf, has_aux=True)(state["params"])
-        updates, opt_state = opt.update(grads, state["opt_state"], state["params"], value=loss)
-        params = optax.apply_updates(state["params"], updates)
-        step = state["step"] + 1
-        if ema_decay:
-            d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
-            ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1 - d) * p).astype(p.dtype), state["ema"], params)
-        else:
-            ema = params
-        return {**state, "params": params, "opt_state": opt_state, "ema": ema, "step": step}, loss, aux
-
-    train_step = jax.jit(train_step, donate_argnums=0)
+    beta = tc.beta
+    train_step = make_train_step(pot, opt, tc.beta, tc.stress_weight, tc.ema_decay)
     eval_fn = make_eval_fn(pot, use_stress)
     lr_sched = learning_rate_schedule(tc)
 
