@@ -11,7 +11,8 @@ from so3lib.potential import Potential, fit_scale_shift
 
 
 def make_potential(name: str, opts: dict, ds, seed: int = 0):
-    cfg = make_config(name, dtype="float64", **opts)
+    from so3lib.training.trainer import fit_model_statistics
+    cfg = fit_model_statistics(make_config(name, dtype="float64", **opts), ds)
     ref = fit_energy_reference(ds)
     pot = Potential(cfg, ref, *fit_scale_shift(ds, ref))
     g = graph(pot, ds, [0])

@@ -40,3 +40,12 @@ def test_training_config_validation():
         TrainingConfig(max_epochs=None)
     with pytest.raises(ValueError, match="Extra inputs"):
         TrainingConfig(learning_rat=1e-3)
+
+
+def test_plateau_scale_reads_the_plateau_state_only():
+    import jax.numpy as jnp
+    from so3lib.training.optim import make_optimizer, plateau_scale
+    params = {"LayerNorm_0": {"scale": jnp.ones(3) * 7.0, "bias": jnp.zeros(3)}}
+    for schedule in ("plateau", "exponential"):
+        opt = make_optimizer(TrainingConfig(max_steps=1, schedule=schedule), 10)
+        assert plateau_scale(opt.init(params)) == 1.0

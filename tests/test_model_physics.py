@@ -12,6 +12,7 @@ from so3lib.graph import GraphBudget
 
 MODELS = {
     "schnet": {"n_atom_basis": 16, "n_interactions": 2, "n_rbf": 12, "cutoff": 4.0},
+    "so3krates": {"features": 16, "l_max": 3, "layers": 2, "heads": 2, "n_rbf": 8, "cutoff": 4.0},
 }
 
 
@@ -51,7 +52,7 @@ def test_forces_and_stress_on_periodic_li(model_name, li_test):
     np.testing.assert_allclose(out["s"], out["s"].T, atol=1e-12)
 
 
-def _check_symmetry(pot, params, s, rng, n_rot=3):
+def _check_symmetry(pot, params, s, rng, n_rot=10):
     base = _evaluate(pot, params, s, stress=bool(s.pbc.any()))
     for _ in range(n_rot):
         R = random_rotation(rng)
@@ -74,7 +75,20 @@ def test_rotation_translation_permutation_periodic(model_name, li_test):
     pot, params = make_potential(model_name, MODELS[model_name], li_test)
     s = li_test[7]
     _check_symmetry(pot, params, Structure(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc),
-                    np.random.default_rng(1), n_rot=2)
+                    np.random.default_rng(1), n_rot=4)
+
+
+def test_reflection_behaviour(model_name, aspirin):
+    """Every model here builds E from rotation- and reflection-invariant quantities (distances; for SO3krates
+    squared norms of Y^l contractions), so E is invariant under a mirror image and forces are mirrored: the
+    models do not distinguish enantiomers."""
+    pot, params = make_potential(model_name, MODELS[model_name], aspirin)
+    s = aspirin[5]
+    base = _evaluate(pot, params, s)
+    M = np.diag([-1.0, 1.0, 1.0])
+    out = _evaluate(pot, params, Structure(numbers=s.numbers, positions=s.positions @ M, cell=s.cell, pbc=s.pbc))
+    assert abs(out["e"] - base["e"]) <= 1e-9 * max(abs(base["e"]), 1.0)
+    np.testing.assert_allclose(out["f"], base["f"] @ M, atol=1e-9 * np.abs(base["f"]).max())
 
 
 def test_padding_never_changes_results(model_name, li_test):

@@ -1,6 +1,7 @@
 """Optimiser: gradient clipping → Adam/AMSGrad with linear warm-up then exponential decay, or reduce-on-plateau."""
 from __future__ import annotations
 
+import jax
 import optax
 
 from so3lib.training.config import TrainingConfig
@@ -28,7 +29,10 @@ def make_optimizer(cfg: TrainingConfig, steps_per_eval: int) -> optax.GradientTr
 
 
 def plateau_scale(opt_state) -> float:
-    """Current reduce-on-plateau factor (1.0 without plateau scheduling)."""
-    for leaf_state in optax.tree_utils.tree_get_all_with_path(opt_state, "scale"):
-        return float(leaf_state[1])
+    """Current reduce-on-plateau factor (1.0 without plateau scheduling). Matched by state type: parameter
+    trees inside the optimiser state also hold leaves called 'scale' (LayerNorm)."""
+    kind = optax.contrib.ReduceLROnPlateauState
+    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, kind)):
+        if isinstance(s, kind):
+            return float(s.scale)
     return 1.0

@@ -51,7 +51,19 @@ def build_potential(cfg: RunConfig, train_ds: Dataset) -> Potential:
     ref = fit_energy_reference(train_ds, intercept=method == "lstsq+intercept",
                                isolated_atom_energies_ev=d.isolated_atom_energies_ev if method == "isolated_atoms" else None)
     scale, shift = fit_scale_shift(train_ds, ref)
-    return Potential(cfg.model, ref, scale, shift)
+    model = fit_model_statistics(cfg.model, train_ds)
+    return Potential(model, ref, scale, shift)
+
+
+def fit_model_statistics(model, train_ds: Dataset):
+    """Fill data-dependent model constants left as None (e.g. SO3krates' mean neighbour count ⟨N⟩)."""
+    if "avg_num_neighbors" in type(model).model_fields and model.avg_num_neighbors is None:
+        sample = train_ds.subset(np.linspace(0, len(train_ds) - 1, min(len(train_ds), 500)).astype(int))
+        table = NeighbourTable.build(sample, model.cutoff)
+        avg = float(table.offsets[-1] / sample.offsets[-1])
+        log.info("mean neighbour count within %.2f Å on the training set: %.3f", model.cutoff, avg)
+        model = model.replace(avg_num_neighbors=max(avg, 1.0))
+    return model
 
 
 def make_loader(ds: Dataset, pot: Potential, batch_size: int, shuffle: bool, seed: int, name: str) -> GraphLoader:
