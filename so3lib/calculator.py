@@ -43,7 +43,9 @@ class So3libCalculator(Calculator):
                     and np.max(np.linalg.norm(pos - p0, axis=1)) < 0.5 * self.skin):
                 return table
         ds = _single_frame(atoms)
-        table = NeighbourTable.build(ds, self.potential.cutoff + self.skin)
+        tc = self.potential.model.triplet_cutoff
+        table = NeighbourTable.build(ds, self.potential.cutoff + self.skin,
+                                     triplet_cutoff=None if tc is None else tc + self.skin)
         self._nl = (pos.copy(), cell.copy(), pbc.copy(), z.copy(), table)
         self.n_neighbour_builds += 1
         return table
@@ -54,8 +56,9 @@ class So3libCalculator(Calculator):
         self.potential.reference.check_species(atoms.numbers, f"structure {atoms.get_chemical_formula()}")
         table = self._neighbours(atoms)
         ds = _single_frame(atoms)
-        budget = dynamic_budget(len(atoms), int(table.offsets[-1]), 1)
-        budget = GraphBudget(budget.n_node, budget.n_edge, 2)
+        n_trip = int(table.triplet_offsets[-1]) if table.triplets is not None else 0
+        budget = dynamic_budget(len(atoms), int(table.offsets[-1]), 1, n_trip)
+        budget = GraphBudget(budget.n_node, budget.n_edge, 2, budget.n_triplet)
         dtype = np.float64 if self.potential.model.dtype == "float64" else np.float32
         g = build_batch(ds, table, [0], budget, dtype)
         self.shapes.add((budget.n_node, budget.n_edge))

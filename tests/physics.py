@@ -11,8 +11,7 @@ from so3lib.potential import Potential, fit_scale_shift
 
 
 def make_potential(name: str, opts: dict, ds, seed: int = 0):
-    from so3lib.training.trainer import fit_model_statistics
-    cfg = fit_model_statistics(make_config(name, dtype="float64", **opts), ds)
+    cfg = make_config(name, dtype="float64", **opts).fit(ds)
     ref = fit_energy_reference(ds)
     pot = Potential(cfg, ref, *fit_scale_shift(ds, ref))
     g = graph(pot, ds, [0])
@@ -21,7 +20,7 @@ def make_potential(name: str, opts: dict, ds, seed: int = 0):
 
 
 def graph(pot, ds, frames, budget: GraphBudget | None = None):
-    table = NeighbourTable.build(ds, pot.cutoff)
+    table = NeighbourTable.build(ds, pot.cutoff, triplet_cutoff=pot.model.triplet_cutoff)
     return build_batch(ds, table, frames, budget, np.float64, pot.reference.energy(ds))
 
 
@@ -30,7 +29,8 @@ def structure_graph(pot, s, budget=None):
     import ase
     atoms = ase.Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
     ds = _single_frame(atoms)
-    return build_batch(ds, NeighbourTable.build(ds, pot.cutoff), [0], budget, np.float64)
+    return build_batch(ds, NeighbourTable.build(ds, pot.cutoff, triplet_cutoff=pot.model.triplet_cutoff), [0], budget,
+                       np.float64)
 
 
 _JIT: dict = {}

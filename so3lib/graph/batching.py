@@ -3,7 +3,8 @@
 A batch is a `jraph.GraphsTuple` (numpy on the host, moved to the device by the loader):
   nodes   = {positions (N, 3) Å, species (N,) int32 atomic numbers (0 = padding), forces (N, 3) eV/Å}
   edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell}
-  globals = {energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³, cell (G, 3, 3) Å, pbc (G, 3),
+  globals = {[triplets (T, 2) edge-index pairs, triplet_mask (T,) for angular descriptors,]
+             energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³, cell (G, 3, 3) Å, pbc (G, 3),
              has_energy, has_forces, has_stress (G,) 0/1 label masks}
   senders / receivers (E,) int32, n_node (G,), n_edge (G,).
 Batches are padded to a small ladder of static budgets (the `jraph.pad_with_graphs` convention: all padding
@@ -33,9 +34,11 @@ class GraphBudget:
     n_node: int
     n_edge: int
     n_graph: int
+    n_triplet: int = 0
 
-    def fits(self, n_node: int, n_edge: int, n_graph: int) -> bool:
-        return n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
+    def fits(self, n_node: int, n_edge: int, n_graph: int, n_triplet: int = 0) -> bool:
+        return (n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
+                and n_triplet <= self.n_triplet)
 
 
 def round_up(x: int, quantum: int) -> int:
@@ -56,7 +59,8 @@ class BudgetLadder:
     rungs: tuple[GraphBudget, ...]
 
     @staticmethod
-    def from_counts(n_atoms: np.ndarray, n_edges: np.ndarray, batch_size: int, max_rungs: int = 4) -> "BudgetLadder":
+    def from_counts(n_atoms: np.ndarray, n_edges: np.ndarray, batch_size: int, max_rungs: int = 4,
+                    n_triplets: np.ndarray | None = None) -> "BudgetLadder":
         """Rungs from dataset statistics: the top rung holds the ``batch_size`` largest structures (so every
         batch fits); lower rungs are geometric down to ~5 % above a typical batch."""
         b = min(batch_size, len(n_atoms))
@@ -71,52 +75,96 @@ class BudgetLadder:
             nn = round_up(int(typ_n * (worst_n / typ_n) ** f) if k > 1 else worst_n, 8)
             ne = round_up(int(max(typ_e, 1) * (max(worst_e, 1) / max(typ_e, 1)) ** f) if k > 1 else worst_e, 64)
             rungs.append(GraphBudget(max(nn, worst_n if f == 1 else 0), max(ne, worst_e if f == 1 else 0), batch_size + 1))
-        uniq = sorted(set(rungs), key=lambda r: (r.n_node, r.n_edge))
+        if n_triplets is not None:  # the triplet budget grows along the same rungs as the edges
+            worst_t = int(np.sort(n_triplets)[-b:].sum())
+            typ_t = b * float(np.mean(n_triplets)) * 1.05
+            rungs = [dataclasses.replace(r, n_triplet=round_up(
+                int(max(typ_t, 1) * (max(worst_t, 1) / max(typ_t, 1)) ** f) if k > 1 else worst_t, 64))
+                for r, f in zip(rungs, fr)]
+            rungs[-1] = dataclasses.replace(rungs[-1], n_triplet=max(rungs[-1].n_triplet, round_up(worst_t, 64)))
+        uniq = sorted(set(rungs), key=lambda r: (r.n_node, r.n_edge, r.n_triplet))
         return BudgetLadder(tuple(uniq))
 
-    def select(self, n_node: int, n_edge: int, n_graph: int) -> GraphBudget:
+    def select(self, n_node: int, n_edge: int, n_graph: int, n_triplet: int = 0) -> GraphBudget:
         for r in self.rungs:
-            if r.fits(n_node, n_edge, n_graph):
+            if r.fits(n_node, n_edge, n_graph, n_triplet):
                 return r
-        raise ValueError(f"batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges exceeds the largest padding "
-                         f"budget {self.rungs[-1]}: rebuild the ladder for this data (never truncated)")
+        raise ValueError(f"batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges, {n_triplet} triplets exceeds "
+                         f"the largest padding budget {self.rungs[-1]}: rebuild the ladder for this data (never "
+                         "truncated)")
 
 
-def dynamic_budget(n_node: int, n_edge: int, n_graph: int) -> GraphBudget:
+def dynamic_budget(n_node: int, n_edge: int, n_graph: int, n_triplet: int = 0) -> GraphBudget:
     """Budget for ad-hoc inputs (calculator, MD): geometric ladder, so repeated calls reuse compilations."""
     return GraphBudget(round_up_ladder(n_node + 1, 8), round_up_ladder(max(n_edge, 1), 64),
-                       round_up_ladder(n_graph + 1, 2, 1))
+                       round_up_ladder(n_graph + 1, 2, 1), round_up_ladder(n_triplet, 64) if n_triplet else 0)
+
+
+def triplets_from_edges(receivers: np.ndarray, distances: np.ndarray, cutoff: float) -> np.ndarray:
+    """(T, 2) pairs of edge indices (e1, e2), e1 < e2, sharing a centre atom, both shorter than ``cutoff``.
+    Convention: each unordered neighbour pair {j, k} of centre i is counted once (as n2p2 does)."""
+    keep = np.nonzero(distances < cutoff)[0]
+    if len(keep) < 2:
+        return np.zeros((0, 2), np.int32)
+    order = keep[np.argsort(receivers[keep], kind="stable")]
+    centres, starts, counts = np.unique(receivers[order], return_index=True, return_counts=True)
+    out = []
+    for st, c in zip(starts, counts):
+        if c < 2:
+            continue
+        a, b = np.triu_indices(c, k=1)
+        e = order[st:st + c]
+        out.append(np.stack([e[a], e[b]], axis=1))
+    return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 2), np.int32)
 
 
 @dataclasses.dataclass
 class NeighbourTable:
     """Neighbour lists of all frames of a dataset, packed: local senders/receivers (E,), shifts (E, 3),
-    offsets (F+1,) into the edge arrays."""
+    offsets (F+1,) into the edge arrays; with ``triplet_cutoff``, also triplets (T, 2) of frame-local edge
+    indices and their offsets (F+1,)."""
     cutoff: float
     senders: np.ndarray
     receivers: np.ndarray
     shifts: np.ndarray
     offsets: np.ndarray
+    triplets: np.ndarray | None = None
+    triplet_offsets: np.ndarray | None = None
+    triplet_cutoff: float | None = None
 
     @property
     def n_edges(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def n_triplets(self) -> np.ndarray | None:
+        return None if self.triplet_offsets is None else np.diff(self.triplet_offsets)
+
     @staticmethod
-    def build(dataset: Dataset, cutoff: float, progress: bool = False) -> "NeighbourTable":
+    def build(dataset: Dataset, cutoff: float, progress: bool = False,
+              triplet_cutoff: float | None = None) -> "NeighbourTable":
         from tqdm.auto import tqdm
 
         s_all, r_all, sh_all, counts = [], [], [], np.zeros(len(dataset), np.int64)
+        t_all, t_counts = [], np.zeros(len(dataset), np.int64)
         it = range(len(dataset))
         for f in tqdm(it, desc=f"neighbour lists (cutoff {cutoff} Å)", disable=not progress, leave=False):
             a, b = dataset.offsets[f], dataset.offsets[f + 1]
-            s, r, sh = neighbour_list(dataset.positions[a:b], dataset.cell[f], dataset.pbc[f], cutoff)
+            s, r, sh, d = neighbour_list(dataset.positions[a:b], dataset.cell[f], dataset.pbc[f], cutoff,
+                                         return_distances=True)
             s_all.append(s)
             r_all.append(r)
             sh_all.append(sh)
             counts[f] = len(s)
+            if triplet_cutoff is not None:
+                t = triplets_from_edges(r, d, triplet_cutoff)
+                t_all.append(t)
+                t_counts[f] = len(t)
+        tri = (np.concatenate(t_all).reshape(-1, 2), np.concatenate([[0], np.cumsum(t_counts)])) \
+            if triplet_cutoff is not None else (None, None)
         return NeighbourTable(cutoff, np.concatenate(s_all), np.concatenate(r_all),
-                              np.concatenate(sh_all).reshape(-1, 3), np.concatenate([[0], np.cumsum(counts)]))
+                              np.concatenate(sh_all).reshape(-1, 3), np.concatenate([[0], np.cumsum(counts)]),
+                              tri[0], tri[1], triplet_cutoff)
 
 
 def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
@@ -129,9 +177,13 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
     n_node = dataset.n_atoms[frames]
     n_edge = table.n_edges[frames]
     N, E, G = int(n_node.sum()), int(n_edge.sum()), len(frames)
-    budget = budget or dynamic_budget(N, E, G)
-    if not budget.fits(N, E, G):
-        raise ValueError(f"{G} graphs / {N} nodes / {E} edges do not fit the budget {budget}")
+    with_triplets = table.triplets is not None
+    n_trip = table.n_triplets[frames] if with_triplets else None
+    T = int(n_trip.sum()) if with_triplets else 0
+    budget = budget or dynamic_budget(N, E, G, T)
+    if not budget.fits(N, E, G, T):
+        raise ValueError(f"{G} graphs / {N} nodes / {E} edges / {T} triplets do not fit the budget {budget} "
+                         "(overflow: nothing is dropped, use a larger budget)")
     atom_idx = _ranges(dataset.offsets[frames], n_node)
     edge_idx = _ranges(table.offsets[frames], n_edge)
     node_base = np.repeat(np.concatenate([[0], np.cumsum(n_node)[:-1]]), n_edge)
@@ -177,15 +229,27 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
     n_edge_p = np.zeros(pg, np.int32)
     n_edge_p[:G] = n_edge
     n_edge_p[G] = pe - E
+    glob = {"energy": energy, "energy_residual": residual, "stress": stress, "cell": cell, "pbc": pbc,
+            "has_energy": has_energy, "has_forces": has_forces, "has_stress": has_stress}
+    if with_triplets:  # (T, 2) batch edge indices; padding triplets point at edge 0 and are masked
+        trip = np.zeros((budget.n_triplet, 2), np.int32)
+        edge_base = np.repeat(np.concatenate([[0], np.cumsum(n_edge)[:-1]]), n_trip)
+        trip[:T] = table.triplets[_ranges(table.triplet_offsets[frames], n_trip)] + edge_base[:, None]
+        tmask = np.zeros(budget.n_triplet, bool)
+        tmask[:T] = True
+        glob["triplets"], glob["triplet_mask"] = trip, tmask
     return jraph.GraphsTuple(
         nodes={"positions": positions, "species": species, "forces": forces},
         edges={"shift": shift}, senders=senders, receivers=receivers, n_node=n_node_p, n_edge=n_edge_p,
-        globals={"energy": energy, "energy_residual": residual, "stress": stress, "cell": cell, "pbc": pbc, "has_energy": has_energy,
-                 "has_forces": has_forces, "has_stress": has_stress})
+        globals=glob)
 
 
-def budget_key(graph: jraph.GraphsTuple) -> tuple[int, int, int]:
-    return (int(graph.n_node.shape[0]), int(graph.nodes["positions"].shape[0]), int(graph.senders.shape[0]))
+def budget_key(graph: jraph.GraphsTuple) -> tuple[int, ...]:
+    """(graphs, nodes, edges[, triplets]) of a padded batch: one compilation per distinct key."""
+    key = (int(graph.n_node.shape[0]), int(graph.nodes["positions"].shape[0]), int(graph.senders.shape[0]))
+    if "triplets" in graph.globals:
+        key += (int(graph.globals["triplets"].shape[0]),)
+    return key
 
 
 class GraphLoader:
@@ -196,12 +260,14 @@ class GraphLoader:
     def __init__(self, dataset: Dataset, cutoff: float, batch_size: int, shuffle: bool = True, seed: int = 0,
                  ladder: BudgetLadder | None = None, prefetch: int = 4, dtype=np.float32, progress: bool = False,
                  table: NeighbourTable | None = None, device_put: bool = True, sharding=None,
-                 energy_offset: np.ndarray | None = None):
+                 energy_offset: np.ndarray | None = None, triplet_cutoff: float | None = None):
         if len(dataset) == 0:
             raise ValueError("empty dataset")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), shuffle, seed
-        self.table = table if table is not None else NeighbourTable.build(dataset, cutoff, progress=progress)
-        self.ladder = ladder or BudgetLadder.from_counts(dataset.n_atoms, self.table.n_edges, self.batch_size)
+        self.table = table if table is not None else NeighbourTable.build(dataset, cutoff, progress=progress,
+                                                                          triplet_cutoff=triplet_cutoff)
+        self.ladder = ladder or BudgetLadder.from_counts(dataset.n_atoms, self.table.n_edges, self.batch_size,
+                                                         n_triplets=self.table.n_triplets)
         self.prefetch, self.dtype, self.device_put, self.sharding = prefetch, dtype, device_put, sharding
         self.shapes_seen: set[tuple[int, int, int]] = set()
         self.energy_offset = energy_offset
@@ -217,7 +283,8 @@ class GraphLoader:
     def _make(self, frames: np.ndarray):
         n_node = int(self.dataset.n_atoms[frames].sum())
         n_edge = int(self.table.n_edges[frames].sum())
-        budget = self.ladder.select(n_node, n_edge, len(frames))
+        n_trip = int(self.table.n_triplets[frames].sum()) if self.table.triplets is not None else 0
+        budget = self.ladder.select(n_node, n_edge, len(frames), n_trip)
         g = build_batch(self.dataset, self.table, frames, budget, self.dtype, self.energy_offset)
         if self.device_put:
             import jax

@@ -28,6 +28,20 @@ class ModelConfig(BaseModel):
         """The flax module for this configuration."""
         raise NotImplementedError
 
+    def fit(self, dataset) -> "ModelConfig":
+        """A copy with data-dependent constants (left as None by the user) fitted on the training set, e.g. the
+        mean neighbour count or descriptor statistics. Deterministic, so a resumed run fits the same values."""
+        return self
+
+    @property
+    def triplet_cutoff(self) -> float | None:
+        """Cutoff (Å) for the angular triplets a model needs in its batches; None: no triplets."""
+        return None
+
+    def config_view(self) -> dict[str, Any]:
+        """What goes into a run's config.yaml (large fitted arrays are kept in model/potential.yaml only)."""
+        return self.to_dict()
+
     @property
     def jnp_dtype(self):
         return jnp.float64 if self.dtype == "float64" else jnp.float32

@@ -54,6 +54,16 @@ class SO3kratesConfig(ModelConfig):
     def build(self) -> nn.Module:
         return SO3krates(self)
 
+    def fit(self, dataset) -> "SO3kratesConfig":
+        """⟨N⟩ = mean neighbour count within the cutoff on (up to 500 frames of) the training set."""
+        if self.avg_num_neighbors is not None:
+            return self
+        from so3lib.graph.batching import NeighbourTable
+
+        sample = dataset.subset(np.linspace(0, len(dataset) - 1, min(len(dataset), 500)).astype(int))
+        table = NeighbourTable.build(sample, self.cutoff)
+        return self.replace(avg_num_neighbors=max(float(table.offsets[-1] / sample.offsets[-1]), 1.0))
+
 
 def degree_index(l_max: int) -> np.ndarray:
     """(D,) degree − 1 of every component of ⊕_{l=1..L} R^(2l+1), D = (L+1)² − 1."""

@@ -78,7 +78,7 @@ class RunConfig(_Strict):
 
     @field_serializer("model")
     def _ser_model(self, v):
-        return v.to_dict()
+        return v.config_view()
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

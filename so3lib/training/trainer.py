@@ -51,26 +51,18 @@ def build_potential(cfg: RunConfig, train_ds: Dataset) -> Potential:
     ref = fit_energy_reference(train_ds, intercept=method == "lstsq+intercept",
                                isolated_atom_energies_ev=d.isolated_atom_energies_ev if method == "isolated_atoms" else None)
     scale, shift = fit_scale_shift(train_ds, ref)
-    model = fit_model_statistics(cfg.model, train_ds)
+    model = cfg.model.fit(train_ds)
+    if model != cfg.model:
+        log.info("fitted on the training set: %s", {k: v for k, v in model.config_view().items()
+                                                   if v != cfg.model.config_view().get(k)})
     return Potential(model, ref, scale, shift)
-
-
-def fit_model_statistics(model, train_ds: Dataset):
-    """Fill data-dependent model constants left as None (e.g. SO3krates' mean neighbour count ⟨N⟩)."""
-    if "avg_num_neighbors" in type(model).model_fields and model.avg_num_neighbors is None:
-        sample = train_ds.subset(np.linspace(0, len(train_ds) - 1, min(len(train_ds), 500)).astype(int))
-        table = NeighbourTable.build(sample, model.cutoff)
-        avg = float(table.offsets[-1] / sample.offsets[-1])
-        log.info("mean neighbour count within %.2f Å on the training set: %.3f", model.cutoff, avg)
-        model = model.replace(avg_num_neighbors=max(avg, 1.0))
-    return model
 
 
 def make_loader(ds: Dataset, pot: Potential, batch_size: int, shuffle: bool, seed: int, name: str) -> GraphLoader:
     pot.reference.check_species(ds.numbers, f"{name} set ({ds.meta['source'][0]})")
     dtype = np.float64 if pot.model.dtype == "float64" else np.float32
-    table = NeighbourTable.build(ds, pot.cutoff)
-    ladder = BudgetLadder.from_counts(ds.n_atoms, table.n_edges, batch_size)
+    table = NeighbourTable.build(ds, pot.cutoff, triplet_cutoff=pot.model.triplet_cutoff)
+    ladder = BudgetLadder.from_counts(ds.n_atoms, table.n_edges, batch_size, n_triplets=table.n_triplets)
     return GraphLoader(ds, pot.cutoff, batch_size, shuffle=shuffle, seed=seed, ladder=ladder, dtype=dtype,
                        table=table, energy_offset=pot.reference.energy(ds))
 
@@ -170,18 +162,19 @@ def train(cfg: RunConfig, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset |
 
 def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup):
     tc = cfg.training
+    pot = build_potential(cfg, train_ds)  # fits the reference, scale/shift and data-dependent model constants
+    ref = pot.reference
+    cfg = cfg.model_copy(update={"model": pot.model})
     if resume and (out / "config.yaml").exists():
         saved = RunConfig.from_yaml(out / "config.yaml")
-        if saved.model != cfg.model:
-            raise ValueError(f"{out}/config.yaml has model {saved.model.to_dict()}, the resumed run asks for "
-                             f"{cfg.model.to_dict()}: a resumed run must keep its model")
+        if saved.model.config_view() != pot.model.config_view():
+            raise ValueError(f"{out}/config.yaml has model {saved.model.config_view()}, the resumed run asks for "
+                             f"{pot.model.config_view()}: a resumed run must keep its model")
     cfg.to_yaml(out / "config.yaml")
     if splits:
         from so3lib.data.splits import save_splits
         save_splits(out / "splits.npz", splits)
 
-    pot = build_potential(cfg, train_ds)
-    ref = pot.reference
     log.info("energy reference (%s): %s; residual std %.4g meV/atom (raw %.4g meV/atom); scale %.4g eV, shift %.4g eV/atom",
              ref.method, dict(zip(ref.species, np.round(ref.energies_ev, 4))), 1e3 * ref.residual_std_per_atom_ev,
              1e3 * ref.raw_std_per_atom_ev, pot.scale, pot.shift)
