@@ -42,9 +42,9 @@ PUBLISHED = {
                    "uracil": (5.1, 21.4)},
 }
 # Presets: model and training options per model name (CLI flags override them).
-FULL = {"model": {}, "training": {"batch_size": 16, "max_epochs": 3000, "learning_rate": 1e-3, "schedule": "plateau",
-                                  "plateau_patience": 15, "plateau_factor": 0.5, "early_stopping_patience": 60,
-                                  "warmup_steps": 200}}
+FULL = {"model": {}, "training": {"batch_size": 16, "max_epochs": 3000, "learning_rate": 1e-3,
+                                  "schedule": "exponential", "decay_steps": 60000, "decay_rate": 0.1,
+                                  "early_stopping_patience": 200, "warmup_steps": 200}}
 QUICK = {  # finishes on 2 CPU cores in < 5 minutes
     "schnet": {"model": {"n_atom_basis": 64, "n_interactions": 3}, "training": {"max_steps": 16000}},
     "so3krates": {"model": {"features": 64, "l_max": 2, "layers": 2}, "training": {"max_steps": 1200}},
