@@ -39,7 +39,7 @@ from so3lib.training.trainer import init_state, make_train_step  # noqa: E402
 # Model sizes of the TARGETS.md comparison (F≈128, 3 layers, cutoff 5 Å)
 MODELS = {"schnet": {"n_atom_basis": 128, "n_interactions": 3, "n_rbf": 20, "cutoff": 5.0},
           "so3krates": {"features": 128, "l_max": 3, "layers": 3, "heads": 4, "cutoff": 5.0},
-          "bpnn": {"cutoff": 5.0}}
+          "bpnn": {"preset": "auto", "cutoff": 5.0}}
 
 
 def run_floor(batch: int, steps: int) -> dict:
@@ -59,10 +59,10 @@ def run_floor(batch: int, steps: int) -> dict:
 
 
 def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int) -> dict:
-    cfg = make_config(name, **opts)
+    cfg = make_config(name, **opts).fit(ds)
     ref = data.fit_energy_reference(ds)
     pot = Potential(cfg, ref, *fit_scale_shift(ds, ref))
-    loader = GraphLoader(ds, pot.cutoff, batch, seed=0, energy_offset=ref.energy(ds))
+    loader = GraphLoader(ds, pot.cutoff, batch, seed=0, energy_offset=ref.energy(ds), triplet_cutoff=cfg.triplet_cutoff)
     it = loader.epoch(0)
     g0 = next(it)
     params = pot.init(jax.random.PRNGKey(0), g0)
@@ -94,7 +94,7 @@ def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int)
     res_inf = {}
     for b in (1, 1000):
         ld = GraphLoader(ds.subset(np.arange(min(b, len(ds)))), pot.cutoff, b, shuffle=False,
-                         energy_offset=None)
+                         triplet_cutoff=cfg.triplet_cutoff)
         g = next(ld.epoch(0))
         jax.block_until_ready(ef(params, g))
         ts = []
@@ -103,7 +103,7 @@ def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int)
             jax.block_until_ready(ef(params, g))
             ts.append(time.perf_counter() - t1)
         res_inf[b] = float(np.median(ts))
-    return {"config": cfg.to_dict(), "n_parameters": n_params, "compile_s": compile_s,
+    return {"config": cfg.config_view(), "n_parameters": n_params, "compile_s": compile_s,
             "train_step_ms_median": 1e3 * float(np.median(times)), "train_step_ms_wall": 1e3 * wall / steps,
             "structures_per_s": batch * steps / wall, "steps_per_s": steps / wall,
             "n_compiles_train_step": int(step._cache_size()) if hasattr(step, "_cache_size") else None,

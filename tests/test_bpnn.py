@@ -179,3 +179,21 @@ def test_descriptor_analysis_hierarchy_and_plots(tmp_path, ethanol_test):
     assert res["hierarchy"][0] == "G1" and m["G1"] / min(m.values()) > 100 and m["G5"] > m["G4"]
     for f in ("descriptor_magnitudes.png", "energy_vs_descriptors.png", "descriptor_correlation.png"):
         assert (tmp_path / f).stat().st_size > 5000
+
+
+def test_calculator_with_triplets_equals_direct(ethanol_test):
+    import so3lib
+    from physics import graph, make_potential
+    pot, params = make_potential("bpnn", {"n_radial": 4, "n_angular": 3, "cutoff": 4.0, "hidden": (8,)},
+                                 ethanol_test.subset(np.arange(30)))
+    calc = so3lib.So3libCalculator(pot, params, skin=0.3)
+    atoms = ethanol_test[7].to_ase()
+    atoms.calc = calc
+    direct = jax.jit(pot.__call__)(params, graph(pot, ethanol_test, [7]))
+    np.testing.assert_allclose(atoms.get_forces(), np.asarray(direct["forces"])[:9], atol=1e-10)
+    atoms.positions[2] += 0.05  # within the skin: triplets reused, still exact
+    f_moved = atoms.get_forces()
+    assert calc.n_neighbour_builds == 1
+    ref = so3lib.So3libCalculator(pot, params, skin=0.0)
+    atoms.calc = ref
+    np.testing.assert_allclose(f_moved, atoms.get_forces(), atol=1e-10)
