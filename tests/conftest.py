@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -10,6 +11,13 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)  # float64 models in physics tests; float32 models keep float32
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One compilation cache for the whole test session (and the subprocesses it starts): tests that build the same
+# model configuration share compiled programs. A fresh temporary directory each run, so nothing stale or foreign.
+_CACHE = tempfile.mkdtemp(prefix="so3lib-jax-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SO3LIB_SHARED_DATA", ROOT.parent / "shared" / "data"))
