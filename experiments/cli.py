@@ -15,27 +15,32 @@ _SKIP_TRAINING = {"max_epochs", "max_steps", "max_minutes", "batch_size", "beta"
 
 
 def _flag_type(annotation):
+    """(type, choices, nargs) for a config field, or None when the field is not a simple flag (lists of
+    objects and fitted arrays: give those in a YAML file with --model-yaml)."""
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin is typing.Literal:
-        return str, list(typing.get_args(annotation))
+        return str, [str(a) for a in typing.get_args(annotation)], None
     if origin is typing.Union and args:
         return _flag_type(args[0])
+    if origin in (tuple, list) and args and args[0] in (int, float):
+        return args[0], None, "+"
     if annotation is bool:
-        return (lambda s: s.lower() in ("1", "true", "yes")), None
+        return (lambda s: s.lower() in ("1", "true", "yes")), None, None
     if annotation in (int, float, str):
-        return annotation, None
-    return str, None
+        return annotation, None, None
+    return None
 
 
 def add_fields(parser: argparse.ArgumentParser, fields: dict, group: str, skip: set = frozenset()) -> None:
     g = parser.add_argument_group(group)
     for name, info in fields.items():
-        if name in skip:
+        flag = _flag_type(info.annotation)
+        if name in skip or flag is None:
             continue
-        typ, choices = _flag_type(info.annotation)
+        typ, choices, nargs = flag
         g.add_argument(f"--{name.replace('_', '-')}", dest=f"{group}:{name}", type=typ, choices=choices,
-                       default=None, help=f"{info.description or ''} (default {info.default})".strip())
+                       nargs=nargs, default=None, help=f"{info.description or ''} (default {info.default})".strip())
 
 
 def model_name_from_argv(argv: Sequence[str] | None, default: str = "schnet") -> str:
@@ -58,12 +63,24 @@ def add_common(parser: argparse.ArgumentParser, model: str) -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--model-yaml", default=None, help="YAML file with model options (e.g. a BPNN "
+                        "symmetry_functions list); flags override it")
     add_fields(parser, hyperparameters(model), "model")
     add_fields(parser, TrainingConfig.model_fields, "training", skip=_SKIP_TRAINING)
 
 
 def collect(args: argparse.Namespace, group: str) -> dict[str, Any]:
-    return {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith(f"{group}:") and v is not None}
+    out = {}
+    if group == "model" and getattr(args, "model_yaml", None):
+        import yaml
+        from pathlib import Path
+        loaded = yaml.safe_load(Path(args.model_yaml).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{args.model_yaml}: expected a mapping of model options")
+        loaded.pop("name", None)
+        out.update(loaded)
+    out.update({k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith(f"{group}:") and v is not None})
+    return out
 
 
 def training_options(args: argparse.Namespace, defaults: dict | None = None) -> dict[str, Any]:

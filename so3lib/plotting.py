@@ -70,8 +70,10 @@ def parity(target: np.ndarray, pred: np.ndarray, out_png: str | Path, quantity: 
     ax.set_xlabel(f"reference {quantity} ({unit})")
     ax.set_ylabel(f"predicted {quantity} ({unit})")
     ax.set_title(f"MAE {mae:.4g} {unit}, RMSE {rmse:.4g} {unit}", fontsize=10)
-    axes[1].hist(pred - target, bins=60, color="C1")
-    axes[1].set_xlabel(f"error ({unit})")
+    err = pred - target
+    lo_e, hi_e = np.quantile(err, [0.001, 0.999]) if len(err) > 100 else (err.min(), err.max())
+    axes[1].hist(err, bins=60, range=(float(lo_e), float(hi_e)) if hi_e > lo_e else None, color="C1")
+    axes[1].set_xlabel(f"error ({unit}); central 99.8 %")
     axes[1].set_ylabel("count")
     for a in axes:
         a.grid(alpha=0.3)

@@ -149,3 +149,21 @@ def test_download_script_extracts(tmp_path, server):
     spec.loader.exec_module(mod)
     mod.main(["--dest", str(tmp_path), "--url", f"{server}/file", "--md5", hashlib.md5(buf.getvalue()).hexdigest()])
     assert (tmp_path / "rmd17" / "splits" / "index_train_01.csv").read_text() == "0\n1\n"
+
+
+def test_cli_flags_from_configs_and_model_yaml(tmp_path):
+    import argparse
+    from experiments import cli
+    ap = argparse.ArgumentParser()
+    cli.add_common(ap, "bpnn")
+    (tmp_path / "sf.yaml").write_text("preset: custom\ncutoff: 5.0\nsymmetry_functions:\n"
+                                      "  - {kind: G2, eta: 0.5, rs: 1.0}\n  - {kind: G5, eta: 0.01, zeta: 4, lam: -1}\n")
+    a = ap.parse_args(["--model", "bpnn", "--hidden", "32", "16", "--activation", "silu",
+                       "--model-yaml", str(tmp_path / "sf.yaml")])
+    opts = cli.collect(a, "model")
+    assert opts["hidden"] == [32, 16] and opts["preset"] == "custom" and len(opts["symmetry_functions"]) == 2
+    from so3lib.models import make_config
+    cfg = make_config("bpnn", **opts)
+    assert cfg.hidden == (32, 16) and cfg.symmetry_functions[1].lam == -1
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--model", "bpnn", "--symmetry-functions", "x"])  # not a flag: lists go in --model-yaml
