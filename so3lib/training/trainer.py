@@ -227,7 +227,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     t_loop = time.perf_counter()
     step_times_from = None
     steps_timed = 0
-    stop = meta["stopped"] if meta["stopped"] and budget_steps and step >= budget_steps else None
+    # a finished run stays finished (idempotent re-runs); a run stopped by its budget continues if the budget grew
+    stop = "early_stopping" if meta["stopped"] == "early_stopping" else None
     if budget_steps is not None and step >= budget_steps:
         stop = stop or "max_steps"
     pbar = tqdm(total=budget_steps, initial=step, desc=f"train {cfg.model.name}", disable=not progress,
