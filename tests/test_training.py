@@ -58,6 +58,7 @@ def test_run_folder_contents(trained_run):
               "forces_rmse_ev_per_a", "n_structures"):
         assert k in r["test"]
     assert r["test"]["n_structures"] == 300 and r["n_parameters"] > 0 and r["train_time_s"] > 0
+    assert r["train"]["n_structures"] == 950 and r["val"]["n_structures"] == 50
     assert RunConfig.from_yaml(out / "config.yaml").model.n_atom_basis == 32
     assert any((out / "checkpoints").iterdir())
 

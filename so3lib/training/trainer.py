@@ -340,6 +340,9 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
     val_m = evaluate(pot, best, val_loader, eval_fn)
     results["val"] = {k: v for k, v in val_m.items() if not k.startswith("mse")}
+    train_eval = GraphLoader(train_ds, pot.cutoff, eval_bs, shuffle=False, table=train_loader.table,
+                             dtype=train_loader.dtype, energy_offset=train_loader.energy_offset)
+    results["train"] = {k: v for k, v in evaluate(pot, best, train_eval, eval_fn).items() if not k.startswith("mse")}
     plots = out / "plots"
     from so3lib import plotting
     plotting.learning_curve(out / "metrics.csv", plots / "learning_curve.png", f"{cfg.name}: {cfg.model.name}")
