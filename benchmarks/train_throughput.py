@@ -88,7 +88,7 @@ def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int)
                 break
         ep += 1
     wall = time.perf_counter() - t_start
-    n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+    n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state["params"])))
     # inference: energy+forces for one molecule and for a batch of 1000
     ef = jax.jit(pot.__call__)
     res_inf = {}
@@ -96,11 +96,11 @@ def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int)
         ld = GraphLoader(ds.subset(np.arange(min(b, len(ds)))), pot.cutoff, b, shuffle=False,
                          triplet_cutoff=cfg.triplet_cutoff)
         g = next(ld.epoch(0))
-        jax.block_until_ready(ef(params, g))
+        jax.block_until_ready(ef(state["params"], g))
         ts = []
         for _ in range(10 if b == 1 else 5):
             t1 = time.perf_counter()
-            jax.block_until_ready(ef(params, g))
+            jax.block_until_ready(ef(state["params"], g))
             ts.append(time.perf_counter() - t1)
         res_inf[b] = float(np.median(ts))
     return {"config": cfg.config_view(), "n_parameters": n_params, "compile_s": compile_s,

@@ -47,9 +47,9 @@ FULL = {"model": {}, "training": {"batch_size": 16, "max_epochs": 3000, "learnin
                                   "early_stopping_patience": 200, "warmup_steps": 200}}
 QUICK = {  # finishes on 2 CPU cores in < 5 minutes
     "schnet": {"model": {"n_atom_basis": 64, "n_interactions": 3}, "training": {"max_steps": 16000}},
-    "so3krates": {"model": {"features": 64, "l_max": 2, "layers": 2}, "training": {"max_steps": 1200}},
+    "so3krates": {"model": {"features": 64, "l_max": 2, "layers": 2}, "training": {"max_steps": 5000}},
     "bpnn": {"model": {"n_radial": 12, "n_angular": 8, "cutoff": 5.0, "cutoff_angular": 4.0},
-             "training": {"max_steps": 6000}},
+             "training": {"max_steps": 20000}},
 }
 QUICK_TRAINING = {"batch_size": 16, "max_epochs": None, "learning_rate": 2e-3, "schedule": "exponential",
                   "decay_steps": 5300, "decay_rate": 0.3, "warmup_steps": 100, "eval_every_steps": 500,
