@@ -141,7 +141,6 @@ def train(cfg: RunConfig, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset |
     """Train ``cfg.model`` on ``train_ds``, validate on ``val_ds`` (EMA parameters), test the best model on
     ``test_ds``. Writes config.yaml, metrics.csv, checkpoints/, model/, results.json, plots/*.png, train.log."""
     t_setup = time.perf_counter()
-    tc = cfg.training
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
     if out.exists() and (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and not resume:
