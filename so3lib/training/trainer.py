@@ -226,6 +226,7 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     t_loop = time.perf_counter()
     step_times_from = None
     steps_timed = 0
+    t_other = [0.0]  # evaluation and checkpoint time inside the timed window, excluded from steps_per_s
     # a finished run stays finished (idempotent re-runs); a run stopped by its budget continues if the budget grew
     stop = "early_stopping" if meta["stopped"] == "early_stopping" else None
     if budget_steps is not None and step >= budget_steps:
@@ -248,6 +249,7 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
 
     def do_eval():
         nonlocal stop
+        t_eval = time.perf_counter()
         flush()
         m = evaluate(pot, state["ema"], val_loader, eval_fn)
         val_loss = (1 - beta) * m["mse_energy"] + beta * m["mse_forces"]
@@ -271,14 +273,17 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
                          val_F=f"{row['val_forces_mae_mev_per_a']:.1f}meV/Å", refresh=False)
         if tc.early_stopping_patience and meta["bad_evals"] >= tc.early_stopping_patience:
             stop = "early_stopping"
+        t_other[0] += time.perf_counter() - t_eval
 
     def save():
+        t_save = time.perf_counter()
         flush()
         meta.update(step=step, epoch=epoch, batch_in_epoch=bie,
                     elapsed_s=elapsed0 + time.perf_counter() - t_loop, stopped=stop)
         if ckpt.latest_step() == step:  # the final save after a save at the same step
             ckpt.manager.delete(step)
         ckpt.save(step, state, meta)
+        t_other[0] += time.perf_counter() - t_save
 
     try:
         while stop is None:
@@ -330,7 +335,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         "model": cfg.model.name, "n_parameters": n_params, "train_time_s": train_time, "steps": step,
         "epochs_completed": epoch, "stopped_because": stop, "best_step": meta["best_step"],
         "compile_time_s": compile_time, "overhead_time_s": None,
-        "steps_per_s": steps_timed / max(t_end - step_times_from, 1e-9) if step_times_from and steps_timed else None,
+        "steps_per_s": (steps_timed / max(t_end - step_times_from - t_other[0], 1e-9)
+                        if step_times_from and steps_timed else None),
         "n_train": len(train_ds), "n_val": len(val_ds), "batch_size": tc.batch_size,
         "n_compiles_train_step": _cache_size(train_step), "padded_shapes_train": sorted(train_loader.shapes_seen),
         "energy_reference": ref.to_dict(), "scale_ev": pot.scale, "shift_ev_per_atom": pot.shift,

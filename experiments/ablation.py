@@ -1,0 +1,360 @@
+"""Hyper-parameter sweeps (ablations) over any model option and training option, one command.
+
+usage: python -m experiments.ablation [SWEEP.yaml] [--preset quick] [--model so3krates] [--data rmd17:ethanol]
+           [--param cutoff=4,5 --param l_max=1,2,3] [--seeds 0 1] [--max-steps N | --max-minutes M]
+           [--random N --sample-seed S] [--parallel] --out DIR
+
+Sweep file:
+    model: so3krates            # registry name
+    train: path/to/train.npz    # any readable file, or  data: rmd17:ethanol  (rMD17 protocol, split 1)
+    test: path/to/test.npz      # optional
+    max_steps: 2000             # or max_minutes
+    seeds: [0, 1]
+    grid:                       # or  random: {cutoff: [3, 6], features: [32, 64, 128]}  with  samples: N
+      cutoff: [4.0, 5.0]
+      l_max: [1, 2, 3]
+    batch_size: 16              # any other training option at the top level; fixed model options under model_options
+Every point trains through so3lib.training.train in its own run folder (points/<name>/); re-running skips
+finished points and resumes interrupted ones from their checkpoints. Writes sweep.csv, sweep.md (best first)
+and plots/: each metric against each swept parameter (mean ± std over seeds) and accuracy against inference
+cost with the Pareto front.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import so3lib.data as data
+from experiments import cli
+from so3lib.models import available, hyperparameters, make_config
+from so3lib.training import DataConfig, RunConfig, TrainingConfig, train
+
+PRESETS = {
+    "quick": {"model": "so3krates", "data": "rmd17:ethanol", "max_steps": 400, "seeds": [0],
+              "grid": {"cutoff": [3.0, 4.0, 5.0], "l_max": [1, 2, 3]},
+              "model_options": {"features": 32, "layers": 1, "heads": 2, "n_rbf": 16},
+              "batch_size": 16, "eval_every_steps": 200, "warmup_steps": 20, "learning_rate": 2e-3,
+              "n_test": 300},
+}
+_SWEEP_KEYS = {"model", "train", "test", "data", "seeds", "grid", "random", "samples", "sample_seed",
+               "model_options", "n_test"}
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str
+    train: Optional[str] = None
+    test: Optional[str] = None
+    data: Optional[str] = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    grid: Optional[dict[str, list[Any]]] = None
+    random: Optional[dict[str, list[Any]]] = None
+    samples: int = Field(8, ge=1)
+    sample_seed: int = 0
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    n_test: Optional[int] = Field(None, ge=1, description="use only the first N test frames")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.model not in available():
+            raise ValueError(f"unknown model '{self.model}'; registered: {available()}")
+        if (self.grid is None) == (self.random is None):
+            raise ValueError("give exactly one of 'grid' or 'random'")
+        if self.train is None and self.data is None:
+            raise ValueError("give 'train' (a data file) or 'data' (e.g. rmd17:ethanol)")
+        space = self.grid or self.random
+        if not space:
+            raise ValueError("the sweep has no parameters")
+        model_opts, train_opts = set(hyperparameters(self.model)), set(TrainingConfig.model_fields)
+        for k, values in space.items():
+            if k not in model_opts | train_opts:
+                hint = f" ('{k}' is not an option of model '{self.model}')" if k in _all_model_options() else ""
+                raise ValueError(f"unknown parameter '{k}'{hint}; model options: {sorted(model_opts)}; training "
+                                 f"options: {sorted(train_opts)}")
+            if not isinstance(values, list) or len(values) == 0:
+                raise ValueError(f"parameter '{k}' needs a non-empty list of values, got {values!r}")
+        for k in self.training_options():
+            if k not in train_opts:
+                raise ValueError(f"unknown top-level option '{k}'; training options: {sorted(train_opts)}")
+        return self
+
+    def training_options(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.model_extra or {}).items()}
+
+    def points(self) -> list[dict[str, Any]]:
+        """The parameter settings, in a fixed order (grid: product; random: seeded choices/uniform ranges)."""
+        if self.grid is not None:
+            keys = list(self.grid)
+            return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
+        rng = np.random.default_rng(self.sample_seed)
+        out = []
+        for _ in range(self.samples):
+            p = {}
+            for k, v in self.random.items():  # [lo, hi] of floats: uniform; otherwise a choice
+                if len(v) == 2 and all(isinstance(x, float) for x in v):
+                    p[k] = float(rng.uniform(v[0], v[1]))
+                else:
+                    p[k] = v[int(rng.integers(len(v)))]
+            out.append(p)
+        return out
+
+
+def _all_model_options() -> set[str]:
+    return {k for m in available() for k in hyperparameters(m)}
+
+
+def point_name(params: dict, seed: int) -> str:
+    return "_".join(f"{k}={v}" for k, v in params.items()) + f"_seed={seed}"
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a sweep file is a mapping (model, train/data, grid or random, ...)")
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ValueError(f"{path}: invalid sweep: {msg}") from None
+
+
+def resolve_data(sweep: SweepConfig):
+    """(train, val, test, description) for a sweep."""
+    if sweep.data:
+        kind, _, name = sweep.data.partition(":")
+        if kind not in ("rmd17", "md17"):
+            raise ValueError(f"data '{sweep.data}': use rmd17:<molecule> or md17:<molecule>, or give 'train'")
+        from experiments.md17 import load_md17, load_rmd17
+        tv, test, src = (load_rmd17 if kind == "rmd17" else load_md17)(name, 1, None)
+        sp = data.count_split(len(tv), {"train": 950, "val": 50}, seed=1)
+        train_ds, val_ds = tv.subset(sp["train"]), tv.subset(sp["val"])
+    else:
+        full = data.read(sweep.train)
+        sp = data.random_split(len(full), (0.95, 0.05), seed=0)
+        train_ds, val_ds, src = full.subset(sp["train"]), full.subset(sp["val"]), sweep.train
+        test = data.read(sweep.test) if sweep.test else val_ds
+    if sweep.n_test:
+        test = test.subset(np.arange(min(sweep.n_test, len(test))))
+    return train_ds, val_ds, test, src
+
+
+def inference_ms_per_structure(run_dir: Path, test) -> float:
+    """Energy+forces time per structure of the saved model on a batch of up to 64 test structures."""
+    import jax
+    from so3lib.training import load_potential, make_loader
+    pot, params = load_potential(run_dir)
+    loader = make_loader(test.subset(np.arange(min(64, len(test)))), pot, 64, False, 0, "test")
+    g = next(loader.epoch(0))
+    fn = jax.jit(pot.__call__)
+    jax.block_until_ready(fn(params, g))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params, g))
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts)) / min(64, len(test))
+
+
+def run_point(sweep: SweepConfig, params: dict, seed: int, out: Path, datasets, progress: bool) -> dict:
+    train_ds, val_ds, test, src = datasets
+    model_opts = {**sweep.model_options, **{k: v for k, v in params.items() if k in hyperparameters(sweep.model)}}
+    train_opts = {"max_epochs": None, **sweep.training_options(),
+                  **{k: v for k, v in params.items() if k not in hyperparameters(sweep.model)}, "seed": seed}
+    cfg = RunConfig(name=out.name, model=make_config(sweep.model, **model_opts), training=train_opts,
+                    data=DataConfig(train=str(src), split="sweep"))
+    res_file = out / "results.json"
+    if res_file.exists():
+        res = json.loads(res_file.read_text())
+        print(f"  {out.name}: finished earlier, skipped")
+    else:
+        resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
+        print(f"  {out.name}: {'resuming' if resume else 'training'}")
+        res = train(cfg, train_ds, val_ds, test, out_dir=out, resume=resume, progress=progress)
+    row = {**params, "seed": seed, "energy_mae_mev": 1e3 * res["test"]["energy_mae_ev"],
+           "forces_mae_mev_per_a": 1e3 * res["test"]["forces_mae_ev_per_a"], "n_parameters": res["n_parameters"],
+           "compile_time_s": res["compile_time_s"], "train_time_s": res["train_time_s"],
+           "time_per_step_ms": 1e3 / res["steps_per_s"] if res.get("steps_per_s") else float("nan"),
+           "inference_ms_per_structure": inference_ms_per_structure(out, test), "steps": res["steps"],
+           "run": str(out)}
+    return row
+
+
+def write_outputs(rows: list[dict], keys: list[str], out: Path) -> None:
+    fields = list(rows[0])
+    with open(out / "sweep.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    best = sorted(rows, key=lambda r: r["forces_mae_mev_per_a"])
+    cols = keys + ["seed", "energy_mae_mev", "forces_mae_mev_per_a", "n_parameters", "time_per_step_ms",
+                   "inference_ms_per_structure", "compile_time_s", "train_time_s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in best:
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    (out / "sweep.md").write_text("# Sweep results, best force MAE first\n\n" + "\n".join(lines) + "\n")
+    plot_sweep(rows, keys, out / "plots")
+
+
+def pareto_front(cost: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """Indices of points no other point beats in both cost and error, by increasing cost."""
+    order = np.lexsort((err, cost))
+    front, best = [], math.inf
+    for i in order:
+        if err[i] < best:
+            front.append(i)
+            best = err[i]
+    return np.array(front, int)
+
+
+def plot_sweep(rows: list[dict], keys: list[str], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = [("forces_mae_mev_per_a", "force MAE (meV/Å)"), ("energy_mae_mev", "energy MAE (meV)"),
+               ("time_per_step_ms", "time per step (ms)")]
+    fig, axes = plt.subplots(len(metrics), len(keys), figsize=(4 * len(keys), 3.2 * len(metrics)), squeeze=False)
+    for j, k in enumerate(keys):
+        values = sorted({r[k] for r in rows}, key=lambda v: (isinstance(v, str), v))
+        for i, (m, label) in enumerate(metrics):
+            means = [np.nanmean([r[m] for r in rows if r[k] == v]) for v in values]
+            stds = [np.nanstd([r[m] for r in rows if r[k] == v]) for v in values]
+            x = np.arange(len(values)) if any(isinstance(v, str) for v in values) else np.array(values, float)
+            axes[i, j].errorbar(x, means, yerr=stds, marker="o", capsize=3)
+            if any(isinstance(v, str) for v in values):
+                axes[i, j].set_xticks(x, [str(v) for v in values])
+            axes[i, j].set_xlabel(k)
+            axes[i, j].set_ylabel(label)
+            axes[i, j].grid(alpha=0.3)
+    fig.suptitle("metric against each swept parameter (mean ± std over the other parameters and seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "metrics_vs_parameters.png", dpi=120)
+    plt.close(fig)
+
+    cost = np.array([r["inference_ms_per_structure"] for r in rows])
+    err = np.array([r["forces_mae_mev_per_a"] for r in rows])
+    front = pareto_front(cost, err)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter(cost, err, c="C0", s=30, label="points")
+    for r, c, e in zip(rows, cost, err):
+        ax.annotate(",".join(f"{r[k]}" for k in keys), (c, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot(cost[front], err[front], "r-o", ms=5, label="Pareto front")
+    ax.set_xlabel("inference time per structure (ms, energy + forces)")
+    ax.set_ylabel("test force MAE (meV/Å)")
+    ax.set_title("accuracy against cost (" + ", ".join(keys) + ")")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(sweep: SweepConfig, out: Path, progress: bool = False, parallel: bool = False) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json") | sweep.training_options(),
+                                                   sort_keys=False))
+    datasets = resolve_data(sweep)
+    jobs = [(p, s) for p in sweep.points() for s in sweep.seeds]
+    keys = list(sweep.grid or sweep.random)
+    print(f"sweep of {len(jobs)} runs ({len(sweep.points())} points × {len(sweep.seeds)} seeds) over {keys} → {out}")
+
+    def job(p, s, device=None):
+        import jax
+        target = out / "points" / point_name(p, s)
+        if device is None:
+            return run_point(sweep, p, s, target, datasets, progress)
+        with jax.default_device(device):
+            return run_point(sweep, p, s, target, datasets, progress)
+
+    import jax
+    devices = jax.devices()
+    if parallel and len(devices) > 1:  # one point per device at a time
+        import concurrent.futures as cf
+        with cf.ThreadPoolExecutor(len(devices)) as pool:
+            futs = [pool.submit(job, p, s, devices[i % len(devices)]) for i, (p, s) in enumerate(jobs)]
+            rows = [f.result() for f in futs]
+    else:
+        rows = [job(p, s) for p, s in jobs]
+    write_outputs(rows, keys, out)
+    print((out / "sweep.md").read_text())
+    return rows
+
+
+def _parse_value(v: str):
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", nargs="?", default=None, help="sweep YAML file")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", default=None, help="e.g. rmd17:ethanol")
+    ap.add_argument("--train", default=None)
+    ap.add_argument("--test", default=None)
+    ap.add_argument("--param", action="append", default=[], help="NAME=V1,V2,... (repeatable)")
+    ap.add_argument("--random", type=int, default=None, help="sample N random points instead of the grid")
+    ap.add_argument("--sample-seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--parallel", action="store_true", help="one point per available device at a time")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--progress", action="store_true")
+    a = ap.parse_args(argv)
+    cli.setup_logging(False)
+    if a.sweep:
+        spec = load_sweep(a.sweep).model_dump(mode="json") | load_sweep(a.sweep).training_options()
+    elif a.preset:
+        spec = json.loads(json.dumps(PRESETS[a.preset]))
+    else:
+        spec = {}
+    for k in ("model", "data", "train", "test"):
+        if getattr(a, k):
+            spec[k] = getattr(a, k)
+    if a.param:
+        space = {}
+        for p in a.param:
+            name, _, vals = p.partition("=")
+            space[name.strip()] = [_parse_value(v) for v in vals.split(",") if v.strip()]
+        spec.pop("grid", None)
+        spec.pop("random", None)
+        spec["random" if a.random else "grid"] = space
+    if a.random:
+        spec["samples"], spec["sample_seed"] = a.random, a.sample_seed
+    if a.seeds:
+        spec["seeds"] = a.seeds
+    if a.max_steps:
+        spec["max_steps"] = a.max_steps
+    if a.max_minutes:
+        spec["max_minutes"] = a.max_minutes
+    spec = {k: v for k, v in spec.items() if v is not None}
+    try:
+        sweep = SweepConfig.model_validate(spec)
+    except ValidationError as exc:
+        raise SystemExit("invalid sweep: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+    out = Path(a.out or f"runs/sweep_{sweep.model}")
+    return run_sweep(sweep, out, progress=a.progress, parallel=a.parallel)
+
+
+if __name__ == "__main__":
+    main()
