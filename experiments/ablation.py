@@ -2,7 +2,7 @@
 
 usage: python -m experiments.ablation [SWEEP.yaml] [--preset quick] [--model so3krates] [--data rmd17:ethanol]
            [--param cutoff=4,5 --param l_max=1,2,3] [--seeds 0 1] [--max-steps N | --max-minutes M]
-           [--random N --sample-seed S] [--parallel] --out DIR
+           [--random N --sample-seed S] [--workers N] --out DIR
 
 Sweep file:
     model: so3krates            # registry name
@@ -17,7 +17,8 @@ Sweep file:
 Every point trains through so3lib.training.train in its own run folder (points/<name>/); re-running skips
 finished points and resumes interrupted ones from their checkpoints. Writes sweep.csv, sweep.md (best first)
 and plots/: each metric against each swept parameter (mean ± std over seeds) and accuracy against inference
-cost with the Pareto front.
+cost with the Pareto front. --workers N trains the points in N processes at once (on a multi-GPU machine,
+one GPU each); the tables and plots are then written from their finished run folders.
 """
 from __future__ import annotations
 
@@ -263,35 +264,46 @@ def plot_sweep(rows: list[dict], keys: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def run_sweep(sweep: SweepConfig, out: Path, progress: bool = False, parallel: bool = False) -> list[dict]:
+def run_sweep(sweep: SweepConfig, out: Path, progress: bool = False, shard: tuple[int, int] | None = None
+              ) -> list[dict]:
+    """Train every (point, seed) not finished yet, then write the tables and plots. With ``shard=(k, n)``
+    only jobs k, k+n, ... are trained and nothing is written (a worker of ``--workers n``)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json") | sweep.training_options(),
                                                    sort_keys=False))
     datasets = resolve_data(sweep)
     jobs = [(p, s) for p in sweep.points() for s in sweep.seeds]
     keys = list(sweep.grid or sweep.random)
+    if shard is not None:
+        for i, (p, s) in enumerate(jobs):
+            if i % shard[1] == shard[0]:
+                run_point(sweep, p, s, out / "points" / point_name(p, s), datasets, progress)
+        return []
     print(f"sweep of {len(jobs)} runs ({len(sweep.points())} points × {len(sweep.seeds)} seeds) over {keys} → {out}")
-
-    def job(p, s, device=None):
-        import jax
-        target = out / "points" / point_name(p, s)
-        if device is None:
-            return run_point(sweep, p, s, target, datasets, progress)
-        with jax.default_device(device):
-            return run_point(sweep, p, s, target, datasets, progress)
-
-    import jax
-    devices = jax.devices()
-    if parallel and len(devices) > 1:  # one point per device at a time
-        import concurrent.futures as cf
-        with cf.ThreadPoolExecutor(len(devices)) as pool:
-            futs = [pool.submit(job, p, s, devices[i % len(devices)]) for i, (p, s) in enumerate(jobs)]
-            rows = [f.result() for f in futs]
-    else:
-        rows = [job(p, s) for p, s in jobs]
+    rows = [run_point(sweep, p, s, out / "points" / point_name(p, s), datasets, progress) for p, s in jobs]
     write_outputs(rows, keys, out)
     print((out / "sweep.md").read_text())
     return rows
+
+
+def run_workers(argv: list[str], n: int) -> None:
+    """Run ``n`` copies of this command on shards of the points, concurrently; one GPU each if GPUs exist."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+    gpus = [d.id for d in jax.devices() if d.platform == "gpu"]
+    procs = []
+    for k in range(n):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[k % len(gpus)])
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.ablation", *argv, "--shard", f"{k}/{n}"],
+                                      env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"sweep workers failed with exit codes {codes}; re-run to resume the unfinished points")
 
 
 def _parse_value(v: str):
@@ -317,7 +329,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--max-minutes", type=float, default=None)
-    ap.add_argument("--parallel", action="store_true", help="one point per available device at a time")
+    ap.add_argument("--workers", type=int, default=1, help="train points in N processes at once (one GPU each)")
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     ap.add_argument("--progress", action="store_true")
     a = ap.parse_args(argv)
@@ -353,7 +366,15 @@ def main(argv=None) -> list[dict]:
     except ValidationError as exc:
         raise SystemExit("invalid sweep: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
     out = Path(a.out or f"runs/sweep_{sweep.model}")
-    return run_sweep(sweep, out, progress=a.progress, parallel=a.parallel)
+    if a.shard:
+        k, n = (int(x) for x in a.shard.split("/"))
+        return run_sweep(sweep, out, progress=a.progress, shard=(k, n))
+    if a.workers > 1:
+        import sys
+        argv_list = list(sys.argv[1:] if argv is None else argv)
+        i = argv_list.index("--workers")
+        run_workers(argv_list[:i] + argv_list[i + 2:] + (["--out", str(out)] if not a.out else []), a.workers)
+    return run_sweep(sweep, out, progress=a.progress)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,20 @@ def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_pat
         assert ra["forces_mae_mev_per_a"] == rb["forces_mae_mev_per_a"] and ra["energy_mae_mev"] == rb["energy_mae_mev"]
 
 
+def test_workers_split_the_points_and_match(tmp_path, sweep_file):
+    """--workers 2: two processes train disjoint halves of the points; the tables equal a sequential sweep's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "experiments.ablation", str(sweep_file), "--max-steps", "6"]
+    seq = subprocess.run(cmd + ["--out", str(tmp_path / "seq")], env=env, capture_output=True, text=True, timeout=900)
+    par = subprocess.run(cmd + ["--out", str(tmp_path / "par"), "--workers", "2"], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert seq.returncode == 0 and par.returncode == 0, par.stderr[-3000:]
+    assert par.stdout.count("finished earlier, skipped") == 4  # the workers trained all four points
+    a = sorted(_rows(tmp_path / "seq" / "sweep.csv"), key=lambda r: (r["n_atom_basis"], r["beta"]))
+    b = sorted(_rows(tmp_path / "par" / "sweep.csv"), key=lambda r: (r["n_atom_basis"], r["beta"]))
+    assert [r["forces_mae_mev_per_a"] for r in a] == [r["forces_mae_mev_per_a"] for r in b]
+
+
 @pytest.mark.parametrize("body,message", [
     ("model: schnet\ndata: rmd17:ethanol\ngrid: {l_max: [1, 2]}\n", "'l_max' is not an option of model 'schnet'"),
     ("model: schnet\ndata: rmd17:ethanol\ngrid: {cutof: [4.0]}\n", "unknown parameter 'cutof'"),
