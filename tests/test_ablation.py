@@ -27,8 +27,9 @@ grid:
 """
 
 
-@pytest.fixture()
-def sweep_file(tmp_path):
+@pytest.fixture(scope="module")
+def sweep_file(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweepdata")
     raw = np.load(shared("rmd17", "rmd17_ethanol_train_01.npz"))
     keys = ("nuclear_charges", "coords", "energies", "forces")
     np.savez(tmp_path / "tr.npz", **{k: raw[k][:120] if k != "nuclear_charges" else raw[k] for k in keys})
@@ -43,13 +44,21 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_path, sweep_file):
+@pytest.fixture(scope="module")
+def full_sweep(tmp_path_factory, sweep_file):
+    """One uninterrupted sequential sweep, the reference for the tests below."""
+    out = tmp_path_factory.mktemp("full")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full = subprocess.run([sys.executable, "-m", "experiments.ablation", str(sweep_file), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+    return out
+
+
+def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_path, sweep_file, full_sweep):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "experiments.ablation", str(sweep_file)]
-    full = subprocess.run(cmd + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert full.returncode == 0, full.stderr[-3000:]
-    out = tmp_path / "full"
+    out = full_sweep
     rows = _rows(out / "sweep.csv")
     assert len(rows) == 4 and {"n_atom_basis", "beta", "energy_mae_mev", "forces_mae_mev_per_a", "n_parameters",
                                "compile_time_s", "train_time_s", "time_per_step_ms",
@@ -83,16 +92,15 @@ def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_pat
         assert ra["forces_mae_mev_per_a"] == rb["forces_mae_mev_per_a"] and ra["energy_mae_mev"] == rb["energy_mae_mev"]
 
 
-def test_workers_split_the_points_and_match(tmp_path, sweep_file):
+def test_workers_split_the_points_and_match(tmp_path, sweep_file, full_sweep):
     """--workers 2: two processes train disjoint halves of the points; the tables equal a sequential sweep's."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "experiments.ablation", str(sweep_file), "--max-steps", "6"]
-    seq = subprocess.run(cmd + ["--out", str(tmp_path / "seq")], env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "experiments.ablation", str(sweep_file)]
     par = subprocess.run(cmd + ["--out", str(tmp_path / "par"), "--workers", "2"], env=env, capture_output=True,
                          text=True, timeout=900)
-    assert seq.returncode == 0 and par.returncode == 0, par.stderr[-3000:]
+    assert par.returncode == 0, par.stderr[-3000:]
     assert par.stdout.count("finished earlier, skipped") == 4  # the workers trained all four points
-    a = sorted(_rows(tmp_path / "seq" / "sweep.csv"), key=lambda r: (r["n_atom_basis"], r["beta"]))
+    a = sorted(_rows(full_sweep / "sweep.csv"), key=lambda r: (r["n_atom_basis"], r["beta"]))
     b = sorted(_rows(tmp_path / "par" / "sweep.csv"), key=lambda r: (r["n_atom_basis"], r["beta"]))
     assert [r["forces_mae_mev_per_a"] for r in a] == [r["forces_mae_mev_per_a"] for r in b]
 
