@@ -46,7 +46,9 @@ class Potential:
         return self.model.cutoff
 
     def init(self, key: jax.Array, graph: jraph.GraphsTuple) -> Params:
-        return self.module.init(key, self._cast(graph))
+        """Parameters for this model, from the shapes of one padded batch (jitted: one compilation instead of
+        one per operation)."""
+        return jax.jit(lambda k, g: self.module.init(k, self._cast(g)))(key, graph)
 
     def _cast(self, graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
         dt = self.dtype

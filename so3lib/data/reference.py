@@ -40,8 +40,11 @@ class EnergyReference:
             raise DataError(where, f"elements {unknown} have no energy reference (the model knows {list(self.species)})",
                             "numbers")
 
-    def energy(self, dataset: Dataset) -> np.ndarray:
-        """(F,) reference energy of every frame (eV)."""
+    def energy(self, dataset) -> np.ndarray:
+        """(F,) reference energy of every frame (eV), of a `Dataset` or a store's `DatasetView`."""
+        if not isinstance(dataset, Dataset):  # a store view: from the stored composition, no atom scan
+            self.check_species(np.asarray(dataset.species, np.int64), dataset.source)
+            return dataset.composition(self.species) @ np.asarray(self.energies_ev) + self.intercept_ev
         self.check_species(dataset.numbers, str(dataset.meta["source"][0]))
         per_atom = self.table()[dataset.numbers]
         return np.add.reduceat(per_atom, dataset.offsets[:-1]) + self.intercept_ev
@@ -65,8 +68,10 @@ class EnergyReference:
         return EnergyReference(**d)
 
 
-def composition_matrix(dataset: Dataset, species: Sequence[int]) -> np.ndarray:
-    """(F, S) counts of each species per frame."""
+def composition_matrix(dataset, species: Sequence[int]) -> np.ndarray:
+    """(F, S) counts of each species per frame (of a `Dataset` or a store's `DatasetView`)."""
+    if not isinstance(dataset, Dataset):
+        return dataset.composition(species)
     col = {z: i for i, z in enumerate(species)}
     lookup = np.full(119, -1)
     lookup[list(col)] = list(col.values())
@@ -76,7 +81,7 @@ def composition_matrix(dataset: Dataset, species: Sequence[int]) -> np.ndarray:
     return counts
 
 
-def fit_energy_reference(dataset: Dataset, intercept: bool = False,
+def fit_energy_reference(dataset, intercept: bool = False,
                          isolated_atom_energies_ev: Mapping[int, float] | None = None) -> EnergyReference:
     """Least-squares per-element reference on ``dataset`` (the training split), or the given isolated-atom
     energies. Frames without an energy label are ignored. With a single composition (one molecule) the
@@ -84,7 +89,7 @@ def fit_energy_reference(dataset: Dataset, intercept: bool = False,
     species = dataset.species
     labelled = np.isfinite(dataset.energy)
     if not labelled.any():
-        raise DataError(dataset.meta["source"][0], "no frame has an energy label: cannot fit an energy reference",
+        raise DataError(getattr(dataset, "source", None) or dataset.meta["source"][0], "no frame has an energy label: cannot fit an energy reference",
                         "energy")
     A = composition_matrix(dataset, species)[labelled]
     y = dataset.energy[labelled]

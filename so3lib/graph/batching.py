@@ -17,6 +17,7 @@ import concurrent.futures as cf
 import dataclasses
 import logging
 import math
+import os
 from typing import Iterator, Sequence
 
 import jraph
@@ -245,32 +246,75 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
 
 
 def budget_key(graph: jraph.GraphsTuple) -> tuple[int, ...]:
-    """(graphs, nodes, edges[, triplets]) of a padded batch: one compilation per distinct key."""
-    key = (int(graph.n_node.shape[0]), int(graph.nodes["positions"].shape[0]), int(graph.senders.shape[0]))
+    """(graphs, nodes, edges[, triplets]) of a padded batch (per shard; stacked batches lead with the number
+    of shards): one compilation per distinct key."""
+    lead = tuple(graph.senders.shape[:-1])
+    key = lead + (int(graph.n_node.shape[-1]), int(graph.nodes["positions"].shape[-2]), int(graph.senders.shape[-1]))
     if "triplets" in graph.globals:
-        key += (int(graph.globals["triplets"].shape[0]),)
+        key += (int(graph.globals["triplets"].shape[-2]),)
     return key
+
+
+def ladder_from_sample(view, cutoff: float, batch_size: int, triplet_cutoff: float | None = None,
+                       sample_size: int = 1000, seed: int = 0) -> BudgetLadder:
+    """Padding ladder for a streamed dataset (a store's `DatasetView`): neighbour and triplet counts per atom
+    are measured on a sample of frames and extrapolated (99th percentile + 5 %) to every frame from its atom
+    count, which is known without reading the frame. A batch that still overflows gets a new rung, logged."""
+    sample = view.sample(sample_size, seed)
+    t = NeighbourTable.build(sample, cutoff, triplet_cutoff=triplet_cutoff)
+    n = np.asarray(view.n_atoms, np.int64)
+    periodic = bool(np.asarray(sample.pbc).any())
+
+    def estimate(counts, cap):
+        ratio = float(np.quantile(counts / sample.n_atoms, 0.99)) * 1.05
+        est = np.ceil(ratio * n).astype(np.int64)
+        return est if periodic else np.minimum(est, cap)  # free molecules: bounded by the atom pairs
+    n_trip = estimate(t.n_triplets, n * (n - 1) * (n - 2) // 2) if triplet_cutoff is not None else None
+    return BudgetLadder.from_counts(n, estimate(t.n_edges, n * (n - 1)), batch_size, n_triplets=n_trip)
 
 
 class GraphLoader:
     """Batches of a dataset as padded GraphsTuples, shuffled with (seed, epoch), built ahead of the consumer
     by host threads and placed on the device. The order depends only on (seed, epoch), so a run can resume
-    mid-epoch exactly (``start_batch``)."""
+    mid-epoch exactly (``start_batch``).
 
-    def __init__(self, dataset: Dataset, cutoff: float, batch_size: int, shuffle: bool = True, seed: int = 0,
+    Two sources: an in-memory `Dataset` (neighbour lists computed once, up front) or a memory-mapped store's
+    `DatasetView` (streaming: each batch's frames are read from disk and their neighbour lists built in the
+    worker threads, so memory does not grow with the dataset). With ``n_shards`` > 1 (data parallelism) every
+    batch is split into ``n_shards`` equal sub-batches padded to one budget and stacked on a leading axis
+    (n_shards, ...), then placed with ``sharding`` (a `jax.sharding.NamedSharding` over the mesh's data axis)."""
+
+    def __init__(self, dataset, cutoff: float, batch_size: int, shuffle: bool = True, seed: int = 0,
                  ladder: BudgetLadder | None = None, prefetch: int = 4, dtype=np.float32, progress: bool = False,
                  table: NeighbourTable | None = None, device_put: bool = True, sharding=None,
-                 energy_offset: np.ndarray | None = None, triplet_cutoff: float | None = None):
+                 energy_offset: np.ndarray | None = None, triplet_cutoff: float | None = None,
+                 n_shards: int = 1, workers: int | None = None):
         if len(dataset) == 0:
             raise ValueError("empty dataset")
+        if n_shards < 1 or batch_size % n_shards:
+            raise ValueError(f"batch size {batch_size} must be a multiple of the {n_shards} data-parallel shards")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), shuffle, seed
-        self.table = table if table is not None else NeighbourTable.build(dataset, cutoff, progress=progress,
-                                                                          triplet_cutoff=triplet_cutoff)
-        self.ladder = ladder or BudgetLadder.from_counts(dataset.n_atoms, self.table.n_edges, self.batch_size,
-                                                         n_triplets=self.table.n_triplets)
+        self.cutoff, self.triplet_cutoff, self.n_shards = cutoff, triplet_cutoff, n_shards
+        self.streaming = not isinstance(dataset, Dataset)
+        shard_size = self.batch_size // n_shards
+        if self.streaming:
+            self.table = None
+            self.ladder = ladder or ladder_from_sample(dataset, cutoff, shard_size, triplet_cutoff)
+        else:
+            self.table = table if table is not None else NeighbourTable.build(dataset, cutoff, progress=progress,
+                                                                              triplet_cutoff=triplet_cutoff)
+            self.ladder = ladder or BudgetLadder.from_counts(dataset.n_atoms, self.table.n_edges, shard_size,
+                                                             n_triplets=self.table.n_triplets)
         self.prefetch, self.dtype, self.device_put, self.sharding = prefetch, dtype, device_put, sharding
+        self.workers = workers or (min(4, os.cpu_count() or 1) if self.streaming else 2)
         self.shapes_seen: set[tuple[int, int, int]] = set()
         self.energy_offset = energy_offset
+        self.local_shards = list(range(n_shards))
+        if n_shards > 1 and sharding is not None:  # multi-host: this process builds only its devices' shards
+            import jax
+            if jax.process_count() > 1:
+                per = n_shards // jax.process_count()
+                self.local_shards = list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
@@ -280,21 +324,58 @@ class GraphLoader:
             return np.arange(len(self.dataset))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
 
+    def _prepare(self, frames: np.ndarray):
+        """(dataset, table, frames in it, energy offsets indexed by those frames) for one (sub-)batch."""
+        if not self.streaming:
+            return self.dataset, self.table, frames, self.energy_offset
+        if len(frames) == 0:
+            return None
+        ds = self.dataset.materialize(frames)
+        table = NeighbourTable.build(ds, self.cutoff, triplet_cutoff=self.triplet_cutoff)
+        off = self.energy_offset[frames] if self.energy_offset is not None else None
+        return ds, table, np.arange(len(frames)), off
+
+    def _select(self, n_node: int, n_edge: int, n_graph: int, n_trip: int) -> GraphBudget:
+        try:
+            return self.ladder.select(n_node, n_edge, n_graph, n_trip)
+        except ValueError:
+            if not self.streaming:
+                raise
+            top = self.ladder.rungs[-1]
+            rung = GraphBudget(max(top.n_node, round_up(int(1.25 * n_node) + 1, 8)),
+                               max(top.n_edge, round_up(int(1.25 * n_edge), 64)), top.n_graph,
+                               max(top.n_triplet, round_up(int(1.25 * n_trip), 64)) if n_trip else top.n_triplet)
+            self.ladder = BudgetLadder(self.ladder.rungs + (rung,))
+            log.warning("a batch (%d nodes, %d edges, %d triplets) exceeds the padding ladder estimated from a sample: "
+                        "added the rung %s (one more compilation; nothing dropped)", n_node, n_edge, n_trip, rung)
+            return rung
+
     def _make(self, frames: np.ndarray):
-        n_node = int(self.dataset.n_atoms[frames].sum())
-        n_edge = int(self.table.n_edges[frames].sum())
-        n_trip = int(self.table.n_triplets[frames].sum()) if self.table.triplets is not None else 0
-        budget = self.ladder.select(n_node, n_edge, len(frames), n_trip)
-        g = build_batch(self.dataset, self.table, frames, budget, self.dtype, self.energy_offset)
+        parts = np.array_split(frames, self.n_shards) if self.n_shards > 1 else [frames]
+        parts = [parts[i] for i in self.local_shards]
+        prepared = [self._prepare(p) for p in parts]
+        filler = next(x for x in prepared if x is not None)
+        prepared = [x if x is not None else (filler[0], filler[1], np.zeros(0, np.int64), filler[3]) for x in prepared]
+        sizes = np.array([[int(ds.n_atoms[f].sum()), int(tab.n_edges[f].sum()), len(f),
+                           int(tab.n_triplets[f].sum()) if tab.triplets is not None else 0]
+                          for ds, tab, f, _ in prepared])
+        budget = self._select(*[int(x) for x in sizes.max(axis=0)])
+        graphs = [build_batch(ds, tab, f, budget, self.dtype, off) for ds, tab, f, off in prepared]
+        g = graphs[0] if self.n_shards == 1 else jax_tree_stack(graphs)
         if self.device_put:
             import jax
-            g = jax.device_put(g, self.sharding) if self.sharding is not None else jax.device_put(g)
+            if self.n_shards > 1 and self.sharding is not None:
+                g = jax.tree_util.tree_map(
+                    lambda x: jax.make_array_from_process_local_data(self.sharding, x,
+                                                                     (self.n_shards, *x.shape[1:])), g)
+            else:
+                g = jax.device_put(g, self.sharding) if self.sharding is not None else jax.device_put(g)
         return g
 
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:
         order = self.order(epoch)
         chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][start_batch:]
-        with cf.ThreadPoolExecutor(max_workers=2) as pool:
+        with cf.ThreadPoolExecutor(max_workers=self.workers) as pool:
             futures = [pool.submit(self._make, c) for c in chunks[: self.prefetch]]
             for k in range(len(chunks)):
                 g = futures[k].result()
@@ -305,7 +386,14 @@ class GraphLoader:
                     self.shapes_seen.add(key)
                     log.info("new padded batch shape (graphs, nodes, edges) = %s; %d distinct so far", key,
                              len(self.shapes_seen))
+                futures[k] = None  # release the batch once consumed
                 yield g
 
     def __iter__(self):
         return self.epoch(0)
+
+
+def jax_tree_stack(graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
+    """Stack equally padded graphs on a new leading (shard) axis, in numpy."""
+    import jax
+    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *graphs)

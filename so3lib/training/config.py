@@ -38,6 +38,8 @@ class TrainingConfig(_Strict):
     early_stopping_patience: Optional[int] = Field(50, ge=1, description="evaluations without improvement")
     log_every_steps: int = Field(10, ge=1)
     seed: int = 0
+    n_devices: int = Field(1, ge=1, description="data-parallel devices: a jax.sharding mesh over this many devices, "
+                           "the batch split across them, the parameters replicated")
     eval_batch_size: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")

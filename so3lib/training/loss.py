@@ -14,23 +14,38 @@ def masks(graph: jraph.GraphsTuple):
     return gmask * graph.globals["has_energy"], nmask * graph.globals["has_forces"][gidx]
 
 
-def loss_fn(pred: dict, graph: jraph.GraphsTuple, beta: float, stress_weight: float = 0.0):
-    """L = (1 − β)·mean_graphs (E − Ẽ)² + β·Σ_atoms |F − F̃|² / (3 N_real) [+ w·mean (σ − σ̃)²].
-    Returns (loss, aux) with the energy and force MSE terms."""
+def loss_sums(pred: dict, graph: jraph.GraphsTuple, stress: bool = False) -> dict:
+    """Sums behind the loss over real graphs/atoms: squared errors and counts. Sums of several (sub-)batches
+    add up to the sums of their union, which is what makes data-parallel steps equal single-device ones."""
     gm, nm = masks(graph)
     de = pred["energy_residual"] - graph.globals["energy_residual"]
-    mse_e = jnp.sum(gm * de ** 2) / jnp.maximum(jnp.sum(gm), 1.0)
     df = pred["forces"] - graph.nodes["forces"]
-    mse_f = jnp.sum(nm[:, None] * df ** 2) / jnp.maximum(3.0 * jnp.sum(nm), 1.0)
-    loss = (1.0 - beta) * mse_e + beta * mse_f
-    aux = {"mse_energy": mse_e, "mse_forces": mse_f}
-    if stress_weight > 0 and "stress" in pred:
+    out = {"e_sq": jnp.sum(gm * de ** 2), "n_e": jnp.sum(gm), "f_sq": jnp.sum(nm[:, None] * df ** 2),
+           "n_f": 3.0 * jnp.sum(nm)}
+    if stress and "stress" in pred:
         sm = jraph.get_graph_padding_mask(graph) * graph.globals["has_stress"]
         ds = pred["stress"] - graph.globals["stress"]
-        mse_s = jnp.sum(sm[:, None, None] * ds ** 2) / jnp.maximum(9.0 * jnp.sum(sm), 1.0)
+        out.update(s_sq=jnp.sum(sm[:, None, None] * ds ** 2), n_s=9.0 * jnp.sum(sm))
+    return out
+
+
+def loss_from_sums(s: dict, beta: float, stress_weight: float = 0.0):
+    """L = (1 − β)·mean_graphs (E − Ẽ)² + β·Σ_atoms |F − F̃|² / (3 N_real) [+ w·mean (σ − σ̃)²].
+    Returns (loss, aux) with the energy and force MSE terms."""
+    mse_e = s["e_sq"] / jnp.maximum(s["n_e"], 1.0)
+    mse_f = s["f_sq"] / jnp.maximum(s["n_f"], 1.0)
+    loss = (1.0 - beta) * mse_e + beta * mse_f
+    aux = {"mse_energy": mse_e, "mse_forces": mse_f}
+    if stress_weight > 0 and "s_sq" in s:
+        mse_s = s["s_sq"] / jnp.maximum(s["n_s"], 1.0)
         loss = loss + stress_weight * mse_s
         aux["mse_stress"] = mse_s
     return loss, aux
+
+
+def loss_fn(pred: dict, graph: jraph.GraphsTuple, beta: float, stress_weight: float = 0.0):
+    """The loss of one padded batch (see `loss_from_sums`)."""
+    return loss_from_sums(loss_sums(pred, graph, stress_weight > 0), beta, stress_weight)
 
 
 def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict:

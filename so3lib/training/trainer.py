@@ -26,7 +26,7 @@ from so3lib.graph.batching import BudgetLadder, GraphLoader, NeighbourTable
 from so3lib.potential import Potential, fit_scale_shift
 from so3lib.training.checkpoint import Checkpointer
 from so3lib.training.config import RunConfig
-from so3lib.training.loss import error_sums, loss_fn, metrics_from_sums
+from so3lib.training.loss import error_sums, loss_fn, loss_from_sums, loss_sums, metrics_from_sums
 from so3lib.training.optim import learning_rate_schedule, make_optimizer, plateau_scale
 from so3lib.training.saving import save_potential
 
@@ -44,27 +44,53 @@ def count_parameters(params) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
-def build_potential(cfg: RunConfig, train_ds: Dataset) -> Potential:
-    """Fit the per-element reference and the scale/shift on the training split."""
+FIT_SAMPLE = 2000  # frames of a streamed training set read to fit scale/shift and model constants
+
+
+def build_potential(cfg: RunConfig, train_ds) -> Potential:
+    """Fit the per-element reference and the scale/shift on the training split (a `Dataset`, or a store's
+    `DatasetView`: then the reference uses every frame's stored composition, the rest a sample of frames)."""
     d = cfg.data
     method = d.energy_reference if d is not None else "lstsq"
     ref = fit_energy_reference(train_ds, intercept=method == "lstsq+intercept",
                                isolated_atom_energies_ev=d.isolated_atom_energies_ev if method == "isolated_atoms" else None)
-    scale, shift = fit_scale_shift(train_ds, ref)
-    model = cfg.model.fit(train_ds)
+    fit_ds, model = train_ds, cfg.model
+    if not isinstance(train_ds, Dataset):
+        fit_ds = train_ds.sample(FIT_SAMPLE, seed=cfg.training.seed)
+        if "species" in type(model).model_fields and model.species is None:
+            model = model.replace(species=list(train_ds.species))  # every element, not only the sample's
+    scale, shift = fit_scale_shift(fit_ds, ref)
+    model = model.fit(fit_ds)
     if model != cfg.model:
         log.info("fitted on the training set: %s", {k: v for k, v in model.config_view().items()
                                                    if v != cfg.model.config_view().get(k)})
     return Potential(model, ref, scale, shift)
 
 
-def make_loader(ds: Dataset, pot: Potential, batch_size: int, shuffle: bool, seed: int, name: str) -> GraphLoader:
-    pot.reference.check_species(ds.numbers, f"{name} set ({ds.meta['source'][0]})")
+def make_loader(ds, pot: Potential, batch_size: int, shuffle: bool, seed: int, name: str, mesh=None,
+                ladder: BudgetLadder | None = None) -> GraphLoader:
+    """Loader of a `Dataset` (neighbour lists up front) or a store's `DatasetView` (streamed). With a ``mesh``
+    the batches are split over its 'data' axis."""
+    where = getattr(ds, "source", None) or ds.meta["source"][0]
+    pot.reference.check_species(np.asarray(ds.species), f"{name} set ({where})")
     dtype = np.float64 if pot.model.dtype == "float64" else np.float32
-    table = NeighbourTable.build(ds, pot.cutoff, triplet_cutoff=pot.model.triplet_cutoff)
-    ladder = BudgetLadder.from_counts(ds.n_atoms, table.n_edges, batch_size, n_triplets=table.n_triplets)
-    return GraphLoader(ds, pot.cutoff, batch_size, shuffle=shuffle, seed=seed, ladder=ladder, dtype=dtype,
-                       table=table, energy_offset=pot.reference.energy(ds))
+    sharding, n_shards = None, 1
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+        sharding, n_shards = NamedSharding(mesh, PartitionSpec("data")), mesh.devices.size
+    return GraphLoader(ds, pot.cutoff, batch_size, shuffle=shuffle, seed=seed, dtype=dtype,
+                       energy_offset=pot.reference.energy(ds), triplet_cutoff=pot.model.triplet_cutoff,
+                       n_shards=n_shards, sharding=sharding, ladder=ladder)
+
+
+def data_mesh(n_devices: int):
+    """A 1-D `jax.sharding.Mesh` named 'data' over the first ``n_devices`` devices (None for 1)."""
+    if n_devices <= 1:
+        return None
+    devices = jax.devices()
+    if len(devices) < n_devices:
+        raise ValueError(f"n_devices={n_devices} but JAX sees {len(devices)} device(s): {devices}")
+    return jax.sharding.Mesh(np.array(devices[:n_devices]), ("data",))
 
 
 def make_eval_fn(pot: Potential, stress: bool = False):
@@ -113,13 +139,21 @@ def init_state(params, opt_state) -> dict:
 
 
 def make_train_step(pot: Potential, opt: optax.GradientTransformation, beta: float, stress_weight: float = 0.0,
-                    ema_decay: float | None = 0.99):
+                    ema_decay: float | None = 0.99, sharded: bool = False):
     """Jitted ``(state, graph) -> (state, loss, aux)``: loss and gradient, optax update (the loss is passed as
-    ``value`` for reduce-on-plateau), EMA of the parameters. The state buffers are donated."""
+    ``value`` for reduce-on-plateau), EMA of the parameters. The state buffers are donated.
+
+    ``sharded``: the graph is a stack of sub-batches (D, ...) laid out over a mesh's 'data' axis (see
+    `GraphLoader` with ``n_shards``); each device evaluates its sub-batch (vmap, partitioned by XLA) and the
+    loss is formed from the summed squared errors and counts, so it equals the loss of the whole global batch
+    on one device; the gradient all-reduce is inserted by the compiler. Parameters stay replicated."""
     use_stress = stress_weight > 0
 
     def train_step(state, graph):
         def lf(p):
+            if sharded:
+                sums = jax.vmap(lambda g: loss_sums(pot(p, g, compute_stress=use_stress), g, use_stress))(graph)
+                return loss_from_sums(jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums), beta, stress_weight)
             return loss_fn(pot(p, graph, compute_stress=use_stress), graph, beta, stress_weight)
         (loss, aux), grads = jax.value_and_grad(lf, has_aux=True)(state["params"])
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"], value=loss)
@@ -177,14 +211,15 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     log.info("energy reference (%s): %s; residual std %.4g meV/atom (raw %.4g meV/atom); scale %.4g eV, shift %.4g eV/atom",
              ref.method, dict(zip(ref.species, np.round(ref.energies_ev, 4))), 1e3 * ref.residual_std_per_atom_ev,
              1e3 * ref.raw_std_per_atom_ev, pot.scale, pot.shift)
-    train_loader = make_loader(train_ds, pot, tc.batch_size, True, tc.seed, "training")
+    mesh = data_mesh(tc.n_devices)
+    train_loader = make_loader(train_ds, pot, tc.batch_size, True, tc.seed, "training", mesh)
     eval_bs = tc.eval_batch_size or max(tc.batch_size, 64)
     val_loader = make_loader(val_ds, pot, eval_bs, False, 0, "validation")
     steps_per_epoch = len(train_loader)
     steps_per_eval = tc.eval_every_steps or steps_per_epoch
     use_stress = tc.stress_weight > 0
 
-    first = next(train_loader.epoch(0))
+    first = next(val_loader.epoch(0))  # one unsharded batch for the parameter shapes
     params = pot.init(jax.random.PRNGKey(tc.seed), first)
     opt = make_optimizer(tc, steps_per_eval)
     opt_state = opt.init(params)
@@ -200,13 +235,19 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         _truncate_metrics(out / "metrics.csv", meta["step"])
     elif not resume and (out / "metrics.csv").exists():
         (out / "metrics.csv").unlink()
+    if mesh is not None:  # parameters and optimiser state replicated over the mesh
+        from jax.sharding import NamedSharding, PartitionSpec
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        log.info("data parallel over %d devices: %s; %d structures per device per step", mesh.devices.size,
+                 list(mesh.devices.flat), tc.batch_size // mesh.devices.size)
     n_params = count_parameters(state["params"])
     log.info("model %s: %d parameters; %d training, %d validation structures; %d steps/epoch; padded shapes %s",
              cfg.model.name, n_params, len(train_ds), len(val_ds), steps_per_epoch,
              [(r.n_graph, r.n_node, r.n_edge) for r in train_loader.ladder.rungs])
 
     beta = tc.beta
-    train_step = make_train_step(pot, opt, tc.beta, tc.stress_weight, tc.ema_decay)
+    train_step = make_train_step(pot, opt, tc.beta, tc.stress_weight, tc.ema_decay, sharded=mesh is not None)
+    local = (lambda t: t) if mesh is None else (lambda t: jax.device_put(t, jax.local_devices()[0]))
     eval_fn = make_eval_fn(pot, use_stress)
     lr_sched = learning_rate_schedule(tc)
 
@@ -251,7 +292,7 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         nonlocal stop
         t_eval = time.perf_counter()
         flush()
-        m = evaluate(pot, state["ema"], val_loader, eval_fn)
+        m = evaluate(pot, local(state["ema"]), val_loader, eval_fn)
         val_loss = (1 - beta) * m["mse_energy"] + beta * m["mse_forces"]
         meta["n_evals"] += 1
         lr = float(lr_sched(step)) * plateau_scale(state["opt_state"])
@@ -329,7 +370,7 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         ckpt.close()
 
     train_time = elapsed0 + (t_end - t_loop)
-    best = state["best"]
+    best = local(state["best"])
     save_potential(out / "model", pot, best)
     results: dict[str, Any] = {
         "model": cfg.model.name, "n_parameters": n_params, "train_time_s": train_time, "steps": step,
@@ -337,7 +378,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         "compile_time_s": compile_time, "overhead_time_s": None,
         "steps_per_s": (steps_timed / max(t_end - step_times_from - t_other[0], 1e-9)
                         if step_times_from and steps_timed else None),
-        "n_train": len(train_ds), "n_val": len(val_ds), "batch_size": tc.batch_size,
+        "n_train": len(train_ds), "n_val": len(val_ds), "batch_size": tc.batch_size, "n_devices": tc.n_devices,
+        "streamed": not isinstance(train_ds, Dataset),
         "n_compiles_train_step": _cache_size(train_step), "padded_shapes_train": sorted(train_loader.shapes_seen),
         "energy_reference": ref.to_dict(), "scale_ev": pot.scale, "shift_ev_per_atom": pot.shift,
     }
@@ -345,8 +387,13 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
     val_m = evaluate(pot, best, val_loader, eval_fn)
     results["val"] = {k: v for k, v in val_m.items() if not k.startswith("mse")}
-    train_eval = GraphLoader(train_ds, pot.cutoff, eval_bs, shuffle=False, table=train_loader.table,
-                             dtype=train_loader.dtype, energy_offset=train_loader.energy_offset)
+    if isinstance(train_ds, Dataset) and mesh is None:
+        train_eval = GraphLoader(train_ds, pot.cutoff, eval_bs, shuffle=False, table=train_loader.table,
+                                 dtype=train_loader.dtype, energy_offset=train_loader.energy_offset)
+    else:  # a streamed training set is measured on a sample of up to 5 000 frames
+        sub = train_ds if isinstance(train_ds, Dataset) or len(train_ds) <= 5000 else train_ds.subset(
+            np.sort(np.random.default_rng(0).choice(len(train_ds), 5000, replace=False)))
+        train_eval = make_loader(sub, pot, eval_bs, False, 0, "training")
     results["train"] = {k: v for k, v in evaluate(pot, best, train_eval, eval_fn).items() if not k.startswith("mse")}
     plots = out / "plots"
     from so3lib import plotting
