@@ -69,7 +69,7 @@ class MDConfig(BaseModel):
 @dataclasses.dataclass
 class MDResult:
     """Per record (every ``save_every`` steps, including step 0): step, time_fs, potential/kinetic/total
-    energy (eV, potential including the per-element reference), temperature (K) = 2·E_kin / ((3N − 3)·k_B), positions (Å)."""
+    energy (eV, potential including the per-element reference), temperature (K) = 2·E_kin / (n_dof·k_B), positions (Å)."""
     step: np.ndarray
     time_fs: np.ndarray
     potential_ev: np.ndarray
@@ -191,7 +191,9 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
     def kinetic(state):
         return quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
 
-    dof = max(3 * N - 3, 1)  # the centre-of-mass momentum is conserved (NVE) or removed (thermostats)
+    # degrees of freedom: jax-md's Langevin thermalises the centre-of-mass momentum too (3N); the other
+    # ensembles conserve it, and it starts at zero (3N − 3)
+    dof = 3 * N if cfg.ensemble == "nvt-langevin" else max(3 * N - 3, 1)
 
     def temperature(state):
         return 2.0 * kinetic(state) / (dof * KB_EV_PER_K)
