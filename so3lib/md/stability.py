@@ -8,12 +8,19 @@ from so3lib.graph.neighbours import neighbour_list
 
 
 def rdf(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_max: float = 6.0,
-        n_bins: int = 120) -> tuple[np.ndarray, np.ndarray]:
-    """(bin centres Å, g(r)) of one frame. Periodic: normalised by the ideal-gas pair density (g → 1 at large
-    r). Free molecules: the pair-distance density per shell volume, normalised to unit area (shape only)."""
+        n_bins: int = 120, smooth_angstrom: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(bin centres Å, g(r)) of one frame, each pair distance broadened by a Gaussian of width
+    ``smooth_angstrom`` (few-atom molecules otherwise give spiky, noisy histograms). Periodic: normalised by the
+    ideal-gas pair density (g → 1 at large r). Free molecules: the pair-distance density per shell volume,
+    normalised to unit area (shape only)."""
     _, _, _, d = neighbour_list(positions, cell, pbc, r_max, return_distances=True)
     edges = np.linspace(0.0, r_max, n_bins + 1)
     hist, _ = np.histogram(d, bins=edges)
+    if smooth_angstrom > 0:
+        width = smooth_angstrom / (edges[1] - edges[0])
+        k = np.arange(-int(4 * width) - 1, int(4 * width) + 2)
+        kernel = np.exp(-0.5 * (k / width) ** 2)
+        hist = np.convolve(hist.astype(float), kernel / kernel.sum(), mode="same")
     centres = 0.5 * (edges[1:] + edges[:-1])
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     n = len(positions)
