@@ -52,6 +52,8 @@ def split_by_group(groups: Sequence[str] | np.ndarray, fractions: Sequence[float
         raise DataError("<split>", f"only {len(uniq)} molecules for {len(fractions)} splits by molecule")
     perm = np.random.default_rng(seed).permutation(len(uniq))
     sizes = _sizes(len(uniq), fractions)
+    if abs(sum(fractions) - 1.0) < 1e-9:  # fractions cover everything: rounding leftovers go to the first split
+        sizes[0] += len(uniq) - sum(sizes)
     for i, (f, s) in enumerate(zip(fractions, sizes)):  # every non-empty split gets at least one molecule
         if f > 0 and s == 0:
             donor = int(np.argmax(sizes))
