@@ -116,3 +116,16 @@ def test_bad_input(ethanol_run, tmp_path):
     li = "../shared/data/materials/li_mlearn_test.json"
     with pytest.raises(d.DataError, match=r"elements \[3\] have no energy reference"):
         md.main(["--run", str(ethanol_run), "--structure", li, "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_blow_up_stops_naming_the_step_and_nose_hoover_runs(ethanol_run, ethanol):
+    from so3lib.md import MDBlowUp
+    pot, params = load_potential(ethanol_run)
+    cfg = MDConfig(ensemble="nvt-nose-hoover", temperature_k=300, steps=200, dt_fs=0.5, save_every=50)
+    r = run_md(pot, params, ethanol, cfg, progress=False)
+    assert r.step[-1] == 200 and np.all(np.isfinite(r.total_ev)) and 50 < np.mean(r.temperature_k) < 1000
+    with pytest.raises(MDBlowUp, match=r"blew up at step \d+ \(t = [\d.]+ fs\): temperature \d+ K above the limit"):
+        run_md(pot, params, ethanol, cfg.model_copy(update={"max_temperature_k": 5.0}), progress=False)
+    r = run_md(pot, params, ethanol, cfg.model_copy(update={"max_temperature_k": 5.0}), progress=False,
+               raise_on_blowup=False)
+    assert r.stopped and "blew up at step" in r.stopped

@@ -210,6 +210,8 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
         else:
             state = apply_fn(state, neighbor=nbrs, kT=kT)
         nbrs = nbrs.update(state.position)
+        # keep the carry's dtypes (jax-md builds some thermostat fields, e.g. the Nosé–Hoover chain masses, in float32)
+        state = jax.tree_util.tree_map(lambda x, ref: x.astype(ref.dtype), state, carry[0])
         return (state, nbrs), temperature(state)
 
     @jax.jit
