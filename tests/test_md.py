@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import so3lib.data as d
+from conftest import shared
 from so3lib.md import MDConfig, run_md
 from so3lib.models import make_config
 from so3lib.training import RunConfig, load_potential, train
@@ -113,7 +114,7 @@ def test_bad_input(ethanol_run, tmp_path):
         MDConfig(dt_fs=-0.5)
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         md.main(["--run", str(tmp_path / "nope"), "--structure", "x.xyz", "--out", str(tmp_path / "o")])
-    li = "../shared/data/materials/li_mlearn_test.json"
+    li = str(shared("materials", "li_mlearn_test.json"))
     with pytest.raises(d.DataError, match=r"elements \[3\] have no energy reference"):
         md.main(["--run", str(ethanol_run), "--structure", li, "--out", str(tmp_path / "o"), "--no-progress"])
 
