@@ -3,6 +3,7 @@ batch assembly, for rMD17 aspirin (21 atoms) and periodic Li (mlearn, 2-84 atoms
 
 usage: python benchmarks/graphs.py [--cutoff 5.0] [--batch 32] [--out benchmarks/results/graphs.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,19 @@ def bench_batches(ds, cutoff, batch):
     t0 = time.perf_counter()
     n = 0
     for ep in range(1, 4):
-        for g in loader.epoch(ep):
+        for _ in loader.epoch(ep):
             n += 1
     dt = time.perf_counter() - t0
     real_nodes = 3 * int(ds.offsets[-1])
     padded_nodes = sum(r.n_node for r in ladder.rungs)  # for information only
-    return {"batches_per_s": n / dt, "structures_per_s": 3 * len(ds) / dt, "distinct_shapes": len(loader.shapes_seen),
-            "ladder": [(r.n_graph, r.n_node, r.n_edge) for r in ladder.rungs], "real_nodes": real_nodes,
-            "_": padded_nodes}
+    return {
+        "batches_per_s": n / dt,
+        "structures_per_s": 3 * len(ds) / dt,
+        "distinct_shapes": len(loader.shapes_seen),
+        "ladder": [(r.n_graph, r.n_node, r.n_edge) for r in ladder.rungs],
+        "real_nodes": real_nodes,
+        "_": padded_nodes,
+    }
 
 
 def main(argv=None):
@@ -59,10 +65,17 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "graphs.json"))
     a = ap.parse_args(argv)
-    sets = {"rmd17_aspirin": data.read(SHARED / "rmd17" / "rmd17_aspirin_test_01.npz"),
-            "li_mlearn_periodic": data.read(SHARED / "materials" / "li_mlearn_training.json")}
-    res = {"cutoff_angstrom": a.cutoff, "batch_size": a.batch, "machine": platform.platform(),
-           "processor": platform.processor(), "results": {}}
+    sets = {
+        "rmd17_aspirin": data.read(SHARED / "rmd17" / "rmd17_aspirin_test_01.npz"),
+        "li_mlearn_periodic": data.read(SHARED / "materials" / "li_mlearn_training.json"),
+    }
+    res = {
+        "cutoff_angstrom": a.cutoff,
+        "batch_size": a.batch,
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "results": {},
+    }
     for name, ds in sets.items():
         r = {"structures": len(ds), "atoms_mean": float(ds.n_atoms.mean())}
         for backend in ("vesin", "matscipy"):
@@ -74,9 +87,11 @@ def main(argv=None):
         b.pop("_")
         r["batch_assembly"] = b
         res["results"][name] = r
-        print(f"{name}: vesin {r['neighbour_list_vesin']['structures_per_s']:.0f} str/s, matscipy "
-              f"{r['neighbour_list_matscipy'].get('structures_per_s', float('nan')):.0f} str/s; padded batches "
-              f"{b['structures_per_s']:.0f} str/s ({b['distinct_shapes']} shapes)")
+        print(
+            f"{name}: vesin {r['neighbour_list_vesin']['structures_per_s']:.0f} str/s, matscipy "
+            f"{r['neighbour_list_matscipy'].get('structures_per_s', float('nan')):.0f} str/s; padded batches "
+            f"{b['structures_per_s']:.0f} str/s ({b['distinct_shapes']} shapes)"
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {a.out}")

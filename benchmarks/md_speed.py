@@ -6,6 +6,7 @@ Models are freshly initialised at the sizes given (speed does not depend on trai
 usage: python benchmarks/md_speed.py [--models schnet so3krates bpnn] [--li-supercells 2 3 4 6] [--steps 200]
            [--ase-steps 20] [--out benchmarks/results/md_speed.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-SIZES = {"schnet": {"n_atom_basis": 128, "n_interactions": 3},
-         "so3krates": {"features": 132, "l_max": 3, "layers": 3},
-         "bpnn": {"n_radial": 12, "n_angular": 8, "cutoff": 5.0, "cutoff_angular": 4.0}}
+SIZES = {
+    "schnet": {"n_atom_basis": 128, "n_interactions": 3},
+    "so3krates": {"features": 132, "l_max": 3, "layers": 3},
+    "bpnn": {"n_radial": 12, "n_angular": 8, "cutoff": 5.0, "cutoff_angular": 4.0},
+}
 
 
 def potential_for(model: str, ds):
@@ -66,13 +69,24 @@ def main(argv=None) -> dict:
                 pots[key] = potential_for(model, train_ds)
             pot, params = pots[key]
             atoms.calc = None
-            cfg = MDConfig(ensemble="nve", temperature_k=300, steps=a.steps, dt_fs=0.5, save_every=a.steps // 4,
-                           skin_angstrom=0.5, max_temperature_k=1e12)  # untrained models: measure speed, not physics
+            cfg = MDConfig(
+                ensemble="nve",
+                temperature_k=300,
+                steps=a.steps,
+                dt_fs=0.5,
+                save_every=a.steps // 4,
+                skin_angstrom=0.5,
+                max_temperature_k=1e12,
+            )  # untrained models: measure speed, not physics
             row = {"model": model, "system": name, "atoms": len(atoms)}
             try:
                 r = run_md(pot, params, atoms, cfg, progress=False)
-                row.update(jax_md_steps_per_s=r.steps_per_s, jax_md_atom_steps_per_s=r.steps_per_s * len(atoms),
-                           jax_md_ms_per_step=1e3 / r.steps_per_s, jax_md_compile_s=r.compile_s)
+                row.update(
+                    jax_md_steps_per_s=r.steps_per_s,
+                    jax_md_atom_steps_per_s=r.steps_per_s * len(atoms),
+                    jax_md_ms_per_step=1e3 / r.steps_per_s,
+                    jax_md_compile_s=r.compile_s,
+                )
             except Exception as exc:  # noqa: BLE001 - recorded, e.g. out of memory on large cells
                 row["jax_md_error"] = f"{type(exc).__name__}: {exc}"[:300]
             if len(atoms) <= a.max_ase_atoms:
@@ -80,8 +94,11 @@ def main(argv=None) -> dict:
                 t = time.perf_counter()
                 run_md_ase(So3libCalculator(pot, params, skin=0.5), atoms, c, progress=False)  # includes compiles
                 r = run_md_ase(So3libCalculator(pot, params, skin=0.5), atoms, c, progress=False)
-                row.update(ase_steps_per_s=r.steps_per_s, ase_ms_per_step=1e3 / r.steps_per_s,
-                           ase_first_run_s=time.perf_counter() - t - r.wall_s)
+                row.update(
+                    ase_steps_per_s=r.steps_per_s,
+                    ase_ms_per_step=1e3 / r.steps_per_s,
+                    ase_first_run_s=time.perf_counter() - t - r.wall_s,
+                )
             print(json.dumps(row), flush=True)
             rows.append(row)
             write(a.out, rows, a)
@@ -92,8 +109,15 @@ def main(argv=None) -> dict:
 
 def write(path: Path, rows: list, a) -> dict:
     """Results so far (rewritten after every row, so a long run keeps what it measured)."""
-    out = {"device": str(jax.devices()[0]), "platform": platform.platform(), "cpus": os.cpu_count(),
-           "jax": jax.__version__, "steps": a.steps, "models": SIZES, "rows": rows}
+    out = {
+        "device": str(jax.devices()[0]),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "steps": a.steps,
+        "models": SIZES,
+        "rows": rows,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return out

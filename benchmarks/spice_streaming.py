@@ -10,8 +10,10 @@ from /proc/self/status every 20 ms: VmHWM (all resident memory, including file p
 the kernel can drop) and the peak of RssAnon (the process's own heap: what must not grow).
 
 usage: python benchmarks/spice_streaming.py [--sizes 25000 50000 100000 200000] [--in-memory-max 100000]
-           [--rmd17-dir ../shared/data/rmd17] [--work /tmp/so3lib_stream] [--out benchmarks/results/spice_streaming.json]
+           [--rmd17-dir ../shared/data/rmd17] [--work /tmp/so3lib_stream]
+           [--out benchmarks/results/spice_streaming.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,16 +83,17 @@ def make_synthetic(rmd17_dir: Path, out: Path, n_conf: int, per_group: int = 50,
 
     sys.path.insert(0, str(ROOT))
     import so3lib.data as data
-    from so3lib import units
     from scripts.make_spice_like import SMILES
+    from so3lib import units
 
     rng = np.random.default_rng(seed)
     mols = []
     for mol in SMILES:
         ds = data.read(rmd17_dir / f"rmd17_{mol}_train_01.npz")
         n = int(ds.n_atoms[0])
-        mols.append((mol, ds.numbers[:n], ds.positions.reshape(len(ds), n, 3), ds.energy,
-                     ds.forces.reshape(len(ds), n, 3)))
+        mols.append(
+            (mol, ds.numbers[:n], ds.positions.reshape(len(ds), n, 3), ds.energy, ds.forces.reshape(len(ds), n, 3))
+        )
     with h5py.File(out, "w") as f:
         done, k = 0, 0
         while done < n_conf:
@@ -99,7 +102,9 @@ def make_synthetic(rmd17_dir: Path, out: Path, n_conf: int, per_group: int = 50,
             idx = rng.integers(0, len(pos), c)
             g = f.create_group(f"{mol}-{k:06d}")
             g["atomic_numbers"] = z.astype(np.int16)
-            g["conformations"] = ((pos[idx] + rng.normal(0, 0.01, pos[idx].shape)) / units.BOHR_ANGSTROM).astype(np.float32)
+            g["conformations"] = ((pos[idx] + rng.normal(0, 0.01, pos[idx].shape)) / units.BOHR_ANGSTROM).astype(
+                np.float32
+            )
             g["dft_total_energy"] = e[idx] / units.HARTREE_EV
             g["dft_total_gradient"] = (-frc[idx] / units.HARTREE_PER_BOHR_EV_PER_ANGSTROM).astype(np.float32)
             g["smiles"] = np.array([SMILES[mol].encode()], dtype=object)
@@ -111,8 +116,9 @@ def make_synthetic(rmd17_dir: Path, out: Path, n_conf: int, per_group: int = 50,
 
 def run_child(mode: str, src: Path, store: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    r = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(store)], env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(src), str(store)], env=env, capture_output=True, text=True
+    )
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode or not line:
         raise RuntimeError(f"{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -154,14 +160,19 @@ def main(argv=None) -> dict:
         y = np.array([r[mode][key] for r in rows if mode in r], float)
         x = np.array([r["conformations"] for r in rows if mode in r], float)
         return float(np.polyfit(x, y * 2**20, 1)[0]) if len(x) > 1 else None
-    out = {"what": "peak memory of converting and streaming one epoch against the number of conformations "
-                   "(SYNTHETIC file: perturbed rMD17 frames; batch 64, cutoff 5 Å)",
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-           "rows": rows,
-           "bytes_per_conformation": {"stream_peak_anon": slope("peak_anon_mb", "stream"),
-                                      "stream_peak_rss": slope("peak_rss_mb", "stream"),
-                                      "convert_peak_anon": slope("peak_anon_mb", "convert"),
-                                      "in_memory_peak_anon": slope("peak_anon_mb", "in_memory")}}
+
+    out = {
+        "what": "peak memory of converting and streaming one epoch against the number of conformations "
+        "(SYNTHETIC file: perturbed rMD17 frames; batch 64, cutoff 5 Å)",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "rows": rows,
+        "bytes_per_conformation": {
+            "stream_peak_anon": slope("peak_anon_mb", "stream"),
+            "stream_peak_rss": slope("peak_rss_mb", "stream"),
+            "convert_peak_anon": slope("peak_anon_mb", "convert"),
+            "in_memory_peak_anon": slope("peak_anon_mb", "in_memory"),
+        },
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
     plot(out, a.out.with_suffix(".png"))
@@ -172,15 +183,18 @@ def main(argv=None) -> dict:
 
 def plot(out: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = out["rows"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for mode, key, style, label in (("stream", "peak_anon_mb", "o-", "streamed epoch: heap (RssAnon)"),
-                                    ("stream", "peak_rss_mb", "o--", "streamed epoch: all resident (incl. mapped file)"),
-                                    ("convert", "peak_anon_mb", "s-", "conversion: heap"),
-                                    ("in_memory", "peak_anon_mb", "^-", "in-memory loader: heap")):
+    for mode, key, style, label in (
+        ("stream", "peak_anon_mb", "o-", "streamed epoch: heap (RssAnon)"),
+        ("stream", "peak_rss_mb", "o--", "streamed epoch: all resident (incl. mapped file)"),
+        ("convert", "peak_anon_mb", "s-", "conversion: heap"),
+        ("in_memory", "peak_anon_mb", "^-", "in-memory loader: heap"),
+    ):
         pts = [(r["conformations"], r[mode][key]) for r in rows if mode in r]
         if pts:
             x, y = zip(*pts)

@@ -9,6 +9,7 @@ Writes JSON.
 usage: python benchmarks/train_throughput.py [--models schnet] [--batch 32] [--steps 50] [--molecule ethanol]
            [--lmax-sweep] [--no-floor] [--out benchmarks/results/train_throughput.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,25 +38,35 @@ from so3lib.training.optim import make_optimizer  # noqa: E402
 from so3lib.training.trainer import init_state, make_train_step  # noqa: E402
 
 # Model sizes of the TARGETS.md comparison (F≈128, 3 layers, cutoff 5 Å)
-MODELS = {"schnet": {"n_atom_basis": 128, "n_interactions": 3, "n_rbf": 20, "cutoff": 5.0},
-          "so3krates": {"features": 128, "l_max": 3, "layers": 3, "heads": 4, "cutoff": 5.0},
-          "bpnn": {"preset": "auto", "cutoff": 5.0}}
+MODELS = {
+    "schnet": {"n_atom_basis": 128, "n_interactions": 3, "n_rbf": 20, "cutoff": 5.0},
+    "so3krates": {"features": 128, "l_max": 3, "layers": 3, "heads": 4, "cutoff": 5.0},
+    "bpnn": {"preset": "auto", "cutoff": 5.0},
+}
 
 
 def run_floor(batch: int, steps: int) -> dict:
     script = SHARED / "bench" / "bare_floor.py"
     if not script.exists():
         return {"error": f"{script} not found"}
-    p = subprocess.run([sys.executable, str(script), "--model", "schnet", "--batch", str(batch), "--steps",
-                        str(steps)], capture_output=True, text=True, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, str(script), "--model", "schnet", "--batch", str(batch), "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     out = p.stdout + p.stderr
     m = re.search(r"step time median ([\d.]+) ms", out)
     e = re.search(r"then median ([\d.]+) ms / batch", out)
     c = re.search(r"compile ([\d.]+)s", out)
     if not m:
         return {"error": out[-2000:]}
-    return {"train_step_ms": float(m.group(1)), "energy_forces_batch_ms": float(e.group(1)) if e else None,
-            "compile_s": float(c.group(1)) if c else None, "structures_per_s": batch / float(m.group(1)) * 1e3}
+    return {
+        "train_step_ms": float(m.group(1)),
+        "energy_forces_batch_ms": float(e.group(1)) if e else None,
+        "compile_s": float(c.group(1)) if c else None,
+        "structures_per_s": batch / float(m.group(1)) * 1e3,
+    }
 
 
 def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int) -> dict:
@@ -93,8 +104,9 @@ def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int)
     ef = jax.jit(pot.__call__)
     res_inf = {}
     for b in (1, 1000):
-        ld = GraphLoader(ds.subset(np.arange(min(b, len(ds)))), pot.cutoff, b, shuffle=False,
-                         triplet_cutoff=cfg.triplet_cutoff)
+        ld = GraphLoader(
+            ds.subset(np.arange(min(b, len(ds)))), pot.cutoff, b, shuffle=False, triplet_cutoff=cfg.triplet_cutoff
+        )
         g = next(ld.epoch(0))
         jax.block_until_ready(ef(state["params"], g))
         ts = []
@@ -103,13 +115,19 @@ def bench_model(name: str, opts: dict, ds: data.Dataset, batch: int, steps: int)
             jax.block_until_ready(ef(state["params"], g))
             ts.append(time.perf_counter() - t1)
         res_inf[b] = float(np.median(ts))
-    return {"config": cfg.config_view(), "n_parameters": n_params, "compile_s": compile_s,
-            "train_step_ms_median": 1e3 * float(np.median(times)), "train_step_ms_wall": 1e3 * wall / steps,
-            "structures_per_s": batch * steps / wall, "steps_per_s": steps / wall,
-            "n_compiles_train_step": int(step._cache_size()) if hasattr(step, "_cache_size") else None,
-            "padded_shapes": sorted(loader.shapes_seen),
-            "energy_forces_1_molecule_ms": 1e3 * res_inf[1],
-            "energy_forces_batch1000_structures_per_s": min(1000, len(ds)) / res_inf[1000]}
+    return {
+        "config": cfg.config_view(),
+        "n_parameters": n_params,
+        "compile_s": compile_s,
+        "train_step_ms_median": 1e3 * float(np.median(times)),
+        "train_step_ms_wall": 1e3 * wall / steps,
+        "structures_per_s": batch * steps / wall,
+        "steps_per_s": steps / wall,
+        "n_compiles_train_step": int(step._cache_size()) if hasattr(step, "_cache_size") else None,
+        "padded_shapes": sorted(loader.shapes_seen),
+        "energy_forces_1_molecule_ms": 1e3 * res_inf[1],
+        "energy_forces_batch1000_structures_per_s": min(1000, len(ds)) / res_inf[1000],
+    }
 
 
 def main(argv=None):
@@ -124,8 +142,15 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     a = ap.parse_args(argv)
     ds = data.read(SHARED / "data" / "rmd17" / f"rmd17_{a.molecule}_train_01.npz")
-    res = {"machine": platform.platform(), "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-           "molecule": a.molecule, "batch": a.batch, "steps": a.steps, "models": {}}
+    res = {
+        "machine": platform.platform(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "molecule": a.molecule,
+        "batch": a.batch,
+        "steps": a.steps,
+        "models": {},
+    }
     if not a.no_floor:
         res["bare_floor_schnet"] = run_floor(a.batch, max(a.steps, 20))
         print("bare floor:", res["bare_floor_schnet"])
@@ -135,10 +160,13 @@ def main(argv=None):
         if fl.get("train_step_ms"):
             r["ratio_to_bare_floor_train_step"] = r["train_step_ms_wall"] / fl["train_step_ms"]
         res["models"][name] = r
-        print(f"{name}: {r['train_step_ms_wall']:.2f} ms/step ({r['structures_per_s']:.0f} structures/s, "
-              f"ratio to floor {r.get('ratio_to_bare_floor_train_step', float('nan')):.2f}), compile "
-              f"{r['compile_s']:.1f} s, {r['n_compiles_train_step']} compile(s); E+F 1 molecule "
-              f"{r['energy_forces_1_molecule_ms']:.2f} ms, batch 1000: {r['energy_forces_batch1000_structures_per_s']:.0f}/s")
+        print(
+            f"{name}: {r['train_step_ms_wall']:.2f} ms/step ({r['structures_per_s']:.0f} structures/s, "
+            f"ratio to floor {r.get('ratio_to_bare_floor_train_step', float('nan')):.2f}), compile "
+            f"{r['compile_s']:.1f} s, {r['n_compiles_train_step']} compile(s); E+F 1 molecule "
+            f"{r['energy_forces_1_molecule_ms']:.2f} ms, "
+            f"batch 1000: {r['energy_forces_batch1000_structures_per_s']:.0f}/s"
+        )
     if a.lmax_sweep:
         sweep = {}
         for lmax in (1, 2, 3, 4):

@@ -20,6 +20,7 @@ and plots/: each metric against each swept parameter (mean ± std over seeds) an
 cost with the Pareto front. --workers N trains the points in N processes at once (on a multi-GPU machine,
 one GPU each); the tables and plots are then written from their finished run folders.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import yaml
@@ -41,29 +42,48 @@ from so3lib.models import available, hyperparameters, make_config
 from so3lib.training import DataConfig, RunConfig, TrainingConfig, train
 
 PRESETS = {
-    "quick": {"model": "so3krates", "data": "rmd17:ethanol", "max_steps": 400, "seeds": [0],
-              "grid": {"cutoff": [3.0, 4.0, 5.0], "l_max": [1, 2, 3]},
-              "model_options": {"features": 32, "layers": 1, "heads": 2, "n_rbf": 16},
-              "batch_size": 16, "eval_every_steps": 200, "warmup_steps": 20, "learning_rate": 2e-3,
-              "n_test": 300},
+    "quick": {
+        "model": "so3krates",
+        "data": "rmd17:ethanol",
+        "max_steps": 400,
+        "seeds": [0],
+        "grid": {"cutoff": [3.0, 4.0, 5.0], "l_max": [1, 2, 3]},
+        "model_options": {"features": 32, "layers": 1, "heads": 2, "n_rbf": 16},
+        "batch_size": 16,
+        "eval_every_steps": 200,
+        "warmup_steps": 20,
+        "learning_rate": 2e-3,
+        "n_test": 300,
+    },
 }
-_SWEEP_KEYS = {"model", "train", "test", "data", "seeds", "grid", "random", "samples", "sample_seed",
-               "model_options", "n_test"}
+_SWEEP_KEYS = {
+    "model",
+    "train",
+    "test",
+    "data",
+    "seeds",
+    "grid",
+    "random",
+    "samples",
+    "sample_seed",
+    "model_options",
+    "n_test",
+}
 
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     model: str
-    train: Optional[str] = None
-    test: Optional[str] = None
-    data: Optional[str] = None
+    train: str | None = None
+    test: str | None = None
+    data: str | None = None
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    grid: Optional[dict[str, list[Any]]] = None
-    random: Optional[dict[str, list[Any]]] = None
+    grid: dict[str, list[Any]] | None = None
+    random: dict[str, list[Any]] | None = None
     samples: int = Field(8, ge=1)
     sample_seed: int = 0
     model_options: dict[str, Any] = Field(default_factory=dict)
-    n_test: Optional[int] = Field(None, ge=1, description="use only the first N test frames")
+    n_test: int | None = Field(None, ge=1, description="use only the first N test frames")
 
     @model_validator(mode="after")
     def _check(self):
@@ -80,8 +100,10 @@ class SweepConfig(BaseModel):
         for k, values in space.items():
             if k not in model_opts | train_opts:
                 hint = f" ('{k}' is not an option of model '{self.model}')" if k in _all_model_options() else ""
-                raise ValueError(f"unknown parameter '{k}'{hint}; model options: {sorted(model_opts)}; training "
-                                 f"options: {sorted(train_opts)}")
+                raise ValueError(
+                    f"unknown parameter '{k}'{hint}; model options: {sorted(model_opts)}; training "
+                    f"options: {sorted(train_opts)}"
+                )
             if not isinstance(values, list) or len(values) == 0:
                 raise ValueError(f"parameter '{k}' needs a non-empty list of values, got {values!r}")
         for k in self.training_options():
@@ -139,6 +161,7 @@ def resolve_data(sweep: SweepConfig):
         if kind not in ("rmd17", "md17"):
             raise ValueError(f"data '{sweep.data}': use rmd17:<molecule> or md17:<molecule>, or give 'train'")
         from experiments.md17 import load_md17, load_rmd17
+
         tv, test, src = (load_rmd17 if kind == "rmd17" else load_md17)(name, 1, None)
         sp = data.count_split(len(tv), {"train": 950, "val": 50}, seed=1)
         train_ds, val_ds = tv.subset(sp["train"]), tv.subset(sp["val"])
@@ -155,7 +178,9 @@ def resolve_data(sweep: SweepConfig):
 def inference_ms_per_structure(run_dir: Path, test) -> float:
     """Energy+forces time per structure of the saved model on a batch of up to 64 test structures."""
     import jax
+
     from so3lib.training import load_potential, make_loader
+
     pot, params = load_potential(run_dir)
     loader = make_loader(test.subset(np.arange(min(64, len(test)))), pot, 64, False, 0, "test")
     g = next(loader.epoch(0))
@@ -172,10 +197,18 @@ def inference_ms_per_structure(run_dir: Path, test) -> float:
 def run_point(sweep: SweepConfig, params: dict, seed: int, out: Path, datasets, progress: bool) -> dict:
     train_ds, val_ds, test, src = datasets
     model_opts = {**sweep.model_options, **{k: v for k, v in params.items() if k in hyperparameters(sweep.model)}}
-    train_opts = {"max_epochs": None, **sweep.training_options(),
-                  **{k: v for k, v in params.items() if k not in hyperparameters(sweep.model)}, "seed": seed}
-    cfg = RunConfig(name=out.name, model=make_config(sweep.model, **model_opts), training=train_opts,
-                    data=DataConfig(train=str(src), split="sweep"))
+    train_opts = {
+        "max_epochs": None,
+        **sweep.training_options(),
+        **{k: v for k, v in params.items() if k not in hyperparameters(sweep.model)},
+        "seed": seed,
+    }
+    cfg = RunConfig(
+        name=out.name,
+        model=make_config(sweep.model, **model_opts),
+        training=train_opts,
+        data=DataConfig(train=str(src), split="sweep"),
+    )
     res_file = out / "results.json"
     if res_file.exists():
         res = json.loads(res_file.read_text())
@@ -184,12 +217,19 @@ def run_point(sweep: SweepConfig, params: dict, seed: int, out: Path, datasets, 
         resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
         print(f"  {out.name}: {'resuming' if resume else 'training'}")
         res = train(cfg, train_ds, val_ds, test, out_dir=out, resume=resume, progress=progress)
-    row = {**params, "seed": seed, "energy_mae_mev": 1e3 * res["test"]["energy_mae_ev"],
-           "forces_mae_mev_per_a": 1e3 * res["test"]["forces_mae_ev_per_a"], "n_parameters": res["n_parameters"],
-           "compile_time_s": res["compile_time_s"], "train_time_s": res["train_time_s"],
-           "time_per_step_ms": 1e3 / res["steps_per_s"] if res.get("steps_per_s") else float("nan"),
-           "inference_ms_per_structure": inference_ms_per_structure(out, test), "steps": res["steps"],
-           "run": str(out)}
+    row = {
+        **params,
+        "seed": seed,
+        "energy_mae_mev": 1e3 * res["test"]["energy_mae_ev"],
+        "forces_mae_mev_per_a": 1e3 * res["test"]["forces_mae_ev_per_a"],
+        "n_parameters": res["n_parameters"],
+        "compile_time_s": res["compile_time_s"],
+        "train_time_s": res["train_time_s"],
+        "time_per_step_ms": 1e3 / res["steps_per_s"] if res.get("steps_per_s") else float("nan"),
+        "inference_ms_per_structure": inference_ms_per_structure(out, test),
+        "steps": res["steps"],
+        "run": str(out),
+    }
     return row
 
 
@@ -200,8 +240,16 @@ def write_outputs(rows: list[dict], keys: list[str], out: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     best = sorted(rows, key=lambda r: r["forces_mae_mev_per_a"])
-    cols = keys + ["seed", "energy_mae_mev", "forces_mae_mev_per_a", "n_parameters", "time_per_step_ms",
-                   "inference_ms_per_structure", "compile_time_s", "train_time_s"]
+    cols = keys + [
+        "seed",
+        "energy_mae_mev",
+        "forces_mae_mev_per_a",
+        "n_parameters",
+        "time_per_step_ms",
+        "inference_ms_per_structure",
+        "compile_time_s",
+        "train_time_s",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in best:
         lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
@@ -222,12 +270,16 @@ def pareto_front(cost: np.ndarray, err: np.ndarray) -> np.ndarray:
 
 def plot_sweep(rows: list[dict], keys: list[str], out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics = [("forces_mae_mev_per_a", "force MAE (meV/Å)"), ("energy_mae_mev", "energy MAE (meV)"),
-               ("time_per_step_ms", "time per step (ms)")]
+    metrics = [
+        ("forces_mae_mev_per_a", "force MAE (meV/Å)"),
+        ("energy_mae_mev", "energy MAE (meV)"),
+        ("time_per_step_ms", "time per step (ms)"),
+    ]
     fig, axes = plt.subplots(len(metrics), len(keys), figsize=(4 * len(keys), 3.2 * len(metrics)), squeeze=False)
     for j, k in enumerate(keys):
         values = sorted({r[k] for r in rows}, key=lambda v: (isinstance(v, str), v))
@@ -264,13 +316,15 @@ def plot_sweep(rows: list[dict], keys: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def run_sweep(sweep: SweepConfig, out: Path, progress: bool = False, shard: tuple[int, int] | None = None
-              ) -> list[dict]:
+def run_sweep(
+    sweep: SweepConfig, out: Path, progress: bool = False, shard: tuple[int, int] | None = None
+) -> list[dict]:
     """Train every (point, seed) not finished yet, then write the tables and plots. With ``shard=(k, n)``
     only jobs k, k+n, ... are trained and nothing is written (a worker of ``--workers n``)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json") | sweep.training_options(),
-                                                   sort_keys=False))
+    (out / "sweep.yaml").write_text(
+        yaml.safe_dump(sweep.model_dump(mode="json") | sweep.training_options(), sort_keys=False)
+    )
     datasets = resolve_data(sweep)
     jobs = [(p, s) for p in sweep.points() for s in sweep.seeds]
     keys = list(sweep.grid or sweep.random)
@@ -293,14 +347,16 @@ def run_workers(argv: list[str], n: int) -> None:
     import sys
 
     import jax
+
     gpus = [d.id for d in jax.devices() if d.platform == "gpu"]
     procs = []
     for k in range(n):
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(gpus[k % len(gpus)])
-        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.ablation", *argv, "--shard", f"{k}/{n}"],
-                                      env=env))
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "experiments.ablation", *argv, "--shard", f"{k}/{n}"], env=env)
+        )
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"sweep workers failed with exit codes {codes}; re-run to resume the unfinished points")
@@ -364,16 +420,18 @@ def main(argv=None) -> list[dict]:
     try:
         sweep = SweepConfig.model_validate(spec)
     except ValidationError as exc:
-        raise SystemExit("invalid sweep: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+        msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise SystemExit("invalid sweep: " + msgs) from None
     out = Path(a.out or f"runs/sweep_{sweep.model}")
     if a.shard:
         k, n = (int(x) for x in a.shard.split("/"))
         return run_sweep(sweep, out, progress=a.progress, shard=(k, n))
     if a.workers > 1:
         import sys
+
         argv_list = list(sys.argv[1:] if argv is None else argv)
         i = argv_list.index("--workers")
-        run_workers(argv_list[:i] + argv_list[i + 2:] + (["--out", str(out)] if not a.out else []), a.workers)
+        run_workers(argv_list[:i] + argv_list[i + 2 :] + (["--out", str(out)] if not a.out else []), a.workers)
     return run_sweep(sweep, out, progress=a.progress)
 
 

@@ -1,14 +1,16 @@
 """Shared CLI plumbing: every model hyper-parameter and training option becomes a flag automatically, from the
 pydantic configs, so a new model or option needs no CLI code."""
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from so3lib.models import available, get, hyperparameters
+from so3lib.models import available, hyperparameters
 from so3lib.training.config import TrainingConfig
 
 _SKIP_TRAINING = {"max_epochs", "max_steps", "max_minutes", "batch_size", "beta"}
@@ -39,8 +41,15 @@ def add_fields(parser: argparse.ArgumentParser, fields: dict, group: str, skip: 
         if name in skip or flag is None:
             continue
         typ, choices, nargs = flag
-        g.add_argument(f"--{name.replace('_', '-')}", dest=f"{group}:{name}", type=typ, choices=choices,
-                       nargs=nargs, default=None, help=f"{info.description or ''} (default {info.default})".strip())
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"{group}:{name}",
+            type=typ,
+            choices=choices,
+            nargs=nargs,
+            default=None,
+            help=f"{info.description or ''} (default {info.default})".strip(),
+        )
 
 
 def model_name_from_argv(argv: Sequence[str] | None, default: str = "schnet") -> str:
@@ -63,8 +72,11 @@ def add_common(parser: argparse.ArgumentParser, model: str) -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--model-yaml", default=None, help="YAML file with model options (e.g. a BPNN "
-                        "symmetry_functions list); flags override it")
+    parser.add_argument(
+        "--model-yaml",
+        default=None,
+        help="YAML file with model options (e.g. a BPNN symmetry_functions list); flags override it",
+    )
     add_fields(parser, hyperparameters(model), "model")
     add_fields(parser, TrainingConfig.model_fields, "training", skip=_SKIP_TRAINING)
 
@@ -72,8 +84,10 @@ def add_common(parser: argparse.ArgumentParser, model: str) -> None:
 def collect(args: argparse.Namespace, group: str) -> dict[str, Any]:
     out = {}
     if group == "model" and getattr(args, "model_yaml", None):
-        import yaml
         from pathlib import Path
+
+        import yaml
+
         loaded = yaml.safe_load(Path(args.model_yaml).read_text()) or {}
         if not isinstance(loaded, dict):
             raise SystemExit(f"{args.model_yaml}: expected a mapping of model options")
@@ -94,7 +108,11 @@ def training_options(args: argparse.Namespace, defaults: dict | None = None) -> 
 
 
 def setup_logging(verbose: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("absl", "jax._src", "orbax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -5,6 +5,7 @@ usage: python -m experiments.descriptors [PATH] [--preset auto|fortnet|g2g4g5|an
 Writes descriptor_magnitudes.png, energy_vs_descriptors.png, descriptor_correlation.png and analysis.json.
 (with no PATH: the bundled rMD17 ethanol sample)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def main(argv=None) -> dict:
     print(cfg.describe())
     res = descriptor_analysis(cfg, ds, a.out)
     Path(a.out, "analysis.json").write_text(json.dumps(res, indent=2))
-    print("magnitude hierarchy (mean |G|): " + " > ".join(f"{k} ({res['per_kind'][k]['mean_abs']:.3g})"
-                                                          for k in res["hierarchy"]))
+    print(
+        "magnitude hierarchy (mean |G|): "
+        + " > ".join(f"{k} ({res['per_kind'][k]['mean_abs']:.3g})" for k in res["hierarchy"])
+    )
     print(f"wrote {a.out}/")
     return res
 

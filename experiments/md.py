@@ -9,6 +9,7 @@ temperature), md_results.json (NVE drift in meV/atom/ps, RDF similarity to the f
 falls below the threshold, the first broken bond for molecules, failure time and temperature, steps/s and
 atom-steps/s) and plots/energy_temperature.png, plots/rdf.png, plots/rdf_similarity.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import so3lib.data as data
-from so3lib.md import MDConfig, run_md
-from so3lib.md import stability
+from so3lib.md import MDConfig, run_md, stability
 
 
 def load_structure(path: str, frame: int = 0, supercell=None):
@@ -44,30 +44,46 @@ def analyse(res, numbers, cell, pbc, cfg: MDConfig, rdf_threshold: float, r_max:
     g = [stability.rdf(p, cell, pbc, r_max)[1] for p in frames]
     sim = np.array([stability.rdf_similarity(x, g[0]) for x in g])
     below = np.nonzero(sim < rdf_threshold)[0]
-    out = {"n_atoms": res.n_atoms, "steps": int(res.step[-1]), "dt_fs": cfg.dt_fs, "ensemble": cfg.ensemble,
-           "temperature_target_k": cfg.ramp_k or cfg.temperature_k,
-           "temperature_mean_k": float(np.mean(res.temperature_k[len(res.temperature_k) // 5:])),
-           "steps_per_s": res.steps_per_s, "atom_steps_per_s": res.steps_per_s * res.n_atoms,
-           "compile_s": res.compile_s, "neighbour_reallocations": res.reallocations, "blow_up": res.stopped,
-           "rdf_threshold": rdf_threshold, "rdf_similarity": sim.tolist(),
-           "rdf_below_threshold": None if not len(below) else {
-               "time_fs": float(res.time_fs[below[0]]), "temperature_k": float(res.temperature_k[below[0]])}}
+    out = {
+        "n_atoms": res.n_atoms,
+        "steps": int(res.step[-1]),
+        "dt_fs": cfg.dt_fs,
+        "ensemble": cfg.ensemble,
+        "temperature_target_k": cfg.ramp_k or cfg.temperature_k,
+        "temperature_mean_k": float(np.mean(res.temperature_k[len(res.temperature_k) // 5 :])),
+        "steps_per_s": res.steps_per_s,
+        "atom_steps_per_s": res.steps_per_s * res.n_atoms,
+        "compile_s": res.compile_s,
+        "neighbour_reallocations": res.reallocations,
+        "blow_up": res.stopped,
+        "rdf_threshold": rdf_threshold,
+        "rdf_similarity": sim.tolist(),
+        "rdf_below_threshold": None
+        if not len(below)
+        else {"time_fs": float(res.time_fs[below[0]]), "temperature_k": float(res.temperature_k[below[0]])},
+    }
     if cfg.ensemble == "nve":
-        out["nve_drift_mev_per_atom_per_ps"] = stability.nve_drift_mev_per_atom_per_ps(res.time_fs, res.total_ev,
-                                                                                      res.n_atoms)
+        out["nve_drift_mev_per_atom_per_ps"] = stability.nve_drift_mev_per_atom_per_ps(
+            res.time_fs, res.total_ev, res.n_atoms
+        )
         out["nve_total_energy_range_mev_per_atom"] = float(1e3 * np.ptp(res.total_ev) / res.n_atoms)
     failure = None
     if not np.all(pbc):
         k = stability.first_broken_bond(frames, numbers)
-        out["first_broken_bond"] = None if k is None else {"time_fs": float(res.time_fs[k]),
-                                                           "temperature_k": float(res.temperature_k[k])}
+        out["first_broken_bond"] = (
+            None if k is None else {"time_fs": float(res.time_fs[k]), "temperature_k": float(res.temperature_k[k])}
+        )
         if k is not None:
             failure = {"criterion": "bond broken (> 1.5 × initial length)", **out["first_broken_bond"]}
     elif len(below):
         failure = {"criterion": f"RDF similarity < {rdf_threshold}", **out["rdf_below_threshold"]}
     if res.stopped:
-        failure = {"criterion": "blow-up", "message": res.stopped, "time_fs": float(res.time_fs[-1]),
-                   "temperature_k": float(res.temperature_k[-1])}
+        failure = {
+            "criterion": "blow-up",
+            "message": res.stopped,
+            "time_fs": float(res.time_fs[-1]),
+            "temperature_k": float(res.temperature_k[-1]),
+        }
     out["failure"] = failure
     out["stable"] = failure is None
     return out, g
@@ -75,6 +91,7 @@ def analyse(res, numbers, cell, pbc, cfg: MDConfig, rdf_threshold: float, r_max:
 
 def plots(res, g, r, sim, out: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -97,8 +114,7 @@ def plots(res, g, r, sim, out: Path, title: str) -> None:
     picks = np.unique(np.linspace(0, len(g) - 1, min(6, len(g))).astype(int))
     cmap = plt.get_cmap("viridis")
     for i, k in enumerate(picks):
-        ax.plot(r, g[k], color=cmap(i / max(len(picks) - 1, 1)),
-                label=f"{t[k]:.2f} ps, {res.temperature_k[k]:.0f} K")
+        ax.plot(r, g[k], color=cmap(i / max(len(picks) - 1, 1)), label=f"{t[k]:.2f} ps, {res.temperature_k[k]:.0f} K")
     ax.set_xlabel("r (Å)")
     ax.set_ylabel("g(r)")
     ax.set_title(f"RDF over time: {title}")
@@ -141,17 +157,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     from so3lib.training import load_potential
+
     if not Path(a.run).exists():
         raise FileNotFoundError(f"{a.run}: no such run folder (train one with python -m experiments.md17 / train)")
-    cfg = MDConfig(ensemble=a.ensemble, temperature_k=a.ramp[0] if a.ramp else a.temperature,
-                   ramp_k=tuple(a.ramp) if a.ramp else None, steps=a.steps, dt_fs=a.dt, save_every=a.save_every,
-                   friction_per_ps=a.friction, tau_fs=a.tau, skin_angstrom=a.skin, seed=a.seed)
+    cfg = MDConfig(
+        ensemble=a.ensemble,
+        temperature_k=a.ramp[0] if a.ramp else a.temperature,
+        ramp_k=tuple(a.ramp) if a.ramp else None,
+        steps=a.steps,
+        dt_fs=a.dt,
+        save_every=a.save_every,
+        friction_per_ps=a.friction,
+        tau_fs=a.tau,
+        skin_angstrom=a.skin,
+        seed=a.seed,
+    )
     pot, params = load_potential(a.run)
     atoms = load_structure(a.structure, a.frame, a.supercell)
     pot.reference.check_species(atoms.numbers, f"{a.structure} (frame {a.frame})")
     if a.engine == "ase":
         from so3lib.calculator import So3libCalculator
         from so3lib.md.ase_engine import run_md_ase
+
         res = run_md_ase(So3libCalculator(pot, params, skin=a.skin), atoms, cfg, not a.no_progress, False)
     else:
         res = run_md(pot, params, atoms, cfg, not a.no_progress, raise_on_blowup=False)
@@ -159,15 +186,20 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cell, pbc = np.asarray(atoms.cell.array), np.asarray(atoms.pbc)
     report, g = analyse(res, atoms.numbers, cell, pbc, cfg, a.rdf_threshold, a.rdf_rmax)
-    report.update(run=str(a.run), structure=str(a.structure), engine=a.engine, model=pot.model.name,
-                  config=cfg.model_dump())
+    report.update(
+        run=str(a.run), structure=str(a.structure), engine=a.engine, model=pot.model.name, config=cfg.model_dump()
+    )
     import ase.io
+
     frames = []
     for k, p in enumerate(res.positions):
         f = atoms.copy()
         f.positions = p
-        f.info.update(time_fs=float(res.time_fs[k]), potential_energy_ev=float(res.potential_ev[k]),
-                      temperature_k=float(res.temperature_k[k]))
+        f.info.update(
+            time_fs=float(res.time_fs[k]),
+            potential_energy_ev=float(res.potential_ev[k]),
+            temperature_k=float(res.temperature_k[k]),
+        )
         frames.append(f)
     ase.io.write(out / "trajectory.extxyz", frames, format="extxyz")
     with open(out / "md.csv", "w", newline="") as fh:
@@ -179,8 +211,10 @@ def main(argv=None) -> dict:
     plots(res, g, r, np.asarray(report["rdf_similarity"]), out, f"{atoms.get_chemical_formula()} {cfg.ensemble}")
     (out / "md_results.json").write_text(json.dumps(report, indent=2, default=str))
     verdict = "stable" if report["stable"] else f"FAILED: {report['failure']}"
-    print(f"MD {cfg.ensemble} {res.step[-1]} steps, {report['steps_per_s']:.0f} steps/s "
-          f"({report['atom_steps_per_s']:.3g} atom-steps/s); {verdict}")
+    print(
+        f"MD {cfg.ensemble} {res.step[-1]} steps, {report['steps_per_s']:.0f} steps/s "
+        f"({report['atom_steps_per_s']:.3g} atom-steps/s); {verdict}"
+    )
     if "nve_drift_mev_per_atom_per_ps" in report:
         print(f"NVE drift {report['nve_drift_mev_per_atom_per_ps']:.3f} meV/atom/ps")
     print(f"results: {out / 'md_results.json'}")

@@ -5,6 +5,7 @@ usage: python -m experiments.train --model schnet --train PATH [--val PATH] [--t
 Without --val the training file is split 95/5 with --split-seed. Writes the run folder (config.yaml,
 metrics.csv, checkpoints/, model/, results.json, plots/). --resume continues from the last checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,22 @@ def main(argv=None) -> dict:
         splits = data.random_split(len(train_all), (1 - a.val_fraction, a.val_fraction), seed=a.split_seed)
         train_ds, val_ds = train_all.subset(splits["train"]), train_all.subset(splits["val"])
     test_ds = data.read(a.test, a.format) if a.test else None
-    cfg = RunConfig(name=name, model=make_config(model, **cli.collect(a, "model")),
-                    training=cli.training_options(a),
-                    data=DataConfig(train=a.train, val=a.val, test=a.test, format=a.format,
-                                    split="file" if a.val else "random", val_fraction=a.val_fraction,
-                                    split_seed=a.split_seed, energy_reference=a.energy_reference))
-    res = train(cfg, train_ds, val_ds, test_ds, out_dir=out, resume=a.resume, progress=not a.no_progress,
-                splits=splits)
+    cfg = RunConfig(
+        name=name,
+        model=make_config(model, **cli.collect(a, "model")),
+        training=cli.training_options(a),
+        data=DataConfig(
+            train=a.train,
+            val=a.val,
+            test=a.test,
+            format=a.format,
+            split="file" if a.val else "random",
+            val_fraction=a.val_fraction,
+            split_seed=a.split_seed,
+            energy_reference=a.energy_reference,
+        ),
+    )
+    res = train(cfg, train_ds, val_ds, test_ds, out_dir=out, resume=a.resume, progress=not a.no_progress, splits=splits)
     summary = {k: res[k] for k in ("test", "val", "train_time_s", "n_parameters") if k in res}
     print(json.dumps(summary, indent=2))
     print(f"run folder: {out}")

@@ -7,6 +7,7 @@ the md5 (``--md5``, else the one the figshare API publishes). Unpacked layout, r
 ``python -m experiments.md17 --data-dir data/rmd17``:
     data/rmd17/npz_data/rmd17_<molecule>.npz, data/rmd17/splits/index_{train,test}_0X.csv
 """
+
 from __future__ import annotations
 
 import argparse

@@ -2,8 +2,10 @@
 notebooks): one group per molecule with atomic_numbers, conformations (bohr), dft_total_energy (hartree),
 dft_total_gradient (hartree/bohr, = −forces), smiles and subset, exactly as SPICE stores them.
 
-usage: python scripts/make_spice_like.py [--rmd17-dir ../shared/data/rmd17] [--frames 200] [--out data/rmd17_spice_layout.hdf5]
+usage: python scripts/make_spice_like.py [--rmd17-dir ../shared/data/rmd17] [--frames 200]
+                                         [--out data/rmd17_spice_layout.hdf5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,13 +14,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from so3lib import units
 import so3lib.data as data
+from so3lib import units
 
-SMILES = {"aspirin": "CC(=O)OC1=CC=CC=C1C(=O)O", "azobenzene": "C1=CC=C(C=C1)N=NC2=CC=CC=C2",
-          "benzene": "C1=CC=CC=C1", "ethanol": "CCO", "malonaldehyde": "O=CCC=O",
-          "naphthalene": "C1=CC=C2C=CC=CC2=C1", "paracetamol": "CC(=O)NC1=CC=C(C=C1)O",
-          "salicylic": "C1=CC=C(C(=C1)C(=O)O)O", "toluene": "CC1=CC=CC=C1", "uracil": "C1=CNC(=O)NC1=O"}
+SMILES = {
+    "aspirin": "CC(=O)OC1=CC=CC=C1C(=O)O",
+    "azobenzene": "C1=CC=C(C=C1)N=NC2=CC=CC=C2",
+    "benzene": "C1=CC=CC=C1",
+    "ethanol": "CCO",
+    "malonaldehyde": "O=CCC=O",
+    "naphthalene": "C1=CC=C2C=CC=CC2=C1",
+    "paracetamol": "CC(=O)NC1=CC=C(C=C1)O",
+    "salicylic": "C1=CC=C(C(=C1)C(=O)O)O",
+    "toluene": "CC1=CC=CC=C1",
+    "uracil": "C1=CNC(=O)NC1=O",
+}
 
 
 def write_spice_like(rmd17_dir: Path, out: Path, frames: int = 200, split: str = "train_01") -> Path:
@@ -35,8 +45,9 @@ def write_spice_like(rmd17_dir: Path, out: Path, frames: int = 200, split: str =
             g["atomic_numbers"] = ds.numbers[:n].astype(np.int16)
             g["conformations"] = (ds.positions.reshape(len(ds), n, 3)[idx] / units.BOHR_ANGSTROM).astype(np.float32)
             g["dft_total_energy"] = ds.energy[idx] / units.HARTREE_EV
-            g["dft_total_gradient"] = (-ds.forces.reshape(len(ds), n, 3)[idx]
-                                       / units.HARTREE_PER_BOHR_EV_PER_ANGSTROM).astype(np.float32)
+            g["dft_total_gradient"] = (
+                -ds.forces.reshape(len(ds), n, 3)[idx] / units.HARTREE_PER_BOHR_EV_PER_ANGSTROM
+            ).astype(np.float32)
             g["smiles"] = np.array([smiles.encode()], dtype=object)
             g["subset"] = np.array([b"rMD17 in SPICE layout (converted by so3lib)"], dtype=object)
     return out

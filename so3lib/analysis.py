@@ -3,6 +3,7 @@
 
     stats = descriptor_analysis(config, dataset, out_dir="analysis/")   # config: a fitted BPNNConfig
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,14 @@ def raw_descriptors(cfg: BPNNConfig, dataset: Dataset, batch_size: int = 64) -> 
     """(A, D) unstandardised descriptors of every atom of ``dataset``, in dataset atom order."""
     from so3lib.graph.batching import GraphLoader
 
-    loader = GraphLoader(dataset, cfg.cutoff, batch_size, shuffle=False, triplet_cutoff=cfg.triplet_cutoff,
-                         dtype=np.float64 if cfg.dtype == "float64" else np.float32)
+    loader = GraphLoader(
+        dataset,
+        cfg.cutoff,
+        batch_size,
+        shuffle=False,
+        triplet_cutoff=cfg.triplet_cutoff,
+        dtype=np.float64 if cfg.dtype == "float64" else np.float32,
+    )
     fn = jax.jit(lambda g: descriptors(cfg, g))
     out = []
     for g in loader.epoch(0):
@@ -46,17 +53,27 @@ def descriptor_analysis(cfg: BPNNConfig, dataset: Dataset, out_dir: str | Path |
     stats = {}
     for k in dict.fromkeys(kinds):
         v = np.abs(G[:, kinds == k])
-        stats[k] = {"columns": int((kinds == k).sum()), "mean_abs": float(v.mean()), "median_abs": float(np.median(v)),
-                    "max_abs": float(v.max()), "p05_abs": float(np.quantile(v, 0.05)), "p95_abs": float(np.quantile(v, 0.95))}
+        stats[k] = {
+            "columns": int((kinds == k).sum()),
+            "mean_abs": float(v.mean()),
+            "median_abs": float(np.median(v)),
+            "max_abs": float(v.max()),
+            "p05_abs": float(np.quantile(v, 0.05)),
+            "p95_abs": float(np.quantile(v, 0.95)),
+        }
     summed = {k: np.bincount(frame, weights=G[:, kinds == k].sum(axis=1), minlength=len(dataset)) for k in stats}
     energy_per_atom = dataset.energy / dataset.n_atoms
-    corr_energy = {k: float(np.corrcoef(v, energy_per_atom)[0, 1]) if np.std(v) > 0 else float("nan")
-                   for k, v in summed.items()}
+    corr_energy = {
+        k: float(np.corrcoef(v, energy_per_atom)[0, 1]) if np.std(v) > 0 else float("nan") for k, v in summed.items()
+    }
     varying = G.std(axis=0) > 1e-12
     corr = np.corrcoef(G[:, varying].T) if varying.sum() > 1 else np.ones((1, 1))
-    result = {"per_kind": stats, "corr_with_energy_per_atom": corr_energy,
-              "mean_abs_correlation": float(np.mean(np.abs(corr[np.triu_indices(len(corr), 1)]))) if len(corr) > 1 else 0.0,
-              "hierarchy": sorted(stats, key=lambda k: -stats[k]["mean_abs"])}
+    result = {
+        "per_kind": stats,
+        "corr_with_energy_per_atom": corr_energy,
+        "mean_abs_correlation": float(np.mean(np.abs(corr[np.triu_indices(len(corr), 1)]))) if len(corr) > 1 else 0.0,
+        "hierarchy": sorted(stats, key=lambda k: -stats[k]["mean_abs"]),
+    }
     if out_dir is not None:
         _plots(Path(out_dir), stats, summed, energy_per_atom, corr, kinds[varying], G, kinds)
     return result
@@ -64,6 +81,7 @@ def descriptor_analysis(cfg: BPNNConfig, dataset: Dataset, out_dir: str | Path |
 
 def _plots(out: Path, stats, summed, energy_per_atom, corr, corr_kinds, G, kinds) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

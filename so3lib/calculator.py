@@ -8,6 +8,7 @@ One jitted function serves every call; inputs are padded to a geometric ladder o
 with a skin and reused while no atom moved more than skin/2 and the cell and atoms are unchanged (exact: edges
 between r_cut and r_cut + skin contribute exactly zero through the cutoff function).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,13 +40,19 @@ class So3libCalculator(Calculator):
         pos, cell, pbc, z = atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers
         if self._nl is not None:
             p0, c0, b0, z0, table = self._nl
-            if (len(z0) == len(z) and np.array_equal(z0, z) and np.array_equal(b0, pbc) and np.allclose(c0, cell)
-                    and np.max(np.linalg.norm(pos - p0, axis=1)) < 0.5 * self.skin):
+            if (
+                len(z0) == len(z)
+                and np.array_equal(z0, z)
+                and np.array_equal(b0, pbc)
+                and np.allclose(c0, cell)
+                and np.max(np.linalg.norm(pos - p0, axis=1)) < 0.5 * self.skin
+            ):
                 return table
         ds = _single_frame(atoms)
         tc = self.potential.model.triplet_cutoff
-        table = NeighbourTable.build(ds, self.potential.cutoff + self.skin,
-                                     triplet_cutoff=None if tc is None else tc + self.skin)
+        table = NeighbourTable.build(
+            ds, self.potential.cutoff + self.skin, triplet_cutoff=None if tc is None else tc + self.skin
+        )
         self._nl = (pos.copy(), cell.copy(), pbc.copy(), z.copy(), table)
         self.n_neighbour_builds += 1
         return table
@@ -69,6 +76,7 @@ class So3libCalculator(Calculator):
         self.results["forces"] = np.asarray(out["forces"], np.float64)[: len(atoms)]
         if stress:
             from ase.stress import full_3x3_to_voigt_6_stress
+
             self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"], np.float64)[0])
 
 
@@ -76,10 +84,17 @@ def _single_frame(atoms) -> Dataset:
     n = len(atoms)
     if n == 0:
         raise DataError("<atoms>", "empty structure")
-    return Dataset(np.asarray(atoms.numbers, np.int32), np.asarray(atoms.positions, np.float64),
-                   np.array([0, n], np.int64), np.asarray(atoms.cell.array, np.float64)[None],
-                   np.asarray(atoms.pbc, bool)[None], np.full(1, np.nan), None, None,
-                   {"frame": np.zeros(1, int), "source": np.array(["<atoms>"], object)})
+    return Dataset(
+        np.asarray(atoms.numbers, np.int32),
+        np.asarray(atoms.positions, np.float64),
+        np.array([0, n], np.int64),
+        np.asarray(atoms.cell.array, np.float64)[None],
+        np.asarray(atoms.pbc, bool)[None],
+        np.full(1, np.nan),
+        None,
+        None,
+        {"frame": np.zeros(1, int), "source": np.array(["<atoms>"], object)},
+    )
 
 
 def load_calculator(run_dir: str | Path, skin: float = 0.5, **kwargs) -> So3libCalculator:

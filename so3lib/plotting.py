@@ -1,9 +1,10 @@
 """PNG figures a person would rather look at than read: learning curves and parity plots."""
+
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -56,8 +57,9 @@ def learning_curve(metrics_csv: str | Path, out_png: str | Path, title: str = ""
     return Path(out_png)
 
 
-def parity(target: np.ndarray, pred: np.ndarray, out_png: str | Path, quantity: str, unit: str,
-           title: str = "") -> Path:
+def parity(
+    target: np.ndarray, pred: np.ndarray, out_png: str | Path, quantity: str, unit: str, title: str = ""
+) -> Path:
     """Predicted against reference values with the y = x line, MAE and RMSE in the legend."""
     target, pred = np.ravel(target), np.ravel(pred)
     mae = float(np.mean(np.abs(pred - target)))
@@ -84,8 +86,14 @@ def parity(target: np.ndarray, pred: np.ndarray, out_png: str | Path, quantity: 
     return Path(out_png)
 
 
-def bar_table(labels: Sequence[str], values: Sequence[float], out_png: str | Path, ylabel: str, title: str = "",
-              reference: dict[str, float] | None = None) -> Path:
+def bar_table(
+    labels: Sequence[str],
+    values: Sequence[float],
+    out_png: str | Path,
+    ylabel: str,
+    title: str = "",
+    reference: dict[str, float] | None = None,
+) -> Path:
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(labels) + 2), 4))
     ax.bar(labels, values, color="C0", label="so3lib")
     for i, (name, v) in enumerate((reference or {}).items()):

@@ -5,11 +5,13 @@ E_graph = Σ_i [scale · e_i + shift] + Σ_i e_ref(Z_i)  where e_i is the model 
 residual E − E_ref; the loss and metrics use the residual, computed on the host in float64, so float32 training
 does not lose meV to the large absolute energies. All outputs are exactly energy-conserving (autodiff).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +54,10 @@ class Potential:
 
     def _cast(self, graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
         dt = self.dtype
-        return graph._replace(nodes={**graph.nodes, "positions": jnp.asarray(graph.nodes["positions"], dt)},
-                              globals={**graph.globals, "cell": jnp.asarray(graph.globals["cell"], dt)})
+        return graph._replace(
+            nodes={**graph.nodes, "positions": jnp.asarray(graph.nodes["positions"], dt)},
+            globals={**graph.globals, "cell": jnp.asarray(graph.globals["cell"], dt)},
+        )
 
     # ------------------------------------------------------------------ energies
     def residual_energy(self, params: Params, graph: jraph.GraphsTuple) -> jax.Array:
@@ -66,17 +70,20 @@ class Potential:
     def reference_energy(self, graph: jraph.GraphsTuple) -> jax.Array:
         """(G,) Σ_i e_ref(Z_i) in the model dtype (lossy in float32: use host float64 for absolute energies)."""
         table = jnp.asarray(self.reference.table(), self.dtype)
-        return jax.ops.segment_sum(table[graph.nodes["species"]], node_graph_index(graph),
-                                   num_segments=graph.n_node.shape[0])
+        return jax.ops.segment_sum(
+            table[graph.nodes["species"]], node_graph_index(graph), num_segments=graph.n_node.shape[0]
+        )
 
     def __call__(self, params: Params, graph: jraph.GraphsTuple, compute_stress: bool = False) -> dict[str, jax.Array]:
         """{energy_residual (G,), energy (G,), forces (N, 3), [stress (G, 3, 3)]} in eV, eV/Å, eV/Å³."""
         graph = self._cast(graph)
         pos = graph.nodes["positions"]
         if not compute_stress:
+
             def total(p):
                 e = self.residual_energy(params, graph._replace(nodes={**graph.nodes, "positions": p}))
                 return jnp.sum(e), e
+
             (_, e), grad_pos = jax.value_and_grad(total, has_aux=True)(pos)
             out = {"energy_residual": e, "forces": -grad_pos}
         else:
@@ -92,6 +99,7 @@ class Potential:
                 g = graph._replace(nodes={**graph.nodes, "positions": p_s}, globals={**graph.globals, "cell": cell_s})
                 e = self.residual_energy(params, g)
                 return jnp.sum(e), e
+
             (_, e), (grad_pos, grad_strain) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(pos, strain0)
             vol = jnp.abs(jnp.linalg.det(cell))
             periodic = jnp.any(graph.globals["pbc"], axis=1) & (vol > 0)
@@ -102,13 +110,21 @@ class Potential:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "reference": self.reference.to_dict(), "scale": float(self.scale),
-                "shift": float(self.shift)}
+        return {
+            "model": self.model.to_dict(),
+            "reference": self.reference.to_dict(),
+            "scale": float(self.scale),
+            "shift": float(self.shift),
+        }
 
     @staticmethod
-    def from_dict(d: Mapping) -> "Potential":
-        return Potential(model=config_from_dict(d["model"]), reference=EnergyReference.from_dict(d["reference"]),
-                         scale=float(d["scale"]), shift=float(d["shift"]))
+    def from_dict(d: Mapping) -> Potential:
+        return Potential(
+            model=config_from_dict(d["model"]),
+            reference=EnergyReference.from_dict(d["reference"]),
+            scale=float(d["scale"]),
+            shift=float(d["shift"]),
+        )
 
 
 def fit_scale_shift(dataset: Dataset, reference: EnergyReference) -> tuple[float, float]:
@@ -121,7 +137,7 @@ def fit_scale_shift(dataset: Dataset, reference: EnergyReference) -> tuple[float
     if dataset.forces is not None:
         f = dataset.forces[np.isfinite(dataset.forces).all(axis=1)]
         if len(f):
-            scale = float(np.sqrt(np.mean(f ** 2)))
+            scale = float(np.sqrt(np.mean(f**2)))
     if not np.isfinite(scale) or scale <= 0:
         scale = float(np.std(resid[ok])) if ok.sum() > 1 else 1.0
     return (scale if scale > 0 else 1.0), shift

@@ -1,4 +1,7 @@
-"""Shared fixtures. Real reference data is read from ../shared/data (beside the project root, as in CI)."""
+"""Shared fixtures. The default run reads real data from ``tests/data/`` (small slices, see its README) and the
+samples bundled in the package, so it passes from a plain clone. Tests marked ``data`` read the full reference
+files from ``$SO3LIB_SHARED_DATA`` or ``../shared/data`` (run them with ``pytest -m data``)."""
+
 from __future__ import annotations
 
 import os
@@ -20,45 +23,75 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 SHARED = Path(os.environ.get("SO3LIB_SHARED_DATA", ROOT.parent / "shared" / "data"))
+BUNDLED = ROOT / "so3lib" / "data" / "bundled"
+ETHANOL_TRAIN = BUNDLED / "rmd17_ethanol_train_01.npz"  # rMD17 ethanol split 01, all 1000 frames
+ETHANOL_TEST = BUNDLED / "rmd17_ethanol_test_01.npz"
+SPICE_SAMPLE = BUNDLED / "SPICE-1.1.4_n2.hdf5"
+
+
+def data(*parts: str) -> Path:
+    """A file of the committed test data (``tests/data``)."""
+    p = DATA.joinpath(*parts)
+    if not p.exists():
+        raise FileNotFoundError(f"test data {p} is missing (regenerate it: python scripts/make_test_data.py)")
+    return p
 
 
 def shared(*parts: str) -> Path:
+    """A full reference file, for tests marked ``data`` only."""
     p = SHARED.joinpath(*parts)
     if not p.exists():
-        raise FileNotFoundError(f"shared reference data {p} is missing: the tests read ../shared/data "
-                                "(set SO3LIB_SHARED_DATA to its location)")
+        raise FileNotFoundError(
+            f"full reference data {p} is missing: tests marked 'data' read $SO3LIB_SHARED_DATA or ../shared/data"
+        )
     return p
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that reads ``shared()`` must say so with the ``data`` marker (so the default run never needs it)."""
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and "shared(" in inspect.getsource(fn) and item.get_closest_marker("data") is None:
+            raise pytest.UsageError(f"{item.nodeid} reads shared() data but is not marked 'data'")
 
 
 @pytest.fixture(scope="session")
 def ethanol_train():
     import so3lib.data as d
-    return d.read(shared("rmd17", "rmd17_ethanol_train_01.npz"))
+
+    return d.read(ETHANOL_TRAIN)
 
 
 @pytest.fixture(scope="session")
 def ethanol_test():
     import so3lib.data as d
-    return d.read(shared("rmd17", "rmd17_ethanol_test_01.npz"))
+
+    return d.read(ETHANOL_TEST)
 
 
 @pytest.fixture(scope="session")
 def aspirin():
     import so3lib.data as d
-    return d.read(shared("rmd17", "rmd17_aspirin_test_01.npz"))
+
+    return d.read(data("rmd17", "rmd17_aspirin_test_01.npz"))
 
 
 @pytest.fixture(scope="session")
 def li_test():
     import so3lib.data as d
-    return d.read(shared("materials", "li_mlearn_test.json"))
+
+    return d.read(data("materials", "li_mlearn_test.json"))
 
 
 @pytest.fixture(scope="session")
 def tial():
     import so3lib.data as d
-    return d.read(shared("materials", "tial_tutorial.xyz"))
+
+    return d.read(data("materials", "tial_first40.xyz"))
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:

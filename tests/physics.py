@@ -1,4 +1,5 @@
 """Helpers for the physics tests (float64)."""
+
 from __future__ import annotations
 
 import jax
@@ -25,12 +26,15 @@ def graph(pot, ds, frames, budget: GraphBudget | None = None):
 
 
 def structure_graph(pot, s, budget=None):
-    from so3lib.calculator import _single_frame
     import ase
+
+    from so3lib.calculator import _single_frame
+
     atoms = ase.Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
     ds = _single_frame(atoms)
-    return build_batch(ds, NeighbourTable.build(ds, pot.cutoff, triplet_cutoff=pot.model.triplet_cutoff), [0], budget,
-                       np.float64)
+    return build_batch(
+        ds, NeighbourTable.build(ds, pot.cutoff, triplet_cutoff=pot.model.triplet_cutoff), [0], budget, np.float64
+    )
 
 
 _JIT: dict = {}

@@ -1,5 +1,6 @@
 """Sweeps: a 2 × 2 sweep writes the CSV, the Markdown table and the plots; a sweep killed mid-way and run
 again completes only the missing points, with the same results; invalid sweep files get clear errors."""
+
 import csv
 import os
 import signal
@@ -9,8 +10,7 @@ import time
 
 import numpy as np
 import pytest
-
-from conftest import ROOT, shared
+from conftest import ETHANOL_TRAIN, ROOT
 
 SWEEP = """model: schnet
 train: {train}
@@ -30,7 +30,7 @@ grid:
 @pytest.fixture(scope="module")
 def sweep_file(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweepdata")
-    raw = np.load(shared("rmd17", "rmd17_ethanol_train_01.npz"))
+    raw = np.load(ETHANOL_TRAIN)
     keys = ("nuclear_charges", "coords", "energies", "forces")
     np.savez(tmp_path / "tr.npz", **{k: raw[k][:120] if k != "nuclear_charges" else raw[k] for k in keys})
     np.savez(tmp_path / "te.npz", **{k: raw[k][900:950] if k != "nuclear_charges" else raw[k] for k in keys})
@@ -49,8 +49,13 @@ def full_sweep(tmp_path_factory, sweep_file):
     """One uninterrupted sequential sweep, the reference for the tests below."""
     out = tmp_path_factory.mktemp("full")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    full = subprocess.run([sys.executable, "-m", "experiments.ablation", str(sweep_file), "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    full = subprocess.run(
+        [sys.executable, "-m", "experiments.ablation", str(sweep_file), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     return out
 
@@ -60,17 +65,26 @@ def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_pat
     cmd = [sys.executable, "-m", "experiments.ablation", str(sweep_file)]
     out = full_sweep
     rows = _rows(out / "sweep.csv")
-    assert len(rows) == 4 and {"n_atom_basis", "beta", "energy_mae_mev", "forces_mae_mev_per_a", "n_parameters",
-                               "compile_time_s", "train_time_s", "time_per_step_ms",
-                               "inference_ms_per_structure"} <= set(rows[0])
+    assert len(rows) == 4 and {
+        "n_atom_basis",
+        "beta",
+        "energy_mae_mev",
+        "forces_mae_mev_per_a",
+        "n_parameters",
+        "compile_time_s",
+        "train_time_s",
+        "time_per_step_ms",
+        "inference_ms_per_structure",
+    } <= set(rows[0])
     md = (out / "sweep.md").read_text()
     assert md.count("\n|") >= 5 and "best force MAE first" in md
     for f in ("metrics_vs_parameters.png", "pareto.png"):
         assert (out / "plots" / f).stat().st_size > 5000
 
     # interrupted sweep: kill once the first point has finished, then run again
-    killed = subprocess.Popen(cmd + ["--out", str(tmp_path / "part")], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        cmd + ["--out", str(tmp_path / "part")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     pts = tmp_path / "part" / "points"
     t0 = time.time()
     while time.time() - t0 < 600:
@@ -82,8 +96,9 @@ def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_pat
     killed.wait()
     n_done = len(list(pts.glob("*/results.json")))
     assert 1 <= n_done < 4 and not (tmp_path / "part" / "sweep.csv").exists()
-    again = subprocess.run(cmd + ["--out", str(tmp_path / "part")], env=env, capture_output=True, text=True,
-                           timeout=900)
+    again = subprocess.run(
+        cmd + ["--out", str(tmp_path / "part")], env=env, capture_output=True, text=True, timeout=900
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier, skipped") == n_done
     a = sorted(_rows(out / "sweep.csv"), key=lambda r: (r["n_atom_basis"], r["beta"]))
@@ -96,8 +111,9 @@ def test_workers_split_the_points_and_match(tmp_path, sweep_file, full_sweep):
     """--workers 2: two processes train disjoint halves of the points; the tables equal a sequential sweep's."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "experiments.ablation", str(sweep_file)]
-    par = subprocess.run(cmd + ["--out", str(tmp_path / "par"), "--workers", "2"], env=env, capture_output=True,
-                         text=True, timeout=900)
+    par = subprocess.run(
+        cmd + ["--out", str(tmp_path / "par"), "--workers", "2"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert par.returncode == 0, par.stderr[-3000:]
     assert par.stdout.count("finished earlier, skipped") == 4  # the workers trained all four points
     a = sorted(_rows(full_sweep / "sweep.csv"), key=lambda r: (r["n_atom_basis"], r["beta"]))
@@ -105,17 +121,21 @@ def test_workers_split_the_points_and_match(tmp_path, sweep_file, full_sweep):
     assert [r["forces_mae_mev_per_a"] for r in a] == [r["forces_mae_mev_per_a"] for r in b]
 
 
-@pytest.mark.parametrize("body,message", [
-    ("model: schnet\ndata: rmd17:ethanol\ngrid: {l_max: [1, 2]}\n", "'l_max' is not an option of model 'schnet'"),
-    ("model: schnet\ndata: rmd17:ethanol\ngrid: {cutof: [4.0]}\n", "unknown parameter 'cutof'"),
-    ("model: schnet\ndata: rmd17:ethanol\ngrid: {cutoff: []}\n", "non-empty list"),
-    ("model: schnet\ndata: rmd17:ethanol\n", "exactly one of 'grid' or 'random'"),
-    ("model: painn\ndata: rmd17:ethanol\ngrid: {cutoff: [4.0]}\n", "unknown model 'painn'"),
-    ("model: schnet\ndata: rmd17:ethanol\ngrid: {cutoff: [4.0]}\nlearning_rat: 0.1\n", "unknown top-level option"),
-    ("- just a list\n", "a sweep file is a mapping"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("model: schnet\ndata: rmd17:ethanol\ngrid: {l_max: [1, 2]}\n", "'l_max' is not an option of model 'schnet'"),
+        ("model: schnet\ndata: rmd17:ethanol\ngrid: {cutof: [4.0]}\n", "unknown parameter 'cutof'"),
+        ("model: schnet\ndata: rmd17:ethanol\ngrid: {cutoff: []}\n", "non-empty list"),
+        ("model: schnet\ndata: rmd17:ethanol\n", "exactly one of 'grid' or 'random'"),
+        ("model: painn\ndata: rmd17:ethanol\ngrid: {cutoff: [4.0]}\n", "unknown model 'painn'"),
+        ("model: schnet\ndata: rmd17:ethanol\ngrid: {cutoff: [4.0]}\nlearning_rat: 0.1\n", "unknown top-level option"),
+        ("- just a list\n", "a sweep file is a mapping"),
+    ],
+)
 def test_invalid_sweep_files(tmp_path, body, message):
     from experiments.ablation import load_sweep
+
     p = tmp_path / "bad.yaml"
     p.write_text(body)
     with pytest.raises(ValueError, match=message):
@@ -124,6 +144,7 @@ def test_invalid_sweep_files(tmp_path, body, message):
 
 def test_random_sampling_is_seeded_and_pareto_front():
     from experiments.ablation import SweepConfig, pareto_front
+
     cfg = dict(model="so3krates", data="rmd17:ethanol", random={"cutoff": [3.0, 6.0], "l_max": [1, 2, 3]}, samples=5)
     a = SweepConfig(**cfg, sample_seed=1).points()
     assert a == SweepConfig(**cfg, sample_seed=1).points() and a != SweepConfig(**cfg, sample_seed=2).points()

@@ -1,18 +1,19 @@
 """Bad input gets a clear error naming the file, the key and the frame; nothing is dropped silently."""
+
 import json
 import shutil
 
 import h5py
 import numpy as np
 import pytest
+from conftest import ETHANOL_TEST, SPICE_SAMPLE, data
 
 import so3lib.data as d
-from conftest import shared
 
 
 @pytest.fixture()
 def rmd17_arrays():
-    raw = np.load(shared("rmd17", "rmd17_ethanol_test_01.npz"))
+    raw = np.load(ETHANOL_TEST)
     return {k: raw[k][:20].copy() if raw[k].ndim and k != "nuclear_charges" else raw[k].copy() for k in raw.files}
 
 
@@ -86,6 +87,7 @@ def test_atoms_too_close(tmp_path, rmd17_arrays):
 def test_atoms_too_close_across_periodic_boundary(tmp_path):
     import ase
     import ase.io
+
     a = ase.Atoms("Li2", positions=[[0.02, 1, 1], [3.97, 1, 1]], cell=np.eye(3) * 4.0, pbc=True)
     a.info["energy"] = -3.0
     ase.io.write(tmp_path / "li.extxyz", a)
@@ -104,7 +106,7 @@ def test_empty_dataset(tmp_path, rmd17_arrays):
 
 
 def test_zero_volume_cell_with_pbc(tmp_path):
-    entries = json.load(open(shared("materials", "li_mlearn_test.json")))[:3]
+    entries = json.load(open(data("materials", "li_mlearn_test.json")))[:3]
     entries[2]["structure"]["lattice"]["matrix"][2] = [0.0, 0.0, 0.0]
     (tmp_path / "li.json").write_text(json.dumps(entries))
     with pytest.raises(d.DataError, match=r"li.json, key 'structure.lattice', frame 2: .*zero-volume cell"):
@@ -112,7 +114,7 @@ def test_zero_volume_cell_with_pbc(tmp_path):
 
 
 def test_truncated_npz(tmp_path):
-    src = shared("rmd17", "rmd17_ethanol_test_01.npz").read_bytes()
+    src = ETHANOL_TEST.read_bytes()
     p = tmp_path / "trunc.npz"
     p.write_bytes(src[: len(src) // 2])
     with pytest.raises(d.DataError, match="trunc.npz.*corrupted or truncated"):
@@ -120,7 +122,7 @@ def test_truncated_npz(tmp_path):
 
 
 def test_corrupted_hdf5(tmp_path):
-    src = shared("spice", "SPICE-1.1.4_n2.hdf5").read_bytes()
+    src = SPICE_SAMPLE.read_bytes()
     p = tmp_path / "bad.hdf5"
     p.write_bytes(src[:2000])
     with pytest.raises(d.DataError, match="bad.hdf5.*(corrupted|cannot read)"):
@@ -129,7 +131,7 @@ def test_corrupted_hdf5(tmp_path):
 
 def test_spice_missing_key_and_nan(tmp_path):
     p = tmp_path / "s.hdf5"
-    shutil.copy(shared("spice", "SPICE-1.1.4_n2.hdf5"), p)
+    shutil.copy(SPICE_SAMPLE, p)
     with h5py.File(p, "r+") as f:
         g = f["103147721"]["dft_total_gradient"]
         arr = g[()]
@@ -143,18 +145,18 @@ def test_spice_missing_key_and_nan(tmp_path):
 
 
 def test_truncated_json_and_xyz(tmp_path):
-    txt = shared("materials", "li_mlearn_test.json").read_text()
+    txt = data("materials", "li_mlearn_test.json").read_text()
     (tmp_path / "t.json").write_text(txt[: len(txt) // 3])
     with pytest.raises(d.DataError, match="t.json.*corrupted or truncated JSON"):
         d.read(tmp_path / "t.json", format="mlearn")
-    lines = shared("materials", "tial_tutorial.xyz").read_text().splitlines()
+    lines = data("materials", "tial_first40.xyz").read_text().splitlines()
     (tmp_path / "t.xyz").write_text("\n".join(lines[:5]) + "\n")  # header promises 2 atoms; frame 2 is cut
     with pytest.raises(d.DataError, match="t.xyz.*cannot be read"):
         d.read(tmp_path / "t.xyz")
 
 
 def test_mlearn_unknown_element(tmp_path):
-    entries = json.load(open(shared("materials", "li_mlearn_test.json")))[:2]
+    entries = json.load(open(data("materials", "li_mlearn_test.json")))[:2]
     entries[1]["structure"]["sites"][0]["species"][0]["element"] = "Xx"
     (tmp_path / "li.json").write_text(json.dumps(entries))
     with pytest.raises(d.DataError, match=r"li.json, key 'structure.sites.species', frame 1: unknown element"):

@@ -1,6 +1,7 @@
 """BPNN: descriptors equal a brute-force numpy implementation (explicit loops over i, j, k and periodic
 images) on real ethanol and a periodic Li cell; standardisation; presets and the automatic set; triplet
 overflow is an error; short training on ethanol and Li learns."""
+
 import itertools
 
 import jax
@@ -11,9 +12,15 @@ from so3lib.graph import GraphBudget, NeighbourTable, build_batch
 from so3lib.models import make_config
 from so3lib.models.bpnn import descriptors, species_lookup
 
-ALL_KINDS = [dict(kind="G1"), dict(kind="G2", eta=0.8, rs=1.4), dict(kind="G3", kappa=1.3),
-             dict(kind="G4", eta=0.05, zeta=2.0, lam=-1), dict(kind="G5", eta=0.1, zeta=1.0, lam=1),
-             dict(kind="G5", eta=0.02, zeta=4.0, lam=-1), dict(kind="ANI", eta=2.0, zeta=8.0, rs=1.5, theta_s=0.7)]
+ALL_KINDS = [
+    dict(kind="G1"),
+    dict(kind="G2", eta=0.8, rs=1.4),
+    dict(kind="G3", kappa=1.3),
+    dict(kind="G4", eta=0.05, zeta=2.0, lam=-1),
+    dict(kind="G5", eta=0.1, zeta=1.0, lam=1),
+    dict(kind="G5", eta=0.02, zeta=4.0, lam=-1),
+    dict(kind="ANI", eta=2.0, zeta=8.0, rs=1.5, theta_s=0.7),
+]
 
 
 def fc(r, rc):
@@ -41,8 +48,11 @@ def brute_force(numbers, positions, cell, pbc, species, sfs, rc, rca):
         for sj, v in neigh:
             r = np.linalg.norm(v)
             for f, s in enumerate(rad):
-                g = {"G1": 1.0, "G2": np.exp(-s.get("eta", 0) * (r - s.get("rs", 0)) ** 2),
-                     "G3": np.cos(s.get("kappa", 0) * r)}[s["kind"]]
+                g = {
+                    "G1": 1.0,
+                    "G2": np.exp(-s.get("eta", 0) * (r - s.get("rs", 0)) ** 2),
+                    "G3": np.cos(s.get("kappa", 0) * r),
+                }[s["kind"]]
                 out[i, sj * len(rad) + f] += g * fc(r, rc)
         base = S * len(rad)
         for a in range(len(neigh)):
@@ -56,14 +66,31 @@ def brute_force(numbers, positions, cell, pbc, species, sfs, rc, rca):
                 for f, s in enumerate(ang):
                     z, lam, eta = s.get("zeta", 1.0), s.get("lam", 1), s.get("eta", 0.0)
                     if s["kind"] == "G4":
-                        g = 2 ** (1 - z) * (1 + lam * cos) ** z * np.exp(-eta * (r1 ** 2 + r2 ** 2 + r3 ** 2)) \
-                            * fc(r1, rca) * fc(r2, rca) * fc(r3, rca)
+                        g = (
+                            2 ** (1 - z)
+                            * (1 + lam * cos) ** z
+                            * np.exp(-eta * (r1**2 + r2**2 + r3**2))
+                            * fc(r1, rca)
+                            * fc(r2, rca)
+                            * fc(r3, rca)
+                        )
                     elif s["kind"] == "G5":
-                        g = 2 ** (1 - z) * (1 + lam * cos) ** z * np.exp(-eta * (r1 ** 2 + r2 ** 2)) * fc(r1, rca) * fc(r2, rca)
+                        g = (
+                            2 ** (1 - z)
+                            * (1 + lam * cos) ** z
+                            * np.exp(-eta * (r1**2 + r2**2))
+                            * fc(r1, rca)
+                            * fc(r2, rca)
+                        )
                     else:
                         th = np.arccos(0.95 * cos)
-                        g = 2 ** (1 - z) * (1 + np.cos(th - s["theta_s"])) ** z \
-                            * np.exp(-eta * ((r1 + r2) / 2 - s["rs"]) ** 2) * fc(r1, rca) * fc(r2, rca)
+                        g = (
+                            2 ** (1 - z)
+                            * (1 + np.cos(th - s["theta_s"])) ** z
+                            * np.exp(-eta * ((r1 + r2) / 2 - s["rs"]) ** 2)
+                            * fc(r1, rca)
+                            * fc(r2, rca)
+                        )
                     out[i, base + p * len(ang) + f] += g
     return out
 
@@ -74,8 +101,16 @@ def test_descriptors_equal_brute_force(which, ethanol_test, li_test):
     frame = 0 if which == "ethanol" else int(np.argmax(li_test.n_atoms == 12))
     s = ds[frame]
     rc, rca = (4.0, 3.0) if which == "ethanol" else (4.5, 3.2)
-    cfg = make_config("bpnn", preset="custom", symmetry_functions=ALL_KINDS, cutoff=rc, cutoff_angular=rca,
-                      species=ds.species, standardize=False, dtype="float64")
+    cfg = make_config(
+        "bpnn",
+        preset="custom",
+        symmetry_functions=ALL_KINDS,
+        cutoff=rc,
+        cutoff_angular=rca,
+        species=ds.species,
+        standardize=False,
+        dtype="float64",
+    )
     sub = ds.subset([frame])
     g = build_batch(sub, NeighbourTable.build(sub, rc, triplet_cutoff=rca), [0], None, np.float64)
     got = np.asarray(jax.jit(lambda g: descriptors(cfg, g))(g))[: len(s)]
@@ -87,8 +122,9 @@ def test_descriptors_equal_brute_force(which, ethanol_test, li_test):
 def test_standardised_training_descriptors_have_zero_mean_unit_variance(ethanol_train):
     ds = ethanol_train.subset(np.arange(200))
     cfg = make_config("bpnn", n_radial=6, n_angular=4, cutoff=4.0, dtype="float64").fit(ds)
-    g = build_batch(ds, NeighbourTable.build(ds, cfg.cutoff, triplet_cutoff=cfg.triplet_cutoff), np.arange(200),
-                    None, np.float64)
+    g = build_batch(
+        ds, NeighbourTable.build(ds, cfg.cutoff, triplet_cutoff=cfg.triplet_cutoff), np.arange(200), None, np.float64
+    )
     G = np.asarray(jax.jit(lambda g: descriptors(cfg, g))(g))[: ds.offsets[-1]]
     lookup = species_lookup(cfg.species)
     z = lookup[ds.numbers]
@@ -115,6 +151,7 @@ def test_presets_and_explicit_lists():
     assert {s.kind for s in f.symmetry_functions} == {"G2", "G5"}
     custom = make_config("bpnn", preset="custom", symmetry_functions=ALL_KINDS, cutoff=5.0)
     from so3lib.models import config_from_dict
+
     assert config_from_dict(custom.to_dict()) == custom
     with pytest.raises(ValueError, match="needs symmetry_functions"):
         make_config("bpnn", preset="custom")
@@ -145,20 +182,28 @@ def test_triplet_overflow_is_an_error(ethanol_test):
 
 @pytest.mark.parametrize("which", ["ethanol", "li"])
 def test_short_training_learns(which, tmp_path, ethanol_train, li_test):
-    from conftest import shared
+    from conftest import data
+
     import so3lib.data as d
     from so3lib.training import RunConfig, train
+
     if which == "ethanol":
-        tr, va, te = ethanol_train.subset(np.arange(300)), ethanol_train.subset(np.arange(300, 350)), \
-            ethanol_train.subset(np.arange(350, 550))
+        tr, va, te = (
+            ethanol_train.subset(np.arange(300)),
+            ethanol_train.subset(np.arange(300, 350)),
+            ethanol_train.subset(np.arange(350, 550)),
+        )
         opts = dict(n_radial=8, n_angular=8, cutoff=4.0, hidden=(32, 32))
     else:
-        full = d.read(shared("materials", "li_mlearn_training.json"))
-        tr, va, te = full.subset(np.arange(0, 241, 3)), full.subset(np.arange(1, 241, 12)), li_test
+        full = d.read(data("materials", "li_mlearn_training_every6.json"))  # 41 of the 241 training cells
+        val = np.arange(3, len(full), 8)
+        tr, va, te = full.subset(np.setdiff1d(np.arange(len(full)), val)), full.subset(val), li_test
         opts = dict(n_radial=8, n_angular=4, cutoff=5.0, cutoff_angular=3.2, hidden=(32, 32))
-    cfg = RunConfig(name="b", model=make_config("bpnn", **opts),
-                    training=dict(max_steps=150, batch_size=8, eval_every_steps=75, warmup_steps=10,
-                                  learning_rate=3e-3))
+    cfg = RunConfig(
+        name="b",
+        model=make_config("bpnn", **opts),
+        training=dict(max_steps=150, batch_size=8, eval_every_steps=75, warmup_steps=10, learning_rate=3e-3),
+    )
     res = train(cfg, tr, va, te, out_dir=tmp_path / which, progress=False)
     zero_predictor = float(np.mean(np.abs(te.forces)))
     assert res["test"]["forces_mae_ev_per_a"] < 0.7 * zero_predictor, res["test"]
@@ -167,11 +212,18 @@ def test_short_training_learns(which, tmp_path, ethanol_train, li_test):
 
 def test_descriptor_analysis_hierarchy_and_plots(tmp_path, ethanol_test):
     from so3lib.analysis import descriptor_analysis
+
     ds = ethanol_test.subset(np.arange(60))
-    sfs = [dict(kind="G1"), dict(kind="G2", eta=4.0, rs=0.0), dict(kind="G3", kappa=0.3),
-           dict(kind="G4", eta=0.5, zeta=4.0, lam=1), dict(kind="G5", eta=0.5, zeta=4.0, lam=1)]
-    cfg = make_config("bpnn", preset="custom", symmetry_functions=sfs, cutoff=6.0, standardize=False,
-                      dtype="float64").fit(ds)
+    sfs = [
+        dict(kind="G1"),
+        dict(kind="G2", eta=4.0, rs=0.0),
+        dict(kind="G3", kappa=0.3),
+        dict(kind="G4", eta=0.5, zeta=4.0, lam=1),
+        dict(kind="G5", eta=0.5, zeta=4.0, lam=1),
+    ]
+    cfg = make_config(
+        "bpnn", preset="custom", symmetry_functions=sfs, cutoff=6.0, standardize=False, dtype="float64"
+    ).fit(ds)
     res = descriptor_analysis(cfg, ds, tmp_path)
     assert set(res["per_kind"]) == {"G1", "G2", "G3", "G4", "G5"}
     m = {k: v["mean_abs"] for k, v in res["per_kind"].items()}
@@ -182,10 +234,13 @@ def test_descriptor_analysis_hierarchy_and_plots(tmp_path, ethanol_test):
 
 
 def test_calculator_with_triplets_equals_direct(ethanol_test):
-    import so3lib
     from physics import graph, make_potential
-    pot, params = make_potential("bpnn", {"n_radial": 4, "n_angular": 3, "cutoff": 4.0, "hidden": (8,)},
-                                 ethanol_test.subset(np.arange(30)))
+
+    import so3lib
+
+    pot, params = make_potential(
+        "bpnn", {"n_radial": 4, "n_angular": 3, "cutoff": 4.0, "hidden": (8,)}, ethanol_test.subset(np.arange(30))
+    )
     calc = so3lib.So3libCalculator(pot, params, skin=0.3)
     atoms = ethanol_test[7].to_ase()
     atoms.calc = calc

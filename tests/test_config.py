@@ -1,4 +1,5 @@
 """Model registry and typed configs: validation with clear errors, YAML round trips."""
+
 import pytest
 
 from so3lib import models
@@ -25,8 +26,11 @@ def test_invalid_options_are_named():
 
 
 def test_run_config_yaml_round_trip(tmp_path):
-    cfg = RunConfig(name="x", model=models.make_config("schnet", n_interactions=4, rbf="bessel"),
-                    training=TrainingConfig(max_steps=10, beta=0.9, schedule="plateau"))
+    cfg = RunConfig(
+        name="x",
+        model=models.make_config("schnet", n_interactions=4, rbf="bessel"),
+        training=TrainingConfig(max_steps=10, beta=0.9, schedule="plateau"),
+    )
     cfg.to_yaml(tmp_path / "c.yaml")
     back = RunConfig.from_yaml(tmp_path / "c.yaml")
     assert back == cfg and back.model.n_interactions == 4 and back.training.schedule == "plateau"
@@ -44,7 +48,9 @@ def test_training_config_validation():
 
 def test_plateau_scale_reads_the_plateau_state_only():
     import jax.numpy as jnp
+
     from so3lib.training.optim import make_optimizer, plateau_scale
+
     params = {"LayerNorm_0": {"scale": jnp.ones(3) * 7.0, "bias": jnp.zeros(3)}}
     for schedule in ("plateau", "exponential"):
         opt = make_optimizer(TrainingConfig(max_steps=1, schedule=schedule), 10)

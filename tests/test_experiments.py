@@ -1,5 +1,6 @@
 """The commands run end to end from the CLI; the download helpers resume and verify checksums (offline, against
 a local HTTP server on 127.0.0.1)."""
+
 import hashlib
 import http.server
 import json
@@ -8,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import shared
+from conftest import ETHANOL_TEST, SPICE_SAMPLE, data
 
 
 def test_inspect_command(capsys):
     from experiments import inspect
-    s = inspect.main([str(shared("spice", "SPICE-1.1.4_n2.hdf5"))])
+
+    s = inspect.main([str(SPICE_SAMPLE)])
     out = capsys.readouterr().out
     assert s["frames"] == 55 and "per-element reference" in out and "[spice]" in out
     s = inspect.main([])  # bundled sample by default
@@ -23,9 +24,27 @@ def test_inspect_command(capsys):
 
 def test_md17_quick_cli_on_rmd17(tmp_path):
     from experiments import md17
-    rows = md17.main(["--molecule", "ethanol", "--quick", "--max-steps", "30", "--n-atom-basis", "16",
-                      "--n-interactions", "1", "--eval-every-steps", "15", "--out", str(tmp_path / "q"),
-                      "--data-dir", str(shared("rmd17")), "--no-progress"])
+
+    rows = md17.main(
+        [
+            "--molecule",
+            "ethanol",
+            "--quick",
+            "--max-steps",
+            "30",
+            "--n-atom-basis",
+            "16",
+            "--n-interactions",
+            "1",
+            "--eval-every-steps",
+            "15",
+            "--out",
+            str(tmp_path / "q"),
+            "--data-dir",
+            str(data("rmd17")),
+            "--no-progress",
+        ]
+    )
     r = rows[0]
     assert r["n_train"] == 950 and r["n_val"] == 50 and r["test"]["n_structures"] == 1000
     table = (tmp_path / "q" / "results.md").read_text()
@@ -35,17 +54,20 @@ def test_md17_quick_cli_on_rmd17(tmp_path):
 
 def test_md17_reads_figshare_archive_layout_and_original_md17(tmp_path):
     from experiments import md17
-    raw = np.load(shared("rmd17", "rmd17_uracil_train_01.npz"))
+
+    raw = np.load(data("rmd17", "rmd17_uracil_train_01.npz"))
     (tmp_path / "rmd17" / "npz_data").mkdir(parents=True)
     (tmp_path / "rmd17" / "splits").mkdir()
-    np.savez(tmp_path / "rmd17" / "npz_data" / "rmd17_uracil.npz",
-             **{k: raw[k] for k in ("nuclear_charges", "coords", "energies", "forces")})
+    np.savez(
+        tmp_path / "rmd17" / "npz_data" / "rmd17_uracil.npz",
+        **{k: raw[k] for k in ("nuclear_charges", "coords", "energies", "forces")},
+    )
     np.savetxt(tmp_path / "rmd17" / "splits" / "index_train_01.csv", np.arange(0, 1000), fmt="%d")
     np.savetxt(tmp_path / "rmd17" / "splits" / "index_test_01.csv", np.arange(500, 1000), fmt="%d")
     tr, te, src = md17.load_rmd17("uracil", 1, tmp_path)
     assert len(tr) == 1000 and len(te) == 500 and "npz_data" in src
     np.testing.assert_allclose(te.energy[0], raw["energies"][500] * 0.0433641, rtol=1e-6)
-    tv, test, src = md17.load_md17("ethanol", 2, shared("md17"))
+    tv, test, src = md17.load_md17("ethanol", 2, data("md17"))
     assert len(tv) == 1000 and len(test) == 1000 and not set(tv.meta["frame"]) & set(test.meta["frame"])
     with pytest.raises(FileNotFoundError, match="download_rmd17"):
         md17.load_rmd17("aspirin", 3, tmp_path)
@@ -53,10 +75,32 @@ def test_md17_reads_figshare_archive_layout_and_original_md17(tmp_path):
 
 def test_train_cli_periodic_li_with_stress(tmp_path):
     from experiments import train
-    res = train.main(["--model", "schnet", "--train", str(shared("materials", "li_mlearn_training.json")),
-                      "--test", str(shared("materials", "li_mlearn_test.json")), "--out", str(tmp_path / "li"),
-                      "--max-steps", "20", "--batch-size", "8", "--n-atom-basis", "8", "--n-interactions", "1",
-                      "--cutoff", "4.0", "--stress-weight", "1.0", "--no-progress"])
+
+    res = train.main(
+        [
+            "--model",
+            "schnet",
+            "--train",
+            str(data("materials", "li_mlearn_training_every6.json")),
+            "--test",
+            str(data("materials", "li_mlearn_test.json")),
+            "--out",
+            str(tmp_path / "li"),
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--n-atom-basis",
+            "8",
+            "--n-interactions",
+            "1",
+            "--cutoff",
+            "4.0",
+            "--stress-weight",
+            "1.0",
+            "--no-progress",
+        ]
+    )
     assert res["test"]["n_structures"] == 29 and np.isfinite(res["test"]["forces_mae_ev_per_a"])
     assert (tmp_path / "li" / "splits.npz").exists()
     assert len(res["padded_shapes_train"]) <= 4
@@ -99,7 +143,8 @@ def server():
 
 def test_download_resumes_and_verifies_md5(tmp_path, server):
     from so3lib.data.download import RMD17, SPICE, Remote, download, md5_from_api
-    payload = shared("rmd17", "rmd17_ethanol_test_01.npz").read_bytes()
+
+    payload = ETHANOL_TEST.read_bytes()
     md5 = hashlib.md5(payload).hexdigest()
     _RangeHandler.payload = payload
     _RangeHandler.api = json.dumps({"files": [{"name": "rmd17.tar.bz2", "computed_md5": md5}]}).encode()
@@ -123,19 +168,25 @@ def test_download_resumes_and_verifies_md5(tmp_path, server):
 
 def test_download_falls_back_to_mirror_and_keeps_partial(tmp_path, server):
     from so3lib.data.download import Remote, download
+
     payload = bytes(range(256)) * 4000
     _RangeHandler.payload = payload
-    good = Remote("y.bin", ("http://127.0.0.1:9/unreachable", f"{server}/file"),
-                  md5=hashlib.md5(payload).hexdigest())
+    good = Remote("y.bin", ("http://127.0.0.1:9/unreachable", f"{server}/file"), md5=hashlib.md5(payload).hexdigest())
     assert download(good, tmp_path, progress=False, log=lambda s: None, timeout=5).read_bytes() == payload
     with pytest.raises(ConnectionError, match="partial data kept"):
-        download(Remote("z.bin", ("http://127.0.0.1:9/unreachable",)), tmp_path, progress=False, log=lambda s: None,
-                 timeout=2)
+        download(
+            Remote("z.bin", ("http://127.0.0.1:9/unreachable",)),
+            tmp_path,
+            progress=False,
+            log=lambda s: None,
+            timeout=2,
+        )
 
 
 def test_download_script_extracts(tmp_path, server):
     import io
     import tarfile
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:bz2") as tar:
         info = tarfile.TarInfo("rmd17/splits/index_train_01.csv")
@@ -144,6 +195,7 @@ def test_download_script_extracts(tmp_path, server):
         tar.addfile(info, io.BytesIO(data))
     _RangeHandler.payload = buf.getvalue()
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("dl", Path(__file__).parents[1] / "scripts" / "download_rmd17.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -153,16 +205,22 @@ def test_download_script_extracts(tmp_path, server):
 
 def test_cli_flags_from_configs_and_model_yaml(tmp_path):
     import argparse
+
     from experiments import cli
+
     ap = argparse.ArgumentParser()
     cli.add_common(ap, "bpnn")
-    (tmp_path / "sf.yaml").write_text("preset: custom\ncutoff: 5.0\nsymmetry_functions:\n"
-                                      "  - {kind: G2, eta: 0.5, rs: 1.0}\n  - {kind: G5, eta: 0.01, zeta: 4, lam: -1}\n")
-    a = ap.parse_args(["--model", "bpnn", "--hidden", "32", "16", "--activation", "silu",
-                       "--model-yaml", str(tmp_path / "sf.yaml")])
+    (tmp_path / "sf.yaml").write_text(
+        "preset: custom\ncutoff: 5.0\nsymmetry_functions:\n"
+        "  - {kind: G2, eta: 0.5, rs: 1.0}\n  - {kind: G5, eta: 0.01, zeta: 4, lam: -1}\n"
+    )
+    a = ap.parse_args(
+        ["--model", "bpnn", "--hidden", "32", "16", "--activation", "silu", "--model-yaml", str(tmp_path / "sf.yaml")]
+    )
     opts = cli.collect(a, "model")
     assert opts["hidden"] == [32, 16] and opts["preset"] == "custom" and len(opts["symmetry_functions"]) == 2
     from so3lib.models import make_config
+
     cfg = make_config("bpnn", **opts)
     assert cfg.hidden == (32, 16) and cfg.symmetry_functions[1].lam == -1
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
 """Neighbour lists against brute force on real periodic cells, padding invariance, batching, loader order."""
+
 import itertools
 
 import jax
@@ -7,8 +8,17 @@ import jraph
 import numpy as np
 import pytest
 
-from so3lib.graph import (BudgetLadder, GraphBudget, GraphLoader, NeighbourTable, build_batch, edge_vectors,
-                          neighbour_list, round_up_ladder, safe_norm)
+from so3lib.graph import (
+    BudgetLadder,
+    GraphBudget,
+    GraphLoader,
+    NeighbourTable,
+    build_batch,
+    edge_vectors,
+    neighbour_list,
+    round_up_ladder,
+    safe_norm,
+)
 
 
 def brute_force_pairs(pos, cell, pbc, cutoff):
@@ -63,9 +73,17 @@ def test_build_batch_equals_jraph_batch_and_pad(li_test):
     singles = []
     for f in frames:
         g = build_batch(li_test, table, [f], GraphBudget(li_test.n_atoms[f] + 1, int(table.n_edges[f]), 2), np.float64)
-        singles.append(jraph.GraphsTuple(nodes={"positions": g.nodes["positions"][:-1]}, edges={"shift": g.edges["shift"]},
-                                         senders=g.senders, receivers=g.receivers, n_node=g.n_node[:1],
-                                         n_edge=g.n_edge[:1], globals=None))
+        singles.append(
+            jraph.GraphsTuple(
+                nodes={"positions": g.nodes["positions"][:-1]},
+                edges={"shift": g.edges["shift"]},
+                senders=g.senders,
+                receivers=g.receivers,
+                n_node=g.n_node[:1],
+                n_edge=g.n_edge[:1],
+                globals=None,
+            )
+        )
     ref = jraph.pad_with_graphs(jraph.batch_np(singles), n_node=200, n_edge=6400, n_graph=5)
     np.testing.assert_array_equal(ours.senders, ref.senders)
     np.testing.assert_array_equal(ours.receivers, ref.receivers)
@@ -84,6 +102,7 @@ def test_padded_edges_zero_and_gradients_finite(li_test):
         vec = edge_vectors(g._replace(nodes={**g.nodes, "positions": pos}))
         mask = jraph.get_edge_padding_mask(g)
         return jnp.sum(safe_norm(vec, mask) ** 2 * mask), vec
+
     (val, vec), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(g.nodes["positions"]))
     mask = np.asarray(jraph.get_edge_padding_mask(g))
     assert np.all(np.asarray(vec)[~mask] == 0) and (~mask).sum() > 0
@@ -101,8 +120,13 @@ def test_sums_over_real_atoms_do_not_change_with_padding(li_test):
         vec = np.asarray(edge_vectors(g))
         mask = np.asarray(jraph.get_edge_padding_mask(g))
         r = np.linalg.norm(vec, axis=1) * mask
-        per_graph = np.asarray(jraph.segment_sum(jnp.asarray(r), jnp.repeat(jnp.arange(len(g.n_edge)), g.n_edge,
-                                                                          total_repeat_length=len(r)), len(g.n_edge)))
+        per_graph = np.asarray(
+            jraph.segment_sum(
+                jnp.asarray(r),
+                jnp.repeat(jnp.arange(len(g.n_edge)), g.n_edge, total_repeat_length=len(r)),
+                len(g.n_edge),
+            )
+        )
         sums.append(per_graph[:2])
     assert small.n_node.shape != big.n_node.shape
     np.testing.assert_allclose(sums[0], sums[1], rtol=1e-12)
@@ -120,7 +144,7 @@ def test_ladder_few_shapes_and_never_truncates(li_test):
     assert n_atoms == 3 * li_test.offsets[-1]  # nothing dropped
     assert len(loader.shapes_seen) <= len(ladder.rungs)
     with pytest.raises(ValueError, match="exceeds the largest padding budget"):
-        ladder.select(10 ** 6, 1, 2)
+        ladder.select(10**6, 1, 2)
 
 
 def test_ladder_single_shape_for_fixed_size_molecules(ethanol_test):

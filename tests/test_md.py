@@ -1,11 +1,12 @@
 """Molecular dynamics (issue #8): on-device jax-md engine and ASE path with a small potential trained on real
 ethanol: NVE conservation, Langevin temperature, neighbour overflow handled, periodic wrapping, reproducible
 seeds, the command's outputs, and clear errors for bad input."""
+
 import numpy as np
 import pytest
+from conftest import data
 
 import so3lib.data as d
-from conftest import shared
 from so3lib.md import MDConfig, run_md
 from so3lib.models import make_config
 from so3lib.training import RunConfig, load_potential, train
@@ -15,9 +16,16 @@ from so3lib.training import RunConfig, load_potential, train
 def ethanol_run(tmp_path_factory):
     ds = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TRAIN))
     out = tmp_path_factory.mktemp("md") / "run"
-    cfg = RunConfig(model=make_config("schnet", n_atom_basis=16, n_interactions=2, dtype="float64"),
-                    training={"batch_size": 16, "max_steps": 150, "max_epochs": None, "eval_every_steps": 75,
-                              "learning_rate": 3e-3})
+    cfg = RunConfig(
+        model=make_config("schnet", n_atom_basis=16, n_interactions=2, dtype="float64"),
+        training={
+            "batch_size": 16,
+            "max_steps": 150,
+            "max_epochs": None,
+            "eval_every_steps": 75,
+            "learning_rate": 3e-3,
+        },
+    )
     res = train(cfg, ds.subset(np.arange(0, 400)), ds.subset(np.arange(900, 950)), None, out_dir=out, progress=False)
     assert res["val"]["forces_mae_ev_per_a"] < 1.0
     return out
@@ -30,8 +38,13 @@ def ethanol():
 
 def test_nve_conserves_energy(ethanol_run, ethanol):
     pot, params = load_potential(ethanol_run)
-    r = run_md(pot, params, ethanol, MDConfig(ensemble="nve", temperature_k=300, steps=1000, dt_fs=0.5,
-                                              save_every=50), progress=False)
+    r = run_md(
+        pot,
+        params,
+        ethanol,
+        MDConfig(ensemble="nve", temperature_k=300, steps=1000, dt_fs=0.5, save_every=50),
+        progress=False,
+    )
     assert r.step[-1] == 1000 and r.stopped is None
     # bound: total energy within 0.5 meV/atom of its start over 1000 steps of 0.5 fs (float64)
     assert np.max(np.abs(r.total_ev - r.total_ev[0])) / 9 < 5e-4, r.total_ev
@@ -41,8 +54,9 @@ def test_nve_conserves_energy(ethanol_run, ethanol):
 def test_langevin_reaches_the_target(ethanol_run, ethanol):
     """Mean kinetic temperature within 10 % of the target (jax-md's BAOAB Langevin; 3N degrees of freedom)."""
     pot, params = load_potential(ethanol_run)
-    cfg = MDConfig(ensemble="nvt-langevin", temperature_k=300, steps=4000, dt_fs=0.25, save_every=10,
-                   friction_per_ps=50.0)
+    cfg = MDConfig(
+        ensemble="nvt-langevin", temperature_k=300, steps=4000, dt_fs=0.25, save_every=10, friction_per_ps=50.0
+    )
     r = run_md(pot, params, ethanol, cfg, progress=False)
     assert abs(np.mean(r.temperature_k[100:]) - 300) < 0.1 * 300, np.mean(r.temperature_k[100:])
 
@@ -88,45 +102,97 @@ def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
 
     from experiments import md
     from so3lib.graph import batching
+
     calls = []
     orig = batching.NeighbourTable.build
-    monkeypatch.setattr(batching.NeighbourTable, "build", staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k)))
-    rep = md.main(["--run", str(ethanol_run), "--structure", str(d.bundled_path(d.samples.RMD17_ETHANOL_TEST)),
-                   "--ensemble", "nve", "--temperature", "300", "--steps", "200", "--dt", "0.5", "--save-every", "20",
-                   "--engine", "ase", "--out", str(tmp_path / "ase"), "--no-progress"])
+    monkeypatch.setattr(
+        batching.NeighbourTable, "build", staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k))
+    )
+    rep = md.main(
+        [
+            "--run",
+            str(ethanol_run),
+            "--structure",
+            str(d.bundled_path(d.samples.RMD17_ETHANOL_TEST)),
+            "--ensemble",
+            "nve",
+            "--temperature",
+            "300",
+            "--steps",
+            "200",
+            "--dt",
+            "0.5",
+            "--save-every",
+            "20",
+            "--engine",
+            "ase",
+            "--out",
+            str(tmp_path / "ase"),
+            "--no-progress",
+        ]
+    )
     assert len(calls) < 50  # the neighbour list is reused within the skin, not rebuilt at every step
     assert abs(rep["nve_total_energy_range_mev_per_atom"]) < 1.0 and rep["stable"]
-    rep = md.main(["--run", str(ethanol_run), "--structure", str(d.bundled_path(d.samples.RMD17_ETHANOL_TEST)),
-                   "--ensemble", "berendsen", "--ramp", "10", "300", "--steps", "400", "--dt", "0.5",
-                   "--save-every", "40", "--out", str(tmp_path / "jm"), "--no-progress"])
-    for f in ("trajectory.extxyz", "md.csv", "md_results.json", "plots/energy_temperature.png", "plots/rdf.png",
-              "plots/rdf_similarity.png"):
+    rep = md.main(
+        [
+            "--run",
+            str(ethanol_run),
+            "--structure",
+            str(d.bundled_path(d.samples.RMD17_ETHANOL_TEST)),
+            "--ensemble",
+            "berendsen",
+            "--ramp",
+            "10",
+            "300",
+            "--steps",
+            "400",
+            "--dt",
+            "0.5",
+            "--save-every",
+            "40",
+            "--out",
+            str(tmp_path / "jm"),
+            "--no-progress",
+        ]
+    )
+    for f in (
+        "trajectory.extxyz",
+        "md.csv",
+        "md_results.json",
+        "plots/energy_temperature.png",
+        "plots/rdf.png",
+        "plots/rdf_similarity.png",
+    ):
         assert (tmp_path / "jm" / f).exists(), f
     saved = json.loads((tmp_path / "jm" / "md_results.json").read_text())
     assert saved["steps"] == 400 and len(saved["rdf_similarity"]) == 11 and saved["atom_steps_per_s"] > 0
     import ase.io
+
     assert len(ase.io.read(tmp_path / "jm" / "trajectory.extxyz", ":")) == 11
 
 
 def test_bad_input(ethanol_run, tmp_path):
     from experiments import md
+
     with pytest.raises(ValueError, match="time step must be positive"):
         MDConfig(dt_fs=-0.5)
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         md.main(["--run", str(tmp_path / "nope"), "--structure", "x.xyz", "--out", str(tmp_path / "o")])
-    li = str(shared("materials", "li_mlearn_test.json"))
+    li = str(data("materials", "li_mlearn_test.json"))
     with pytest.raises(d.DataError, match=r"elements \[3\] have no energy reference"):
         md.main(["--run", str(ethanol_run), "--structure", li, "--out", str(tmp_path / "o"), "--no-progress"])
 
 
 def test_blow_up_stops_naming_the_step_and_nose_hoover_runs(ethanol_run, ethanol):
     from so3lib.md import MDBlowUp
+
     pot, params = load_potential(ethanol_run)
     cfg = MDConfig(ensemble="nvt-nose-hoover", temperature_k=300, steps=200, dt_fs=0.5, save_every=50)
     r = run_md(pot, params, ethanol, cfg, progress=False)
     assert r.step[-1] == 200 and np.all(np.isfinite(r.total_ev)) and 50 < np.mean(r.temperature_k) < 1000
     with pytest.raises(MDBlowUp, match=r"blew up at step \d+ \(t = [\d.]+ fs\): temperature \d+ K above the limit"):
         run_md(pot, params, ethanol, cfg.model_copy(update={"max_temperature_k": 5.0}), progress=False)
-    r = run_md(pot, params, ethanol, cfg.model_copy(update={"max_temperature_k": 5.0}), progress=False,
-               raise_on_blowup=False)
+    r = run_md(
+        pot, params, ethanol, cfg.model_copy(update={"max_temperature_k": 5.0}), progress=False, raise_on_blowup=False
+    )
     assert r.stopped and "blew up at step" in r.stopped

@@ -1,12 +1,13 @@
 """Physics of every registered model (float64): forces = −finite differences, stress = strain derivative,
 energy invariant and forces equivariant under rotations, translations and permutations, padding-independent.
 A model joins these tests by adding its small configuration to MODELS."""
+
 import jax
 import numpy as np
 import pytest
-
 from conftest import random_rotation
 from physics import fd_forces, fd_stress, graph, jitted, make_potential, structure_graph
+
 from so3lib.data import Structure
 from so3lib.graph import GraphBudget
 
@@ -25,8 +26,11 @@ def model_name(request):
 def _evaluate(pot, params, s, stress=False):
     out = jitted(pot)(params, structure_graph(pot, s), compute_stress=stress)
     n = len(s)
-    return {"e": float(out["energy_residual"][0]), "f": np.asarray(out["forces"])[:n],
-            "s": np.asarray(out["stress"])[0] if stress else None}
+    return {
+        "e": float(out["energy_residual"][0]),
+        "f": np.asarray(out["forces"])[:n],
+        "s": np.asarray(out["stress"])[0] if stress else None,
+    }
 
 
 def test_forces_equal_minus_finite_differences_ethanol(model_name, ethanol_test):
@@ -75,8 +79,13 @@ def test_rotation_translation_permutation_molecule(model_name, aspirin):
 def test_rotation_translation_permutation_periodic(model_name, li_test):
     pot, params = make_potential(model_name, MODELS[model_name], li_test)
     s = li_test[7]
-    _check_symmetry(pot, params, Structure(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc),
-                    np.random.default_rng(1), n_rot=4)
+    _check_symmetry(
+        pot,
+        params,
+        Structure(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc),
+        np.random.default_rng(1),
+        n_rot=4,
+    )
 
 
 def test_reflection_behaviour(model_name, aspirin):
@@ -118,17 +127,21 @@ def test_batched_equals_single(model_name, ethanol_test):
     for k, f in enumerate([4, 9, 1]):
         single = fn(params, graph(pot, ethanol_test, [f]))
         np.testing.assert_allclose(float(batch["energy"][k]), float(single["energy"][0]), rtol=1e-12)
-        np.testing.assert_allclose(np.asarray(batch["forces"])[9 * k:9 * k + 9], np.asarray(single["forces"])[:9],
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(batch["forces"])[9 * k : 9 * k + 9], np.asarray(single["forces"])[:9], atol=1e-12
+        )
 
 
 def test_float32_default_and_float64_switch(model_name, ethanol_test):
+    from so3lib.data import fit_energy_reference
     from so3lib.models import make_config
     from so3lib.potential import Potential
-    from so3lib.data import fit_energy_reference
+
     ref = fit_energy_reference(ethanol_test)
     for dt, want in (("float32", np.float32), ("float64", np.float64)):
-        pot = Potential(make_config(model_name, dtype=dt, **MODELS[model_name]).fit(ethanol_test.subset(range(50))), ref)
+        pot = Potential(
+            make_config(model_name, dtype=dt, **MODELS[model_name]).fit(ethanol_test.subset(range(50))), ref
+        )
         g = graph(pot, ethanol_test, [0])
         params = pot.init(jax.random.PRNGKey(0), g)
         assert all(x.dtype == want for x in jax.tree_util.tree_leaves(params))

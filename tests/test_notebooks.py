@@ -1,5 +1,6 @@
 """Research notebooks (issue #9): every notebook runs end to end in QUICK mode (nbclient, fresh kernel) and is
 committed without outputs."""
+
 import os
 from pathlib import Path
 

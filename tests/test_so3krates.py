@@ -1,10 +1,11 @@
 """SO3krates specifics: runs for l_max = 1..4 and T = 1..4 with one compilation per padded shape; the
 Euclidean variables carry no channels; invalid settings are named; short training on real ethanol learns."""
+
 import jax
 import numpy as np
 import pytest
-
 from physics import graph, make_potential
+
 from so3lib.graph import GraphBudget
 from so3lib.models import make_config
 from so3lib.models.so3krates import degree_index
@@ -12,8 +13,9 @@ from so3lib.models.so3krates import degree_index
 
 @pytest.mark.parametrize("l_max,layers", [(1, 4), (2, 3), (3, 2), (4, 1)])  # covers l_max 1..4 and T 1..4
 def test_sweep_settings_compile_once_per_shape(l_max, layers, ethanol_test):
-    pot, params = make_potential("so3krates", {"features": 8, "heads": 2, "n_rbf": 6, "l_max": l_max,
-                                               "layers": layers}, ethanol_test)
+    pot, params = make_potential(
+        "so3krates", {"features": 8, "heads": 2, "n_rbf": 6, "l_max": l_max, "layers": layers}, ethanol_test
+    )
     fn = jax.jit(pot.__call__)
     budget = GraphBudget(64, 512, 5)
     outs = [fn(params, graph(pot, ethanol_test, frames, budget)) for frames in ([0, 1], [2, 3, 4], [5])]
@@ -25,10 +27,13 @@ def test_sweep_settings_compile_once_per_shape(l_max, layers, ethanol_test):
 
 def test_euclidean_variables_have_no_channels(ethanol_test):
     """Parameter count does not grow with F·L² terms: going from l_max 1 to 4 adds only per-degree weights."""
+
     def n_params(l):
-        _, p = make_potential("so3krates", {"features": 16, "heads": 2, "n_rbf": 6, "l_max": l, "layers": 1},
-                              ethanol_test)
+        _, p = make_potential(
+            "so3krates", {"features": 16, "heads": 2, "n_rbf": 6, "l_max": l, "layers": 1}, ethanol_test
+        )
         return sum(x.size for x in jax.tree_util.tree_leaves(p))
+
     F, d, dL = 16, 8, 3
     # per added degree: q^x, k^x (2·F·d), w^x (F·d + d), MLP_s and exchange inputs (2·F), exchange output (F + 1)
     per_degree = 2 * F * d + F * d + d + 2 * F + F + 1
@@ -46,14 +51,24 @@ def test_invalid_settings_are_named():
 
 def test_short_training_on_real_ethanol_learns(tmp_path, ethanol_train, ethanol_test):
     from so3lib.training import RunConfig, train
+
     s = np.arange(400)
-    cfg = RunConfig(name="s", model=make_config("so3krates", features=32, l_max=2, layers=2, heads=2, n_rbf=16),
-                    training=dict(max_steps=150, batch_size=16, eval_every_steps=75, warmup_steps=10,
-                                  learning_rate=2e-3))
-    res = train(cfg, ethanol_train.subset(s[:350]), ethanol_train.subset(s[350:]), ethanol_test.subset(np.arange(200)),
-                out_dir=tmp_path / "run", progress=False)
+    cfg = RunConfig(
+        name="s",
+        model=make_config("so3krates", features=32, l_max=2, layers=2, heads=2, n_rbf=16),
+        training=dict(max_steps=150, batch_size=16, eval_every_steps=75, warmup_steps=10, learning_rate=2e-3),
+    )
+    res = train(
+        cfg,
+        ethanol_train.subset(s[:350]),
+        ethanol_train.subset(s[350:]),
+        ethanol_test.subset(np.arange(200)),
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
     zero_predictor = float(np.mean(np.abs(ethanol_test.forces[: 200 * 9])))
     assert res["test"]["forces_mae_ev_per_a"] < 0.6 * zero_predictor, res["test"]
     import yaml
+
     saved = yaml.safe_load((tmp_path / "run" / "model" / "potential.yaml").read_text())
     assert saved["model"]["avg_num_neighbors"] == pytest.approx(8.0)  # ethanol: all 8 other atoms within 5 Å

@@ -2,6 +2,7 @@
 when the source or the filter changes, clear errors), streamed batches equal in-memory batches, the command on
 the bundled sample with every model, the multi-molecule rMD17-in-SPICE-layout file split by molecule, the Zenodo
 download path (offline), and data-parallel training on two CPU devices equal to one device."""
+
 import hashlib
 import importlib.util
 import json
@@ -13,18 +14,20 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import SPICE_SAMPLE, data
+from test_experiments import _RangeHandler, server  # noqa: F401  (fixture)
 
 import so3lib.data as d
-from conftest import shared
 from so3lib.data.spice import filter_spice
 from so3lib.data.store import convert_spice, open_store
 from so3lib.graph.batching import GraphLoader
-from test_experiments import _RangeHandler, server  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).parents[1]
-TINY = {"schnet": ["--n-atom-basis", "8", "--n-interactions", "1"],
-        "so3krates": ["--features", "8", "--l-max", "1", "--layers", "1", "--heads", "2"],
-        "bpnn": ["--n-radial", "4", "--n-angular", "2"]}
+TINY = {
+    "schnet": ["--n-atom-basis", "8", "--n-interactions", "1"],
+    "so3krates": ["--features", "8", "--l-max", "1", "--layers", "1", "--heads", "2"],
+    "bpnn": ["--n-radial", "4", "--n-angular", "2"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def spice_like(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("msl", ROOT / "scripts" / "make_spice_like.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.write_spice_like(shared("rmd17"), tmp_path_factory.mktemp("sl") / "rmd17_spice.hdf5", frames=20)
+    return mod.write_spice_like(data("rmd17"), tmp_path_factory.mktemp("sl") / "rmd17_spice.hdf5", frames=20)
 
 
 def test_store_equals_reader_and_streams_the_same_batches(spice_like, tmp_path):
@@ -79,7 +82,7 @@ def test_store_is_reused_and_invalidated(spice_like, tmp_path):
 
 
 def test_store_errors_name_the_file(tmp_path):
-    sample = shared("spice", "SPICE-1.1.4_n2.hdf5")
+    sample = SPICE_SAMPLE
     with pytest.raises(d.DataError, match="no conformation survives the filters"):
         convert_spice(sample, tmp_path / "s", progress=False)  # both sample molecules are charged
     store = convert_spice(sample, tmp_path / "s", neutral_only=False, progress=False)
@@ -92,9 +95,24 @@ def test_store_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("model", ["schnet", "so3krates", "bpnn"])
 def test_spice_command_on_the_bundled_sample(model, tmp_path, monkeypatch):
     from experiments import spice
+
     monkeypatch.chdir(tmp_path)
-    res = spice.main(["--model", model, *TINY[model], "--max-steps", "2", "--eval-every-steps", "2",
-                      "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress"])
+    res = spice.main(
+        [
+            "--model",
+            model,
+            *TINY[model],
+            "--max-steps",
+            "2",
+            "--eval-every-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     s = res["spice"]
     assert s["bundled_sample"] and not s["filters"]["neutral_only"]
     assert s["dropped"]["element"]["names"] == ["C#C.[Na+]"] and s["dropped"]["element"]["conformers"] == 5
@@ -110,9 +128,27 @@ def test_spice_command_on_the_bundled_sample(model, tmp_path, monkeypatch):
 
 def test_spice_command_splits_by_molecule(spice_like, tmp_path):
     from experiments import spice
-    res = spice.main(["--data", str(spice_like), *TINY["schnet"], "--max-steps", "6", "--batch-size", "8",
-                      "--val-fraction", "0.2", "--test-fraction", "0.2", "--store", str(tmp_path / "store"),
-                      "--out", str(tmp_path / "run"), "--no-progress"])
+
+    res = spice.main(
+        [
+            "--data",
+            str(spice_like),
+            *TINY["schnet"],
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.2",
+            "--test-fraction",
+            "0.2",
+            "--store",
+            str(tmp_path / "store"),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     s = res["spice"]
     assert s["split"].startswith("by molecule") and s["filters"]["neutral_only"]
     view = open_store(tmp_path / "store")
@@ -121,23 +157,42 @@ def test_spice_command_splits_by_molecule(spice_like, tmp_path):
     assert len(names["train"]) == 6 and len(names["val"]) == 2 and len(names["test"]) == 2
     assert not (names["train"] & names["test"]) and not (names["train"] & names["val"])
     assert not (names["val"] & names["test"])
-    assert s["counts"]["test"] == 40 and s["energy_reference"]["residual_std_per_atom_mev"] < \
-        s["energy_reference"]["raw_std_per_atom_mev"]
+    assert (
+        s["counts"]["test"] == 40
+        and s["energy_reference"]["residual_std_per_atom_mev"] < s["energy_reference"]["raw_std_per_atom_mev"]
+    )
 
 
 def test_spice_download_option_offline(tmp_path, server, monkeypatch):  # noqa: F811
     """--download fetches from the (here: local) address, resumes a partial file, checks the md5, then runs."""
     from experiments import spice
     from so3lib.data.download import SPICE, Remote
-    payload = shared("spice", "SPICE-1.1.4_n2.hdf5").read_bytes()
+
+    payload = SPICE_SAMPLE.read_bytes()
     _RangeHandler.payload = payload
     fake = Remote("SPICE-1.1.4.hdf5", (f"{server}/file",), md5=hashlib.md5(payload).hexdigest())
     monkeypatch.setitem(SPICE, "1.1.4", fake)
     (tmp_path / "dl").mkdir()
     (tmp_path / "dl" / "SPICE-1.1.4.hdf5.part").write_bytes(payload[:5000])
-    res = spice.main(["--download", "1.1.4", "--download-dir", str(tmp_path / "dl"), "--keep-charged",
-                      "--store", str(tmp_path / "st"), *TINY["schnet"], "--max-steps", "1", "--batch-size", "4",
-                      "--out", str(tmp_path / "run"), "--no-progress"])
+    res = spice.main(
+        [
+            "--download",
+            "1.1.4",
+            "--download-dir",
+            str(tmp_path / "dl"),
+            "--keep-charged",
+            "--store",
+            str(tmp_path / "st"),
+            *TINY["schnet"],
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert (tmp_path / "dl" / "SPICE-1.1.4.hdf5").read_bytes() == payload
     assert res["spice"]["counts"]["conformations_kept"] == 50 and not res["spice"]["bundled_sample"]
 
@@ -168,7 +223,8 @@ params = pot.init(jax.random.PRNGKey(0), g1)
 opt = make_optimizer(cfg.training, 10)
 host = jax.tree_util.tree_map(np.array, params)
 s1 = init_state(jax.tree_util.tree_map(np.array, host), opt.init(params))
-s2 = jax.device_put(init_state(jax.tree_util.tree_map(np.array, host), opt.init(params)), NamedSharding(mesh, PartitionSpec()))
+s2 = jax.device_put(init_state(jax.tree_util.tree_map(np.array, host), opt.init(params)),
+                    NamedSharding(mesh, PartitionSpec()))
 s1, l1, _ = make_train_step(pot, opt, 0.99)(s1, g1)
 s2, l2, _ = make_train_step(pot, opt, 0.99, sharded=True)(s2, g2)
 assert abs(float(l1) - float(l2)) <= 1e-12 * abs(float(l1)), (float(l1), float(l2))
@@ -180,13 +236,19 @@ tr = view.subset(np.arange(0, 200, 2)); va = view.subset(np.arange(1, 40, 2))
 res = train(RunConfig(model=make_config("schnet", n_atom_basis=8, n_interactions=1),
                       training={"batch_size": 8, "max_steps": 6, "eval_every_steps": 3, "n_devices": 2}),
             tr, va, None, out_dir=sys.argv[2] + "/run", progress=False)
-assert res["n_devices"] == 2 and res["n_compiles_train_step"] == len(res["padded_shapes_train"]) and np.isfinite(res["val"]["forces_mae_ev_per_a"])
+assert res["n_devices"] == 2 and res["n_compiles_train_step"] == len(res["padded_shapes_train"])
+assert np.isfinite(res["val"]["forces_mae_ev_per_a"])
 print("OK", float(l1), float(l2), diff)
 """
 
 
 def test_two_device_step_equals_one_device(spice_like, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-c", DP_SCRIPT, str(spice_like), str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", DP_SCRIPT, str(spice_like), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

@@ -1,9 +1,10 @@
 """Splits are disjoint and reproducible; the per-element reference recovers known energies exactly."""
+
 import numpy as np
 import pytest
+from conftest import data
 
 import so3lib.data as d
-from conftest import shared
 
 
 def test_random_split_disjoint_reproducible():
@@ -26,8 +27,10 @@ def test_rmd17_protocol_and_saved_indices(tmp_path):
 
 
 def multi_molecule():
-    parts = [d.read(shared("rmd17", f"rmd17_{m}_test_01.npz")).subset(np.arange(40))
-             for m in ("ethanol", "aspirin", "uracil", "benzene", "malonaldehyde", "naphthalene")]
+    parts = [
+        d.read(data("rmd17", f"rmd17_{m}_test_01.npz")).subset(np.arange(40))
+        for m in ("ethanol", "aspirin", "uracil", "benzene", "malonaldehyde", "naphthalene")
+    ]
     return d.Dataset.concatenate(parts)
 
 

@@ -1,22 +1,22 @@
 """Training on real data lowers the error; the loss ignores padding; NaN stops the run naming the step;
 a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted one; the calculator equals the
 direct evaluation."""
+
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import flax.serialization
 import jax
 import numpy as np
 import pytest
+from conftest import ETHANOL_TEST, ROOT
+from physics import graph, make_potential
 
 import so3lib
-from conftest import ROOT, shared
-from physics import graph, make_potential
 from so3lib.graph import GraphBudget
 from so3lib.models import make_config
 from so3lib.training import NonFiniteLossError, RunConfig, train
@@ -30,11 +30,26 @@ def trained_run(tmp_path_factory, ethanol_train, ethanol_test):
     """200 steps of a small SchNet on real rMD17 ethanol (shared by the tests below)."""
     out = tmp_path_factory.mktemp("run")
     s = so3lib.data.count_split(len(ethanol_train), {"train": 950, "val": 50}, seed=0)
-    cfg = RunConfig(name="t", model=make_config("schnet", **TINY),
-                    training=dict(max_steps=200, batch_size=16, eval_every_steps=100, warmup_steps=20,
-                                  learning_rate=2e-3, checkpoint_every_steps=100))
-    res = train(cfg, ethanol_train.subset(s["train"]), ethanol_train.subset(s["val"]),
-                ethanol_test.subset(np.arange(300)), out_dir=out, progress=False)
+    cfg = RunConfig(
+        name="t",
+        model=make_config("schnet", **TINY),
+        training=dict(
+            max_steps=200,
+            batch_size=16,
+            eval_every_steps=100,
+            warmup_steps=20,
+            learning_rate=2e-3,
+            checkpoint_every_steps=100,
+        ),
+    )
+    res = train(
+        cfg,
+        ethanol_train.subset(s["train"]),
+        ethanol_train.subset(s["val"]),
+        ethanol_test.subset(np.arange(300)),
+        out_dir=out,
+        progress=False,
+    )
     return out, res
 
 
@@ -49,13 +64,28 @@ def test_training_lowers_force_error_clearly(trained_run, ethanol_test):
 
 def test_run_folder_contents(trained_run):
     out, res = trained_run
-    for f in ("config.yaml", "metrics.csv", "results.json", "train.log", "splits.npz" if False else "config.yaml",
-              "plots/learning_curve.png", "plots/parity_energy.png", "plots/parity_forces.png",
-              "model/potential.yaml", "model/params.msgpack"):
+    for f in (
+        "config.yaml",
+        "metrics.csv",
+        "results.json",
+        "train.log",
+        "splits.npz" if False else "config.yaml",
+        "plots/learning_curve.png",
+        "plots/parity_energy.png",
+        "plots/parity_forces.png",
+        "model/potential.yaml",
+        "model/params.msgpack",
+    ):
         assert (out / f).exists(), f
     r = json.loads((out / "results.json").read_text())
-    for k in ("energy_mae_ev", "energy_rmse_ev", "energy_mae_per_atom_ev", "forces_mae_ev_per_a",
-              "forces_rmse_ev_per_a", "n_structures"):
+    for k in (
+        "energy_mae_ev",
+        "energy_rmse_ev",
+        "energy_mae_per_atom_ev",
+        "forces_mae_ev_per_a",
+        "forces_rmse_ev_per_a",
+        "n_structures",
+    ):
         assert k in r["test"]
     assert r["test"]["n_structures"] == 300 and r["n_parameters"] > 0 and r["train_time_s"] > 0
     assert r["train"]["n_structures"] == 950 and r["val"]["n_structures"] == 50
@@ -65,6 +95,7 @@ def test_run_folder_contents(trained_run):
 
 def _csv(path):
     import csv
+
     with open(path) as fh:
         return list(csv.DictReader(fh))
 
@@ -91,6 +122,7 @@ def test_calculator_equals_direct_evaluation(trained_run, ethanol_test):
 
 def test_calculator_rejects_unknown_elements(trained_run):
     import ase
+
     calc = so3lib.load_calculator(trained_run[0])
     atoms = ase.Atoms("CCl", positions=[[0, 0, 0], [1.7, 0, 0]])
     atoms.calc = calc
@@ -107,6 +139,7 @@ def test_calculator_stress_on_li(li_test):
     atoms.calc = calc
     s = atoms.get_stress(voigt=False)
     from ase.calculators.fd import calculate_numerical_stress
+
     num = calculate_numerical_stress(atoms, eps=1e-5, voigt=False, force_consistent=False)  # ASE's own FD
     assert np.abs(s).max() > 1e-5
     np.testing.assert_allclose(s, num, atol=1e-7)
@@ -117,8 +150,10 @@ def test_loss_ignores_padding(ethanol_test):
     fn = jax.jit(lambda p, g: loss_fn(pot(p, g), g, 0.9)[0])
     small = graph(pot, ethanol_test, [1, 2, 3])
     big = graph(pot, ethanol_test, [1, 2, 3], GraphBudget(100, 2000, 9))
-    junk = big._replace(nodes={**big.nodes, "forces": np.asarray(big.nodes["forces"]).copy()},
-                        globals={**big.globals, "energy_residual": np.asarray(big.globals["energy_residual"]).copy()})
+    junk = big._replace(
+        nodes={**big.nodes, "forces": np.asarray(big.nodes["forces"]).copy()},
+        globals={**big.globals, "energy_residual": np.asarray(big.globals["energy_residual"]).copy()},
+    )
     junk.nodes["forces"][27:] = 1e3
     junk.globals["energy_residual"][3:] = -1e3
     a, b, c = float(fn(params, small)), float(fn(params, big)), float(fn(params, junk))
@@ -126,9 +161,20 @@ def test_loss_ignores_padding(ethanol_test):
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path, ethanol_train):
-    cfg = RunConfig(name="nan", model=make_config("schnet", n_atom_basis=8, n_interactions=1),
-                    training=dict(max_steps=40, batch_size=16, learning_rate=1e9, warmup_steps=0, grad_clip=None,
-                                  log_every_steps=1, eval_every_steps=40, schedule="constant"))
+    cfg = RunConfig(
+        name="nan",
+        model=make_config("schnet", n_atom_basis=8, n_interactions=1),
+        training=dict(
+            max_steps=40,
+            batch_size=16,
+            learning_rate=1e9,
+            warmup_steps=0,
+            grad_clip=None,
+            log_every_steps=1,
+            eval_every_steps=40,
+            schedule="constant",
+        ),
+    )
     data = ethanol_train.subset(np.arange(64))
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step \d+"):
         train(cfg, data, data.subset(np.arange(8)), out_dir=tmp_path / "nan", progress=False)
@@ -141,24 +187,55 @@ def test_existing_run_needs_resume_flag(trained_run, ethanol_train):
         train(cfg, ethanol_train.subset(np.arange(20)), ethanol_train.subset(np.arange(5)), out_dir=out, progress=False)
 
 
-TRAIN_CMD = [sys.executable, "-m", "experiments.train", "--model", "schnet", "--n-atom-basis", "16",
-             "--n-interactions", "2", "--n-rbf", "12", "--max-steps", "90", "--batch-size", "8",
-             "--checkpoint-every-steps", "10", "--eval-every-steps", "30", "--warmup-steps", "5", "--no-progress"]
+TRAIN_CMD = [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--model",
+    "schnet",
+    "--n-atom-basis",
+    "16",
+    "--n-interactions",
+    "2",
+    "--n-rbf",
+    "12",
+    "--max-steps",
+    "90",
+    "--batch-size",
+    "8",
+    "--checkpoint-every-steps",
+    "10",
+    "--eval-every-steps",
+    "30",
+    "--warmup-steps",
+    "5",
+    "--no-progress",
+]
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     """Same seed: (run killed mid-way with SIGKILL, then --resume) ends with the same parameters, bit for bit,
     as an uninterrupted run."""
-    src = shared("rmd17", "rmd17_ethanol_test_01.npz")
+    src = ETHANOL_TEST
     data = tmp_path / "eth.npz"
     raw = np.load(src)
     np.savez(data, **{k: raw[k][:200] if raw[k].ndim and k != "nuclear_charges" else raw[k] for k in raw.files})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     args = TRAIN_CMD + ["--train", str(data)]
-    full = subprocess.Popen(args + ["--out", str(tmp_path / "full")], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full = subprocess.Popen(
+        args + ["--out", str(tmp_path / "full")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    killed = subprocess.Popen(
+        args + ["--out", str(tmp_path / "killed")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ck = tmp_path / "killed" / "checkpoints"
     t0 = time.time()
     while time.time() - t0 < 300:
@@ -170,14 +247,21 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "results.json").exists()
-    resumed = subprocess.run(args + ["--out", str(tmp_path / "killed"), "--resume"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        args + ["--out", str(tmp_path / "killed"), "--resume"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint at step" in resumed.stderr
     assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
 
     def params(run):
         return flax.serialization.msgpack_restore((tmp_path / run / "model" / "params.msgpack").read_bytes())
+
     a, b = params("full"), params("killed")
     leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(leaves_a) == len(leaves_b) > 0

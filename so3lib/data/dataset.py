@@ -4,10 +4,12 @@ A `Dataset` keeps frames packed as flat arrays plus offsets (atoms of frame ``f`
 ``offsets[f]:offsets[f+1]``), in so3lib units: positions Å, energy eV, forces eV/Å, stress eV/Å³
 (ASE sign convention, stress = (1/V) ∂E/∂ε). It is validated once, at construction.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,8 +17,14 @@ from so3lib.data.errors import DataError
 
 MIN_DISTANCE_ANGSTROM = 0.1
 MAX_ATOMIC_NUMBER = 118
-_DEFAULT_KEYS = {"numbers": "numbers", "positions": "positions", "energy": "energy", "forces": "forces",
-                 "stress": "stress", "cell": "cell"}
+_DEFAULT_KEYS = {
+    "numbers": "numbers",
+    "positions": "positions",
+    "energy": "energy",
+    "forces": "forces",
+    "stress": "stress",
+    "cell": "cell",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +63,13 @@ class Structure:
         return atoms
 
     @staticmethod
-    def from_ase(atoms) -> "Structure":
-        return Structure(numbers=np.asarray(atoms.numbers, np.int32), positions=np.asarray(atoms.positions, float),
-                         cell=np.asarray(atoms.cell.array, float), pbc=np.asarray(atoms.pbc, bool))
+    def from_ase(atoms) -> Structure:
+        return Structure(
+            numbers=np.asarray(atoms.numbers, np.int32),
+            positions=np.asarray(atoms.positions, float),
+            cell=np.asarray(atoms.cell.array, float),
+            pbc=np.asarray(atoms.pbc, bool),
+        )
 
 
 class Dataset:
@@ -71,8 +83,18 @@ class Dataset:
       (index of the frame in its source file).
     """
 
-    def __init__(self, numbers, positions, offsets, cell, pbc, energy, forces=None, stress=None,
-                 meta: Mapping[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        numbers,
+        positions,
+        offsets,
+        cell,
+        pbc,
+        energy,
+        forces=None,
+        stress=None,
+        meta: Mapping[str, np.ndarray] | None = None,
+    ):
         self.numbers = numbers
         self.positions = positions
         self.offsets = offsets
@@ -85,10 +107,23 @@ class Dataset:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_arrays(cls, *, source: str, numbers, positions, offsets=None, cell=None, pbc=None, energy=None,
-                    forces=None, stress=None, meta: Mapping[str, Any] | None = None,
-                    keys: Mapping[str, str] | None = None, frame_index=None,
-                    check_distances: bool = True) -> "Dataset":
+    def from_arrays(
+        cls,
+        *,
+        source: str,
+        numbers,
+        positions,
+        offsets=None,
+        cell=None,
+        pbc=None,
+        energy=None,
+        forces=None,
+        stress=None,
+        meta: Mapping[str, Any] | None = None,
+        keys: Mapping[str, str] | None = None,
+        frame_index=None,
+        check_distances: bool = True,
+    ) -> Dataset:
         """Validate and pack. ``numbers``/``positions``/``forces`` are flat (A, ...) with ``offsets`` (F+1,),
         or per-frame stacked (F, n, ...) with ``numbers`` (n,) shared, in which case ``offsets`` is None.
         ``keys`` maps field names to the file's key names for error messages; ``frame_index`` (F,) maps
@@ -97,20 +132,28 @@ class Dataset:
         positions = np.asarray(positions)
         if offsets is None:  # stacked molecular frames (F, n, 3), shared numbers (n,)
             if positions.ndim != 3 or positions.shape[-1] != 3:
-                raise DataError(source, f"expected positions of shape (frames, atoms, 3), got {positions.shape}",
-                                keys["positions"])
+                raise DataError(
+                    source, f"expected positions of shape (frames, atoms, 3), got {positions.shape}", keys["positions"]
+                )
             n_frames, n_atoms = positions.shape[:2]
             numbers = np.asarray(numbers)
             if numbers.ndim != 1 or numbers.shape[0] != n_atoms:
-                raise DataError(source, f"expected {n_atoms} atomic numbers (one per atom of the positions array), "
-                                f"got shape {numbers.shape}", keys["numbers"])
+                raise DataError(
+                    source,
+                    f"expected {n_atoms} atomic numbers (one per atom of the positions array), "
+                    f"got shape {numbers.shape}",
+                    keys["numbers"],
+                )
             numbers = np.tile(numbers, n_frames)
             positions = positions.reshape(-1, 3)
             if forces is not None:
                 forces = np.asarray(forces)
                 if forces.shape != (n_frames, n_atoms, 3):
-                    raise DataError(source, f"shape {forces.shape} does not match positions {(n_frames, n_atoms, 3)}",
-                                    keys["forces"])
+                    raise DataError(
+                        source,
+                        f"shape {forces.shape} does not match positions {(n_frames, n_atoms, 3)}",
+                        keys["forces"],
+                    )
                 forces = forces.reshape(-1, 3)
             offsets = np.arange(n_frames + 1, dtype=np.int64) * n_atoms
         offsets = np.asarray(offsets, np.int64)
@@ -121,8 +164,9 @@ class Dataset:
         if numbers.shape != (offsets[-1],):
             raise DataError(source, f"{numbers.shape[0]} atomic numbers for {offsets[-1]} atoms", keys["numbers"])
         if positions.shape != (offsets[-1], 3):
-            raise DataError(source, f"positions shape {positions.shape}, expected {(int(offsets[-1]), 3)}",
-                            keys["positions"])
+            raise DataError(
+                source, f"positions shape {positions.shape}, expected {(int(offsets[-1]), 3)}", keys["positions"]
+            )
         if np.any(np.diff(offsets) <= 0):
             f = int(np.argmax(np.diff(offsets) <= 0))
             raise DataError(source, "frame has no atoms", keys["numbers"], _frame(frame_index, f))
@@ -145,8 +189,9 @@ class Dataset:
         if forces is not None:
             forces = np.asarray(forces, np.float64)
             if forces.shape != (offsets[-1], 3):
-                raise DataError(source, f"forces shape {forces.shape}, expected {(int(offsets[-1]), 3)}",
-                                keys["forces"])
+                raise DataError(
+                    source, f"forces shape {forces.shape}, expected {(int(offsets[-1]), 3)}", keys["forces"]
+                )
         if stress is not None:
             stress = np.asarray(stress, np.float64)
             if stress.shape != (n_frames, 3, 3):
@@ -160,13 +205,14 @@ class Dataset:
             meta[k] = np.asarray(v, dtype=object if np.asarray(v).dtype.kind in "OUS" else None)
             if meta[k].shape[:1] != (n_frames,):
                 raise DataError(source, f"metadata '{k}' has {meta[k].shape[:1]} entries for {n_frames} frames")
-        ds = cls(numbers.astype(np.int32), positions.astype(np.float64), offsets, cell, pbc, energy, forces,
-                 stress, meta)
+        ds = cls(
+            numbers.astype(np.int32), positions.astype(np.float64), offsets, cell, pbc, energy, forces, stress, meta
+        )
         ds.validate(source, keys, check_distances=check_distances)
         return ds
 
     @classmethod
-    def from_structures(cls, structures: Sequence[Structure], source: str = "<structures>", **kw) -> "Dataset":
+    def from_structures(cls, structures: Sequence[Structure], source: str = "<structures>", **kw) -> Dataset:
         if len(structures) == 0:
             raise DataError(source, "empty dataset: no frames")
         n = np.array([len(s) for s in structures])
@@ -177,14 +223,22 @@ class Dataset:
         meta_keys = sorted({k for s in structures for k in s.info})
         meta = {k: np.array([s.info.get(k, "") for s in structures], dtype=object) for k in meta_keys}
         return cls.from_arrays(
-            source=source, numbers=np.concatenate([s.numbers for s in structures]),
-            positions=np.concatenate([s.positions for s in structures]), offsets=offsets,
-            cell=np.stack([s.cell for s in structures]), pbc=np.stack([s.pbc for s in structures]),
+            source=source,
+            numbers=np.concatenate([s.numbers for s in structures]),
+            positions=np.concatenate([s.positions for s in structures]),
+            offsets=offsets,
+            cell=np.stack([s.cell for s in structures]),
+            pbc=np.stack([s.pbc for s in structures]),
             energy=np.array([np.nan if s.energy is None else s.energy for s in structures]),
-            forces=np.concatenate([s.forces if s.forces is not None else np.full((len(s), 3), np.nan)
-                                   for s in structures]) if has_f else None,
+            forces=np.concatenate(
+                [s.forces if s.forces is not None else np.full((len(s), 3), np.nan) for s in structures]
+            )
+            if has_f
+            else None,
             stress=np.stack([s.stress if s.stress is not None else nan3 for s in structures]) if has_s else None,
-            meta=meta, **kw)
+            meta=meta,
+            **kw,
+        )
 
     # ------------------------------------------------------------------ validation
     def validate(self, source: str, keys: Mapping[str, str] | None = None, check_distances: bool = True) -> None:
@@ -196,10 +250,17 @@ class Dataset:
         bad = (self.numbers < 1) | (self.numbers > MAX_ATOMIC_NUMBER)
         if bad.any():
             a = int(np.argmax(bad))
-            raise DataError(source, f"unknown element with atomic number {int(self.numbers[a])} (atom "
-                            f"{a - self.offsets[atom_frame[a]]})", keys["numbers"], _frame(fidx, atom_frame[a]))
-        for name, arr, per_atom in (("positions", self.positions, True), ("forces", self.forces, True),
-                                    ("cell", self.cell, False)):
+            raise DataError(
+                source,
+                f"unknown element with atomic number {int(self.numbers[a])} (atom {a - self.offsets[atom_frame[a]]})",
+                keys["numbers"],
+                _frame(fidx, atom_frame[a]),
+            )
+        for name, arr, per_atom in (
+            ("positions", self.positions, True),
+            ("forces", self.forces, True),
+            ("cell", self.cell, False),
+        ):
             if arr is None:
                 continue
             finite = np.isfinite(arr).reshape(len(arr), -1).all(axis=1)
@@ -223,8 +284,12 @@ class Dataset:
         zero = periodic & (vol < 1e-6)
         if zero.any():
             f = int(np.argmax(zero))
-            raise DataError(source, f"periodic frame (pbc={self.pbc[f].tolist()}) has a zero-volume cell",
-                            keys["cell"], _frame(fidx, f))
+            raise DataError(
+                source,
+                f"periodic frame (pbc={self.pbc[f].tolist()}) has a zero-volume cell",
+                keys["cell"],
+                _frame(fidx, f),
+            )
         if check_distances:
             self._check_min_distance(source, keys)
 
@@ -237,15 +302,19 @@ class Dataset:
             chunk = max(1, 2_000_000 // max(n * n, 1))
             eye = np.eye(n, dtype=bool)
             for s in range(0, len(pos), chunk):
-                p = pos[s:s + chunk]
+                p = pos[s : s + chunk]
                 d2 = np.sum((p[:, :, None] - p[:, None]) ** 2, axis=-1)
                 d2[:, eye] = np.inf
-                close = (d2 < MIN_DISTANCE_ANGSTROM ** 2).any(axis=(1, 2))
+                close = (d2 < MIN_DISTANCE_ANGSTROM**2).any(axis=(1, 2))
                 if close.any():
                     f = s + int(np.argmax(close))
                     i, j = np.unravel_index(np.argmin(d2[f - s]), d2.shape[1:])
-                    raise DataError(source, f"atoms {i} and {j} are {np.sqrt(d2[f - s, i, j]):.3g} Å apart "
-                                    f"(< {MIN_DISTANCE_ANGSTROM} Å)", keys["positions"], _frame(self.meta["frame"], f))
+                    raise DataError(
+                        source,
+                        f"atoms {i} and {j} are {np.sqrt(d2[f - s, i, j]):.3g} Å apart (< {MIN_DISTANCE_ANGSTROM} Å)",
+                        keys["positions"],
+                        _frame(self.meta["frame"], f),
+                    )
             return
         from so3lib.graph.neighbours import neighbour_list
 
@@ -255,8 +324,12 @@ class Dataset:
             _, _, _, d = neighbour_list(s.positions, s.cell, s.pbc, 1.0, return_distances=True)
             d = d[d < MIN_DISTANCE_ANGSTROM]
             if len(d):
-                raise DataError(source, f"two atoms are {d.min():.3g} Å apart (< {MIN_DISTANCE_ANGSTROM} Å)",
-                                keys["positions"], _frame(self.meta["frame"], f))
+                raise DataError(
+                    source,
+                    f"two atoms are {d.min():.3g} Å apart (< {MIN_DISTANCE_ANGSTROM} Å)",
+                    keys["positions"],
+                    _frame(self.meta["frame"], f),
+                )
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -287,30 +360,47 @@ class Dataset:
         a, b = self.offsets[i], self.offsets[i + 1]
         e = self.energy[i]
         stress = None if self.stress is None or np.isnan(self.stress[i]).all() else self.stress[i]
-        return Structure(numbers=self.numbers[a:b], positions=self.positions[a:b], cell=self.cell[i],
-                         pbc=self.pbc[i], energy=None if np.isnan(e) else float(e),
-                         forces=None if self.forces is None else self.forces[a:b], stress=stress,
-                         info={k: v[i] for k, v in self.meta.items()})
+        return Structure(
+            numbers=self.numbers[a:b],
+            positions=self.positions[a:b],
+            cell=self.cell[i],
+            pbc=self.pbc[i],
+            energy=None if np.isnan(e) else float(e),
+            forces=None if self.forces is None else self.forces[a:b],
+            stress=stress,
+            info={k: v[i] for k, v in self.meta.items()},
+        )
 
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
 
-    def subset(self, indices) -> "Dataset":
+    def subset(self, indices) -> Dataset:
         """A new dataset with the given frames, in that order (no re-validation: already valid)."""
         idx = np.asarray(indices, np.int64)
         if len(idx) == 0:
             raise DataError(self.meta["source"][0] if len(self) else "<dataset>", "empty selection of frames")
         n = self.n_atoms[idx]
         offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
-        atom_idx = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]) \
-            if len(idx) < 4096 else _ranges(self.offsets[idx], n)
-        return Dataset(self.numbers[atom_idx], self.positions[atom_idx], offsets, self.cell[idx], self.pbc[idx],
-                       self.energy[idx], None if self.forces is None else self.forces[atom_idx],
-                       None if self.stress is None else self.stress[idx], {k: v[idx] for k, v in self.meta.items()})
+        atom_idx = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+            if len(idx) < 4096
+            else _ranges(self.offsets[idx], n)
+        )
+        return Dataset(
+            self.numbers[atom_idx],
+            self.positions[atom_idx],
+            offsets,
+            self.cell[idx],
+            self.pbc[idx],
+            self.energy[idx],
+            None if self.forces is None else self.forces[atom_idx],
+            None if self.stress is None else self.stress[idx],
+            {k: v[idx] for k, v in self.meta.items()},
+        )
 
     @staticmethod
-    def concatenate(datasets: Sequence["Dataset"]) -> "Dataset":
+    def concatenate(datasets: Sequence[Dataset]) -> Dataset:
         if not datasets:
             raise DataError("<concatenate>", "empty dataset: nothing to concatenate")
         offs, shift = [np.zeros(1, np.int64)], 0
@@ -321,31 +411,48 @@ class Dataset:
         any_s = any(d.stress is not None for d in datasets)
         keys = set.intersection(*[set(d.meta) for d in datasets])
         return Dataset(
-            np.concatenate([d.numbers for d in datasets]), np.concatenate([d.positions for d in datasets]),
-            np.concatenate(offs), np.concatenate([d.cell for d in datasets]), np.concatenate([d.pbc for d in datasets]),
+            np.concatenate([d.numbers for d in datasets]),
+            np.concatenate([d.positions for d in datasets]),
+            np.concatenate(offs),
+            np.concatenate([d.cell for d in datasets]),
+            np.concatenate([d.pbc for d in datasets]),
             np.concatenate([d.energy for d in datasets]),
-            np.concatenate([d.forces if d.forces is not None else np.full((d.offsets[-1], 3), np.nan)
-                            for d in datasets]) if any_f else None,
-            np.concatenate([d.stress if d.stress is not None else np.full((len(d), 3, 3), np.nan)
-                            for d in datasets]) if any_s else None,
-            {k: np.concatenate([d.meta[k] for d in datasets]) for k in keys})
+            np.concatenate(
+                [d.forces if d.forces is not None else np.full((d.offsets[-1], 3), np.nan) for d in datasets]
+            )
+            if any_f
+            else None,
+            np.concatenate([d.stress if d.stress is not None else np.full((len(d), 3, 3), np.nan) for d in datasets])
+            if any_s
+            else None,
+            {k: np.concatenate([d.meta[k] for d in datasets]) for k in keys},
+        )
 
     def summary(self) -> dict:
         """Counts and label statistics, for logs and `experiments.inspect`."""
         n = self.n_atoms
-        out = {"frames": len(self), "atoms_total": int(self.offsets[-1]), "atoms_min": int(n.min()),
-               "atoms_max": int(n.max()), "atoms_mean": float(n.mean()),
-               "elements": {int(z): int(c) for z, c in zip(*np.unique(self.numbers, return_counts=True))},
-               "periodic_frames": int(self.pbc.any(axis=1).sum()),
-               "molecules": int(len(np.unique(self.meta["name"].astype(str)))),
-               "sources": sorted({str(s) for s in self.meta["source"]})}
+        out = {
+            "frames": len(self),
+            "atoms_total": int(self.offsets[-1]),
+            "atoms_min": int(n.min()),
+            "atoms_max": int(n.max()),
+            "atoms_mean": float(n.mean()),
+            "elements": {int(z): int(c) for z, c in zip(*np.unique(self.numbers, return_counts=True))},
+            "periodic_frames": int(self.pbc.any(axis=1).sum()),
+            "molecules": int(len(np.unique(self.meta["name"].astype(str)))),
+            "sources": sorted({str(s) for s in self.meta["source"]}),
+        }
         e = self.energy[np.isfinite(self.energy)]
         if len(e):
-            out.update(energy_ev_min=float(e.min()), energy_ev_max=float(e.max()), energy_ev_mean=float(e.mean()),
-                       energy_per_atom_ev_mean=float(np.nanmean(self.energy / n)))
+            out.update(
+                energy_ev_min=float(e.min()),
+                energy_ev_max=float(e.max()),
+                energy_ev_mean=float(e.mean()),
+                energy_per_atom_ev_mean=float(np.nanmean(self.energy / n)),
+            )
         if self.forces is not None:
             f = self.forces[np.isfinite(self.forces).all(axis=1)]
-            out.update(forces_ev_per_a_rms=float(np.sqrt(np.mean(f ** 2))), forces_ev_per_a_max=float(np.abs(f).max()))
+            out.update(forces_ev_per_a_rms=float(np.sqrt(np.mean(f**2))), forces_ev_per_a_max=float(np.abs(f).max()))
         if self.stress is not None:
             out["frames_with_stress"] = int(np.isfinite(self.stress).all(axis=(1, 2)).sum())
         return out

@@ -4,6 +4,7 @@ tested offline against a local HTTP server).
     download(RMD17, "data/")          # rMD17 archive (figshare article 12672038), md5 from the figshare API
     download(SPICE["2.0.1"], "data/") # Zenodo record 10975225
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,8 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 CHUNK = 1 << 20
 
@@ -29,16 +30,27 @@ class Remote:
 
 RMD17 = Remote(
     filename="rmd17.tar.bz2",
-    urls=("https://figshare.com/ndownloader/files/23950376",
-          "https://archive.materialscloud.org/record/file?filename=rmd17.tar.bz2&record_id=466"),
+    urls=(
+        "https://figshare.com/ndownloader/files/23950376",
+        "https://archive.materialscloud.org/record/file?filename=rmd17.tar.bz2&record_id=466",
+    ),
     md5_api="https://api.figshare.com/v2/articles/12672038",
-    description="revised MD17 (Christensen & von Lilienfeld 2020), figshare article 12672038, CC0")
+    description="revised MD17 (Christensen & von Lilienfeld 2020), figshare article 12672038, CC0",
+)
 
 SPICE = {
-    "1.1.4": Remote("SPICE-1.1.4.hdf5", ("https://zenodo.org/records/8222043/files/SPICE-1.1.4.hdf5?download=1",),
-                    md5="f27d4c81da0e37d6547276bf6b4ae6a1", description="SPICE 1.1.4, Zenodo record 8222043"),
-    "2.0.1": Remote("SPICE-2.0.1.hdf5", ("https://zenodo.org/records/10975225/files/SPICE-2.0.1.hdf5?download=1",),
-                    md5="bfba2224b6540e1390a579569b475510", description="SPICE 2.0.1, Zenodo record 10975225"),
+    "1.1.4": Remote(
+        "SPICE-1.1.4.hdf5",
+        ("https://zenodo.org/records/8222043/files/SPICE-1.1.4.hdf5?download=1",),
+        md5="f27d4c81da0e37d6547276bf6b4ae6a1",
+        description="SPICE 1.1.4, Zenodo record 8222043",
+    ),
+    "2.0.1": Remote(
+        "SPICE-2.0.1.hdf5",
+        ("https://zenodo.org/records/10975225/files/SPICE-2.0.1.hdf5?download=1",),
+        md5="bfba2224b6540e1390a579569b475510",
+        description="SPICE 2.0.1, Zenodo record 10975225",
+    ),
 }
 
 
@@ -84,16 +96,24 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
             have = 0
         total = resp.headers.get("Content-Length")
         total = int(total) + have if total is not None else None
-        with open(part, mode) as fh, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                          desc=part.name, disable=not progress) as bar:
+        with (
+            open(part, mode) as fh,
+            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name, disable=not progress) as bar,
+        ):
             for block in iter(lambda: resp.read(CHUNK), b""):
                 fh.write(block)
                 bar.update(len(block))
 
 
-def download(remote: Remote, dest_dir: str | os.PathLike, md5: str | None = None, timeout: float = 60.0,
-             progress: bool = True, urls: Sequence[str] | None = None,
-             log: Callable[[str], None] = print) -> Path:
+def download(
+    remote: Remote,
+    dest_dir: str | os.PathLike,
+    md5: str | None = None,
+    timeout: float = 60.0,
+    progress: bool = True,
+    urls: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Download ``remote`` into ``dest_dir``, resuming a ``.part`` file, trying the mirrors in order, and verify
     the md5 (given, built in, or published by the API). Returns the final path; raises on a checksum mismatch
     (the bad file is kept as ``.part`` for inspection and removed on the next try)."""
@@ -109,7 +129,7 @@ def download(remote: Remote, dest_dir: str | os.PathLike, md5: str | None = None
         final.unlink()
     part = final.with_name(final.name + ".part")
     errors = []
-    for url in (urls or remote.urls):
+    for url in urls or remote.urls:
         try:
             _fetch(url, part, timeout, progress)
             break
@@ -117,13 +137,16 @@ def download(remote: Remote, dest_dir: str | os.PathLike, md5: str | None = None
             errors.append(f"{url}: {exc}")
             log(f"download from {url} failed ({exc}); trying the next address")
     else:
-        raise ConnectionError(f"could not download {remote.filename}; partial data kept in {part} for resuming:\n"
-                              + "\n".join(errors))
+        raise ConnectionError(
+            f"could not download {remote.filename}; partial data kept in {part} for resuming:\n" + "\n".join(errors)
+        )
     got = md5sum(part)
     if expected is not None and got != expected:
         part.unlink()
-        raise ValueError(f"{remote.filename}: md5 {got} does not match the published {expected}; the file was "
-                         "removed, run again to re-download")
+        raise ValueError(
+            f"{remote.filename}: md5 {got} does not match the published {expected}; the file was "
+            "removed, run again to re-download"
+        )
     part.rename(final)
     log(f"saved {final} (md5 {got}{', verified' if expected else ', no published checksum to compare'})")
     return final

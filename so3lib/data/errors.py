@@ -1,4 +1,5 @@
 """The one error type for bad input data."""
+
 from __future__ import annotations
 
 

@@ -5,13 +5,14 @@ units from ``r_unit``/``e_unit`` when present, else Å and kcal/mol as in MD17),
 molecule; bohr, hartree, forces = −dft_total_gradient), ``mlearn`` (JSON list of pymatgen structure dicts with
 ``outputs.energy/forces/virial_stress``) and ``ase`` (anything ``ase.io.read`` reads: extxyz, ase db, ...).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +28,7 @@ def _reader(name: str):
     def deco(fn):
         _READERS[name] = fn
         return fn
+
     return deco
 
 
@@ -57,8 +59,11 @@ def detect_format(path: str | os.PathLike) -> str:
             return "rmd17"
         if "R" in keys or "z" in keys:
             return "sgdml"
-        raise DataError(path, f"npz file with keys {sorted(keys)} is neither rMD17 (nuclear_charges, coords, "
-                        "energies, forces) nor sGDML (R, z, E, F)")
+        raise DataError(
+            path,
+            f"npz file with keys {sorted(keys)} is neither rMD17 (nuclear_charges, coords, "
+            "energies, forces) nor sGDML (R, z, E, F)",
+        )
     if head == b"\x89HDF\r\n\x1a\n" or path.suffix in (".h5", ".hdf5"):
         return "spice"
     if path.suffix == ".json":
@@ -92,7 +97,7 @@ def _molecule_name(path: Path) -> str:
     stem = path.stem
     for prefix in ("rmd17_", "md17_"):
         if stem.startswith(prefix):
-            stem = stem[len(prefix):]
+            stem = stem[len(prefix) :]
     for suffix in ("_train", "_test"):
         if suffix in stem:
             stem = stem[: stem.index(suffix)]
@@ -118,10 +123,16 @@ def read_rmd17(path: Path, indices: Sequence[int] | None = None) -> Dataset:
     meta = {"name": np.full(len(r), _molecule_name(path), dtype=object)}
     if "old_indices" in npz.files:
         meta["md17_index"] = npz["old_indices"][frame]
-    return Dataset.from_arrays(source=str(path), numbers=z, positions=r, energy=e * units.KCAL_PER_MOL_EV,
-                               forces=f * units.KCAL_PER_MOL_EV, meta=meta, frame_index=frame,
-                               keys={"numbers": "nuclear_charges", "positions": "coords", "energy": "energies",
-                                     "forces": "forces"})
+    return Dataset.from_arrays(
+        source=str(path),
+        numbers=z,
+        positions=r,
+        energy=e * units.KCAL_PER_MOL_EV,
+        forces=f * units.KCAL_PER_MOL_EV,
+        meta=meta,
+        frame_index=frame,
+        keys={"numbers": "nuclear_charges", "positions": "coords", "energy": "energies", "forces": "forces"},
+    )
 
 
 def _check_frames(path: Path, arrays: dict) -> None:
@@ -154,20 +165,26 @@ def read_sgdml(path: Path) -> Dataset:
         cell = np.asarray(npz["lattice"], float) * kr
         pbc = np.ones(3, bool)
     name = str(npz["name"]) if "name" in npz.files else _molecule_name(path)
-    return Dataset.from_arrays(source=str(path), numbers=z, positions=r * kr, cell=cell, pbc=pbc,
-                               energy=None if e is None else np.reshape(e, (len(r), -1))[:, 0] * ke,
-                               forces=None if f is None else f * ke / kr,
-                               meta={"name": np.full(len(r), name, dtype=object)},
-                               keys={"numbers": "z", "positions": "R", "energy": "E", "forces": "F",
-                                     "cell": "lattice"})
+    return Dataset.from_arrays(
+        source=str(path),
+        numbers=z,
+        positions=r * kr,
+        cell=cell,
+        pbc=pbc,
+        energy=None if e is None else np.reshape(e, (len(r), -1))[:, 0] * ke,
+        forces=None if f is None else f * ke / kr,
+        meta={"name": np.full(len(r), name, dtype=object)},
+        keys={"numbers": "z", "positions": "R", "energy": "E", "forces": "F", "cell": "lattice"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- SPICE
 SPICE_KEYS = ("atomic_numbers", "conformations", "dft_total_energy", "dft_total_gradient")
 
 
-def iter_spice_groups(path: str | os.PathLike, groups: Sequence[str] | None = None,
-                      energy_key: str = "dft_total_energy") -> Iterator[tuple[str, dict]]:
+def iter_spice_groups(
+    path: str | os.PathLike, groups: Sequence[str] | None = None, energy_key: str = "dft_total_energy"
+) -> Iterator[tuple[str, dict]]:
     """Yield (group name, arrays in Å/eV) one molecule at a time, reading only the needed keys, so a
     tens-of-GB SPICE file is never loaded whole. Arrays: numbers (n,), positions (C, n, 3) Å,
     energy (C,) eV, forces (C, n, 3) eV/Å = −gradient, smiles, subset."""
@@ -195,13 +212,24 @@ def iter_spice_groups(path: str | os.PathLike, groups: Sequence[str] | None = No
             except (OSError, KeyError) as exc:
                 raise DataError(path, f"cannot read group '{name}' ({exc})", name) from exc
             n = len(r)
-            for key, arr, shape in (("conformations", r, (n, len(z), 3)), (energy_key, e, (n,)),
-                                    ("dft_total_gradient", grad, (n, len(z), 3))):
+            for key, arr, shape in (
+                ("conformations", r, (n, len(z), 3)),
+                (energy_key, e, (n,)),
+                ("dft_total_gradient", grad, (n, len(z), 3)),
+            ):
                 if arr.shape != shape:
                     raise DataError(path, f"shape {arr.shape}, expected {shape}", f"{name}/{key}")
-            yield name, {"numbers": z, "positions": r * units.BOHR_ANGSTROM, "energy": e * units.HARTREE_EV,
-                         "forces": -grad * units.HARTREE_PER_BOHR_EV_PER_ANGSTROM,
-                         "smiles": _h5_str(g, "smiles"), "subset": _h5_str(g, "subset")}
+            yield (
+                name,
+                {
+                    "numbers": z,
+                    "positions": r * units.BOHR_ANGSTROM,
+                    "energy": e * units.HARTREE_EV,
+                    "forces": -grad * units.HARTREE_PER_BOHR_EV_PER_ANGSTROM,
+                    "smiles": _h5_str(g, "smiles"),
+                    "subset": _h5_str(g, "subset"),
+                },
+            )
 
 
 def _h5_str(g, key: str) -> str:
@@ -220,13 +248,26 @@ def read_spice(path: Path, groups: Sequence[str] | None = None, energy_key: str 
         c = len(a["positions"])
         if c == 0:
             continue
-        parts.append(Dataset.from_arrays(
-            source=str(path), numbers=a["numbers"], positions=a["positions"], energy=a["energy"],
-            forces=a["forces"], meta={"name": np.full(c, name, dtype=object),
-                                      "smiles": np.full(c, a["smiles"], dtype=object),
-                                      "subset": np.full(c, a["subset"], dtype=object)},
-            keys={"numbers": f"{name}/atomic_numbers", "positions": f"{name}/conformations",
-                  "energy": f"{name}/{energy_key}", "forces": f"{name}/dft_total_gradient"}))
+        parts.append(
+            Dataset.from_arrays(
+                source=str(path),
+                numbers=a["numbers"],
+                positions=a["positions"],
+                energy=a["energy"],
+                forces=a["forces"],
+                meta={
+                    "name": np.full(c, name, dtype=object),
+                    "smiles": np.full(c, a["smiles"], dtype=object),
+                    "subset": np.full(c, a["subset"], dtype=object),
+                },
+                keys={
+                    "numbers": f"{name}/atomic_numbers",
+                    "positions": f"{name}/conformations",
+                    "energy": f"{name}/{energy_key}",
+                    "forces": f"{name}/dft_total_gradient",
+                },
+            )
+        )
     if not parts:
         raise DataError(path, "empty dataset: no molecule group with conformations")
     return Dataset.concatenate(parts)
@@ -277,12 +318,25 @@ def read_mlearn(path: Path) -> Dataset:
         tags.append(f"{entry.get('group', '')}".strip())
     n = np.array([len(p) for p in positions])
     return Dataset.from_arrays(
-        source=str(path), numbers=np.concatenate(numbers), positions=np.concatenate(positions),
-        offsets=np.concatenate([[0], np.cumsum(n)]), cell=np.stack(cells), pbc=np.ones((len(n), 3), bool),
-        energy=np.array(energy), forces=np.concatenate(forces), stress=np.stack(stress),
+        source=str(path),
+        numbers=np.concatenate(numbers),
+        positions=np.concatenate(positions),
+        offsets=np.concatenate([[0], np.cumsum(n)]),
+        cell=np.stack(cells),
+        pbc=np.ones((len(n), 3), bool),
+        energy=np.array(energy),
+        forces=np.concatenate(forces),
+        stress=np.stack(stress),
         meta={"name": np.array(tags, dtype=object)},
-        keys={"numbers": "structure.sites", "positions": "structure.sites.xyz", "energy": "outputs.energy",
-              "forces": "outputs.forces", "stress": "outputs.virial_stress", "cell": "structure.lattice"})
+        keys={
+            "numbers": "structure.sites",
+            "positions": "structure.sites.xyz",
+            "energy": "outputs.energy",
+            "forces": "outputs.forces",
+            "stress": "outputs.virial_stress",
+            "cell": "structure.lattice",
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------- ASE
@@ -319,14 +373,22 @@ def read_ase(path: Path, index: str = ":", format: str | None = None) -> Dataset
             stress = np.asarray(stress, float)
             if stress.shape == (6,):  # Voigt xx yy zz yz xz xy (ASE)
                 from ase.stress import voigt_6_to_full_3x3_stress
+
                 stress = voigt_6_to_full_3x3_stress(stress)
             stress = stress.reshape(3, 3)
         info = {"name": str(atoms.info.get("config_type", atoms.get_chemical_formula()))}
-        structures.append(Structure(numbers=np.asarray(atoms.numbers), positions=np.asarray(atoms.positions, float),
-                                    cell=np.asarray(atoms.cell.array, float), pbc=np.asarray(atoms.pbc, bool),
-                                    energy=None if e is None else float(e),
-                                    forces=None if forces is None else np.asarray(forces, float),
-                                    stress=stress, info=info))
+        structures.append(
+            Structure(
+                numbers=np.asarray(atoms.numbers),
+                positions=np.asarray(atoms.positions, float),
+                cell=np.asarray(atoms.cell.array, float),
+                pbc=np.asarray(atoms.pbc, bool),
+                energy=None if e is None else float(e),
+                forces=None if forces is None else np.asarray(forces, float),
+                stress=stress,
+                info=info,
+            )
+        )
     for f, s in enumerate(structures):
         if s.forces is not None and s.forces.shape != s.positions.shape:
             raise DataError(path, f"forces shape {s.forces.shape} for {len(s)} atoms", "forces", f)

@@ -4,10 +4,11 @@ Fitted by least squares on the training split (or given as isolated-atom energie
 remainder. The residual standard deviation per atom is the diagnostic that shows whether absolute energies of
 different molecules are comparable: without a reference, the per-molecule offsets dominate the energy error.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -37,8 +38,9 @@ class EnergyReference:
     def check_species(self, numbers: np.ndarray, where: str = "<input>") -> None:
         unknown = sorted(set(np.unique(numbers).tolist()) - set(self.species))
         if unknown:
-            raise DataError(where, f"elements {unknown} have no energy reference (the model knows {list(self.species)})",
-                            "numbers")
+            raise DataError(
+                where, f"elements {unknown} have no energy reference (the model knows {list(self.species)})", "numbers"
+            )
 
     def energy(self, dataset) -> np.ndarray:
         """(F,) reference energy of every frame (eV), of a `Dataset` or a store's `DatasetView`."""
@@ -61,7 +63,7 @@ class EnergyReference:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     @staticmethod
-    def from_dict(d: Mapping) -> "EnergyReference":
+    def from_dict(d: Mapping) -> EnergyReference:
         d = dict(d)
         d["species"] = tuple(int(z) for z in d["species"])
         d["energies_ev"] = tuple(float(e) for e in d["energies_ev"])
@@ -81,24 +83,27 @@ def composition_matrix(dataset, species: Sequence[int]) -> np.ndarray:
     return counts
 
 
-def fit_energy_reference(dataset, intercept: bool = False,
-                         isolated_atom_energies_ev: Mapping[int, float] | None = None) -> EnergyReference:
+def fit_energy_reference(
+    dataset, intercept: bool = False, isolated_atom_energies_ev: Mapping[int, float] | None = None
+) -> EnergyReference:
     """Least-squares per-element reference on ``dataset`` (the training split), or the given isolated-atom
     energies. Frames without an energy label are ignored. With a single composition (one molecule) the
     minimum-norm solution is used: the reference then equals the mean energy of that molecule."""
     species = dataset.species
     labelled = np.isfinite(dataset.energy)
     if not labelled.any():
-        raise DataError(getattr(dataset, "source", None) or dataset.meta["source"][0], "no frame has an energy label: cannot fit an energy reference",
-                        "energy")
+        raise DataError(
+            getattr(dataset, "source", None) or dataset.meta["source"][0],
+            "no frame has an energy label: cannot fit an energy reference",
+            "energy",
+        )
     A = composition_matrix(dataset, species)[labelled]
     y = dataset.energy[labelled]
     n_atoms = dataset.n_atoms[labelled]
     if isolated_atom_energies_ev is not None:
         missing = [z for z in species if z not in isolated_atom_energies_ev]
         if missing:
-            raise DataError("<config>", f"isolated-atom energies lack elements {missing}",
-                            "isolated_atom_energies_ev")
+            raise DataError("<config>", f"isolated-atom energies lack elements {missing}", "isolated_atom_energies_ev")
         coef = np.array([float(isolated_atom_energies_ev[z]) for z in species])
         c, method = 0.0, "isolated_atoms"
     else:
@@ -108,7 +113,12 @@ def fit_energy_reference(dataset, intercept: bool = False,
         method = "lstsq+intercept" if intercept else "lstsq"
     resid = (y - A @ coef - c) / n_atoms
     raw = y / n_atoms
-    return EnergyReference(species=tuple(species), energies_ev=tuple(float(x) for x in coef), intercept_ev=c,
-                           method=method, residual_std_per_atom_ev=float(np.std(resid)),
-                           residual_mae_per_atom_ev=float(np.mean(np.abs(resid - resid.mean()))),
-                           raw_std_per_atom_ev=float(np.std(raw)))
+    return EnergyReference(
+        species=tuple(species),
+        energies_ev=tuple(float(x) for x in coef),
+        intercept_ev=c,
+        method=method,
+        residual_std_per_atom_ev=float(np.std(resid)),
+        residual_mae_per_atom_ev=float(np.mean(np.abs(resid - resid.mean()))),
+        raw_std_per_atom_ev=float(np.std(raw)),
+    )

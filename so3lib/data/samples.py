@@ -1,4 +1,5 @@
 """Locate the two samples shipped inside the package (the embedded default data)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -2,11 +2,12 @@
 (total charge from the formal charges in the SMILES), and drop conformers whose largest force component
 exceeds a threshold. Everything dropped is counted by reason and molecule.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,15 +34,22 @@ def formal_charge(smiles: str) -> int:
 
 def new_report(max_force_ev_per_a: float | None) -> dict:
     """Empty drop report: counts of molecules and conformers kept and dropped, by reason."""
-    return {"molecules_in": 0, "conformers_in": 0, "molecules_kept": 0, "conformers_kept": 0,
-            "dropped": {"element": {"molecules": 0, "conformers": 0, "names": []},
-                        "charged": {"molecules": 0, "conformers": 0, "names": []},
-                        "max_force": {"molecules": 0, "conformers": 0, "names": [],
-                                      "threshold_ev_per_a": max_force_ev_per_a}}}
+    return {
+        "molecules_in": 0,
+        "conformers_in": 0,
+        "molecules_kept": 0,
+        "conformers_kept": 0,
+        "dropped": {
+            "element": {"molecules": 0, "conformers": 0, "names": []},
+            "charged": {"molecules": 0, "conformers": 0, "names": []},
+            "max_force": {"molecules": 0, "conformers": 0, "names": [], "threshold_ev_per_a": max_force_ev_per_a},
+        },
+    }
 
 
-def filter_group(name: str, arrays: dict, report: dict, allowed: set[int], neutral_only: bool,
-                 max_force_ev_per_a: float | None) -> np.ndarray | None:
+def filter_group(
+    name: str, arrays: dict, report: dict, allowed: set[int], neutral_only: bool, max_force_ev_per_a: float | None
+) -> np.ndarray | None:
     """Apply the MACE-OFF filters to one molecule group (arrays from `iter_spice_groups`): returns the boolean
     mask of conformers kept, or None when the whole molecule is dropped; counts go into ``report``."""
     n_conf = len(arrays["positions"])
@@ -74,17 +82,33 @@ def group_dataset(path: str | Path, name: str, arrays: dict, keep: np.ndarray) -
     """The kept conformers of one group as a validated `Dataset` (errors name the file, key and frame)."""
     k = int(keep.sum())
     return Dataset.from_arrays(
-        source=str(path), numbers=arrays["numbers"], positions=arrays["positions"][keep],
-        energy=arrays["energy"][keep], forces=arrays["forces"][keep], frame_index=np.nonzero(keep)[0],
-        meta={"name": np.full(k, name, dtype=object), "smiles": np.full(k, arrays["smiles"], dtype=object),
-              "subset": np.full(k, arrays["subset"], dtype=object)},
-        keys={"numbers": f"{name}/atomic_numbers", "positions": f"{name}/conformations",
-              "energy": f"{name}/dft_total_energy", "forces": f"{name}/dft_total_gradient"})
+        source=str(path),
+        numbers=arrays["numbers"],
+        positions=arrays["positions"][keep],
+        energy=arrays["energy"][keep],
+        forces=arrays["forces"][keep],
+        frame_index=np.nonzero(keep)[0],
+        meta={
+            "name": np.full(k, name, dtype=object),
+            "smiles": np.full(k, arrays["smiles"], dtype=object),
+            "subset": np.full(k, arrays["subset"], dtype=object),
+        },
+        keys={
+            "numbers": f"{name}/atomic_numbers",
+            "positions": f"{name}/conformations",
+            "energy": f"{name}/dft_total_energy",
+            "forces": f"{name}/dft_total_gradient",
+        },
+    )
 
 
-def filter_spice(path: str | Path, elements: Sequence[int] = MACE_OFF_ELEMENTS, neutral_only: bool = True,
-                 max_force_ev_per_a: float | None = None,
-                 groups: Sequence[str] | None = None) -> tuple[Dataset | None, dict]:
+def filter_spice(
+    path: str | Path,
+    elements: Sequence[int] = MACE_OFF_ELEMENTS,
+    neutral_only: bool = True,
+    max_force_ev_per_a: float | None = None,
+    groups: Sequence[str] | None = None,
+) -> tuple[Dataset | None, dict]:
     """Read a SPICE file group by group and apply the MACE-OFF filters, in memory (for files that fit; see
     `so3lib.data.store.convert_spice` for the streamed store). Returns (kept dataset or None when nothing
     survives, report) where the report counts kept and dropped molecules and conformers by reason."""

@@ -1,9 +1,10 @@
 """Train/validation/test splits: random with a seed, by molecule, and the rMD17 protocol. Indices are
 plain int arrays, saved to and loaded from ``splits.npz`` so a run can be reproduced."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -19,14 +20,18 @@ def _sizes(n: int, fractions: Sequence[float]) -> list[int]:
     return sizes
 
 
-def random_split(n_frames: int, fractions: Sequence[float] = (0.95, 0.05), seed: int = 0,
-                 names: Sequence[str] = ("train", "val", "test")) -> dict[str, np.ndarray]:
+def random_split(
+    n_frames: int,
+    fractions: Sequence[float] = (0.95, 0.05),
+    seed: int = 0,
+    names: Sequence[str] = ("train", "val", "test"),
+) -> dict[str, np.ndarray]:
     """Random disjoint splits of ``range(n_frames)`` with the given fractions (the remainder goes unused
     when they sum to < 1)."""
     perm = np.random.default_rng(seed).permutation(n_frames)
     out, start = {}, 0
     for name, size in zip(names, _sizes(n_frames, fractions)):
-        out[name] = np.sort(perm[start:start + size])
+        out[name] = np.sort(perm[start : start + size])
         start += size
     return out
 
@@ -38,13 +43,17 @@ def count_split(n_frames: int, counts: Mapping[str, int], seed: int = 0) -> dict
     perm = np.random.default_rng(seed).permutation(n_frames)
     out, start = {}, 0
     for name, c in counts.items():
-        out[name] = np.sort(perm[start:start + c])
+        out[name] = np.sort(perm[start : start + c])
         start += c
     return out
 
 
-def split_by_group(groups: Sequence[str] | np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                   seed: int = 0, names: Sequence[str] = ("train", "val", "test")) -> dict[str, np.ndarray]:
+def split_by_group(
+    groups: Sequence[str] | np.ndarray,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] = ("train", "val", "test"),
+) -> dict[str, np.ndarray]:
     """Split frames so that every group (molecule) lies in exactly one split. Fractions count molecules."""
     groups = np.asarray(groups).astype(str)
     uniq = np.unique(groups)
@@ -61,15 +70,18 @@ def split_by_group(groups: Sequence[str] | np.ndarray, fractions: Sequence[float
             sizes[i] = 1
     out, start = {}, 0
     for name, size in zip(names, sizes):
-        chosen = uniq[perm[start:start + size]]
+        chosen = uniq[perm[start : start + size]]
         out[name] = np.nonzero(np.isin(groups, chosen))[0]
         start += size
     return out
 
 
 def save_splits(path: str | Path, splits: Mapping[str, np.ndarray], **info) -> None:
-    np.savez(path, **{k: np.asarray(v, np.int64) for k, v in splits.items()},
-             **{f"info_{k}": np.asarray(str(v)) for k, v in info.items()})
+    np.savez(
+        path,
+        **{k: np.asarray(v, np.int64) for k, v in splits.items()},
+        **{f"info_{k}": np.asarray(str(v)) for k, v in info.items()},
+    )
 
 
 def load_splits(path: str | Path) -> dict[str, np.ndarray]:

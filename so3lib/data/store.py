@@ -15,6 +15,7 @@ every kept group is validated (`Dataset.from_arrays`) before it is appended. Lay
 `open_store` maps the arrays (``numpy.memmap``) into a `Dataset` without reading them; `DatasetView` selects
 frames of it (a split) without copying. A changed source file or filter invalidates the store: it is rebuilt.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,18 +39,31 @@ _ATOM = {"numbers": (np.int8, ()), "positions": (np.float64, (3,)), "forces": (n
 _FRAME = {"energy": (np.float64, ()), "molecule": (np.int32, ()), "frame": (np.int32, ())}
 
 
-def fingerprint(source: str | Path, elements: Sequence[int], neutral_only: bool,
-                max_force_ev_per_a: float | None) -> dict:
+def fingerprint(
+    source: str | Path, elements: Sequence[int], neutral_only: bool, max_force_ev_per_a: float | None
+) -> dict:
     """What the store depends on: the source file (absolute path, size, mtime) and the filter options."""
     st = Path(source).stat()
-    return {"version": STORE_VERSION, "source": str(Path(source).resolve()), "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "elements": sorted(int(z) for z in elements),
-            "neutral_only": bool(neutral_only), "max_force_ev_per_a": max_force_ev_per_a}
+    return {
+        "version": STORE_VERSION,
+        "source": str(Path(source).resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "elements": sorted(int(z) for z in elements),
+        "neutral_only": bool(neutral_only),
+        "max_force_ev_per_a": max_force_ev_per_a,
+    }
 
 
-def convert_spice(source: str | Path, store: str | Path, elements: Sequence[int] = MACE_OFF_ELEMENTS,
-                  neutral_only: bool = True, max_force_ev_per_a: float | None = None, progress: bool = True,
-                  rebuild: bool = False) -> Path:
+def convert_spice(
+    source: str | Path,
+    store: str | Path,
+    elements: Sequence[int] = MACE_OFF_ELEMENTS,
+    neutral_only: bool = True,
+    max_force_ev_per_a: float | None = None,
+    progress: bool = True,
+    rebuild: bool = False,
+) -> Path:
     """Convert a SPICE HDF5 file into a packed store at ``store`` (reused when its fingerprint matches).
     Returns the store path. Raises `DataError` when nothing survives the filters."""
     import h5py
@@ -105,13 +119,22 @@ def convert_spice(source: str | Path, store: str | Path, elements: Sequence[int]
             fh.close()
     if n_frames == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(source, f"empty dataset: no conformation survives the filters (elements {species}, "
-                        f"neutral_only={neutral_only}, max force {max_force_ev_per_a} eV/Å); drop report: "
-                        f"{json.dumps({k: {kk: vv for kk, vv in v.items() if kk != 'names'} for k, v in report['dropped'].items()})}")
+        raise DataError(
+            source,
+            f"empty dataset: no conformation survives the filters (elements {species}, "
+            f"neutral_only={neutral_only}, max force {max_force_ev_per_a} eV/Å); drop report: "
+            + json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "names"} for k, v in report["dropped"].items()}),
+        )
     present = np.fromfile(tmp / "composition.bin", np.int16).reshape(n_frames, len(species)).any(axis=0)
-    manifest = {"fingerprint": fp, "frames": n_frames, "atoms": n_atoms_total, "species": species,
-                "species_present": [z for z, p in zip(species, present) if p], "report": report,
-                "molecules": molecules}
+    manifest = {
+        "fingerprint": fp,
+        "frames": n_frames,
+        "atoms": n_atoms_total,
+        "species": species,
+        "species_present": [z for z, p in zip(species, present) if p],
+        "report": report,
+        "molecules": molecules,
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(store, ignore_errors=True)
     os.replace(tmp, store)
@@ -126,7 +149,7 @@ def read_manifest(store: str | Path) -> dict:
     return json.loads(man.read_text())
 
 
-def open_store(store: str | Path) -> "DatasetView":
+def open_store(store: str | Path) -> DatasetView:
     """Memory-map a packed store as a `DatasetView` over all its frames (nothing is read yet)."""
     store = Path(store)
     m = read_manifest(store)
@@ -146,8 +169,17 @@ def open_store(store: str | Path) -> "DatasetView":
     mols = m["molecules"]
     lookup = {k: np.array([mol[k] for mol in mols], dtype=object) for k in ("name", "smiles", "subset")}
     lookup["source"] = np.array([m["fingerprint"]["source"]] * len(mols), dtype=object)
-    base = Dataset(arr["numbers"], arr["positions"], offsets, None, None, arr["energy"], arr["forces"], None,
-                   {"molecule": arr["molecule"], "frame": arr["frame"]})  # free molecules: no cells
+    base = Dataset(
+        arr["numbers"],
+        arr["positions"],
+        offsets,
+        None,
+        None,
+        arr["energy"],
+        arr["forces"],
+        None,
+        {"molecule": arr["molecule"], "frame": arr["frame"]},
+    )  # free molecules: no cells
     return DatasetView(base, np.arange(F), composition, tuple(m["species"]), lookup, str(store))
 
 
@@ -177,7 +209,7 @@ class DatasetView:
         """Atomic numbers present in these frames."""
         present = np.zeros(len(self.store_species), bool)
         for s in range(0, len(self.frames), 1 << 16):
-            present |= np.asarray(self.composition_counts[self.frames[s:s + (1 << 16)]]).any(axis=0)
+            present |= np.asarray(self.composition_counts[self.frames[s : s + (1 << 16)]]).any(axis=0)
         return [z for z, p in zip(self.store_species, present) if p]
 
     def composition(self, species: Sequence[int]) -> np.ndarray:
@@ -198,7 +230,7 @@ class DatasetView:
         """Per-frame name, smiles, subset, source (shared string objects) and frame index in its group."""
         return meta_rows(self.base, self.molecules, self.frames)
 
-    def subset(self, indices) -> "DatasetView":
+    def subset(self, indices) -> DatasetView:
         return dataclasses.replace(self, frames=self.frames[np.asarray(indices, np.int64)])
 
     def materialize(self, indices=None) -> Dataset:
@@ -231,6 +263,14 @@ def _subset_sorted(base: Dataset, molecules: dict, idx: np.ndarray) -> Dataset:
     atom_idx = _ranges(np.asarray(base.offsets[idx]), n)
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
     meta = meta_rows(base, molecules, idx)
-    return Dataset(np.asarray(base.numbers[atom_idx], np.int32), np.asarray(base.positions[atom_idx]), offsets,
-                   np.zeros((len(idx), 3, 3)), np.zeros((len(idx), 3), bool), np.asarray(base.energy[idx]),
-                   np.asarray(base.forces[atom_idx]), None, meta)
+    return Dataset(
+        np.asarray(base.numbers[atom_idx], np.int32),
+        np.asarray(base.positions[atom_idx]),
+        offsets,
+        np.zeros((len(idx), 3, 3)),
+        np.zeros((len(idx), 3), bool),
+        np.asarray(base.energy[idx]),
+        np.asarray(base.forces[atom_idx]),
+        None,
+        meta,
+    )

@@ -4,13 +4,15 @@ A batch is a `jraph.GraphsTuple` (numpy on the host, moved to the device by the 
   nodes   = {positions (N, 3) Å, species (N,) int32 atomic numbers (0 = padding), forces (N, 3) eV/Å}
   edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell}
   globals = {[triplets (T, 2) edge-index pairs, triplet_mask (T,) for angular descriptors,]
-             energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³, cell (G, 3, 3) Å, pbc (G, 3),
+             energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³,
+             cell (G, 3, 3) Å, pbc (G, 3),
              has_energy, has_forces, has_stress (G,) 0/1 label masks}
   senders / receivers (E,) int32, n_node (G,), n_edge (G,).
 Batches are padded to a small ladder of static budgets (the `jraph.pad_with_graphs` convention: all padding
 nodes and edges in the first padding graph, any further padding graphs empty, padding edges attached to the
 first padding node, so jraph's padding masks apply), so `jit` compiles once per budget.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -18,7 +20,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jraph
 import numpy as np
@@ -32,14 +34,14 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class GraphBudget:
     """Static padded sizes: n_node and n_edge include padding; n_graph includes the padding graph."""
+
     n_node: int
     n_edge: int
     n_graph: int
     n_triplet: int = 0
 
     def fits(self, n_node: int, n_edge: int, n_graph: int, n_triplet: int = 0) -> bool:
-        return (n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph
-                and n_triplet <= self.n_triplet)
+        return n_node < self.n_node and n_edge <= self.n_edge and n_graph < self.n_graph and n_triplet <= self.n_triplet
 
 
 def round_up(x: int, quantum: int) -> int:
@@ -57,11 +59,17 @@ def round_up_ladder(x: int, quantum: int = 8, steps_per_octave: int = 2) -> int:
 @dataclasses.dataclass(frozen=True)
 class BudgetLadder:
     """A few (n_node, n_edge) rungs for batches of up to ``batch_size`` graphs. `select` picks the smallest."""
+
     rungs: tuple[GraphBudget, ...]
 
     @staticmethod
-    def from_counts(n_atoms: np.ndarray, n_edges: np.ndarray, batch_size: int, max_rungs: int = 4,
-                    n_triplets: np.ndarray | None = None) -> "BudgetLadder":
+    def from_counts(
+        n_atoms: np.ndarray,
+        n_edges: np.ndarray,
+        batch_size: int,
+        max_rungs: int = 4,
+        n_triplets: np.ndarray | None = None,
+    ) -> BudgetLadder:
         """Rungs from dataset statistics: the top rung holds the ``batch_size`` largest structures (so every
         batch fits); lower rungs are geometric down to ~5 % above a typical batch."""
         b = min(batch_size, len(n_atoms))
@@ -75,13 +83,21 @@ class BudgetLadder:
         for f in fr:
             nn = round_up(int(typ_n * (worst_n / typ_n) ** f) if k > 1 else worst_n, 8)
             ne = round_up(int(max(typ_e, 1) * (max(worst_e, 1) / max(typ_e, 1)) ** f) if k > 1 else worst_e, 64)
-            rungs.append(GraphBudget(max(nn, worst_n if f == 1 else 0), max(ne, worst_e if f == 1 else 0), batch_size + 1))
+            rungs.append(
+                GraphBudget(max(nn, worst_n if f == 1 else 0), max(ne, worst_e if f == 1 else 0), batch_size + 1)
+            )
         if n_triplets is not None:  # the triplet budget grows along the same rungs as the edges
             worst_t = int(np.sort(n_triplets)[-b:].sum())
             typ_t = b * float(np.mean(n_triplets)) * 1.05
-            rungs = [dataclasses.replace(r, n_triplet=round_up(
-                int(max(typ_t, 1) * (max(worst_t, 1) / max(typ_t, 1)) ** f) if k > 1 else worst_t, 64))
-                for r, f in zip(rungs, fr)]
+            rungs = [
+                dataclasses.replace(
+                    r,
+                    n_triplet=round_up(
+                        int(max(typ_t, 1) * (max(worst_t, 1) / max(typ_t, 1)) ** f) if k > 1 else worst_t, 64
+                    ),
+                )
+                for r, f in zip(rungs, fr)
+            ]
             rungs[-1] = dataclasses.replace(rungs[-1], n_triplet=max(rungs[-1].n_triplet, round_up(worst_t, 64)))
         uniq = sorted(set(rungs), key=lambda r: (r.n_node, r.n_edge, r.n_triplet))
         return BudgetLadder(tuple(uniq))
@@ -90,15 +106,21 @@ class BudgetLadder:
         for r in self.rungs:
             if r.fits(n_node, n_edge, n_graph, n_triplet):
                 return r
-        raise ValueError(f"batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges, {n_triplet} triplets exceeds "
-                         f"the largest padding budget {self.rungs[-1]}: rebuild the ladder for this data (never "
-                         "truncated)")
+        raise ValueError(
+            f"batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges, {n_triplet} triplets exceeds "
+            f"the largest padding budget {self.rungs[-1]}: rebuild the ladder for this data (never "
+            "truncated)"
+        )
 
 
 def dynamic_budget(n_node: int, n_edge: int, n_graph: int, n_triplet: int = 0) -> GraphBudget:
     """Budget for ad-hoc inputs (calculator, MD): geometric ladder, so repeated calls reuse compilations."""
-    return GraphBudget(round_up_ladder(n_node + 1, 8), round_up_ladder(max(n_edge, 1), 64),
-                       round_up_ladder(n_graph + 1, 2, 1), round_up_ladder(n_triplet, 64) if n_triplet else 0)
+    return GraphBudget(
+        round_up_ladder(n_node + 1, 8),
+        round_up_ladder(max(n_edge, 1), 64),
+        round_up_ladder(n_graph + 1, 2, 1),
+        round_up_ladder(n_triplet, 64) if n_triplet else 0,
+    )
 
 
 def triplets_from_edges(receivers: np.ndarray, distances: np.ndarray, cutoff: float) -> np.ndarray:
@@ -114,7 +136,7 @@ def triplets_from_edges(receivers: np.ndarray, distances: np.ndarray, cutoff: fl
         if c < 2:
             continue
         a, b = np.triu_indices(c, k=1)
-        e = order[st:st + c]
+        e = order[st : st + c]
         out.append(np.stack([e[a], e[b]], axis=1))
     return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 2), np.int32)
 
@@ -124,6 +146,7 @@ class NeighbourTable:
     """Neighbour lists of all frames of a dataset, packed: local senders/receivers (E,), shifts (E, 3),
     offsets (F+1,) into the edge arrays; with ``triplet_cutoff``, also triplets (T, 2) of frame-local edge
     indices and their offsets (F+1,)."""
+
     cutoff: float
     senders: np.ndarray
     receivers: np.ndarray
@@ -142,8 +165,9 @@ class NeighbourTable:
         return None if self.triplet_offsets is None else np.diff(self.triplet_offsets)
 
     @staticmethod
-    def build(dataset: Dataset, cutoff: float, progress: bool = False,
-              triplet_cutoff: float | None = None) -> "NeighbourTable":
+    def build(
+        dataset: Dataset, cutoff: float, progress: bool = False, triplet_cutoff: float | None = None
+    ) -> NeighbourTable:
         from tqdm.auto import tqdm
 
         s_all, r_all, sh_all, counts = [], [], [], np.zeros(len(dataset), np.int64)
@@ -151,8 +175,9 @@ class NeighbourTable:
         it = range(len(dataset))
         for f in tqdm(it, desc=f"neighbour lists (cutoff {cutoff} Å)", disable=not progress, leave=False):
             a, b = dataset.offsets[f], dataset.offsets[f + 1]
-            s, r, sh, d = neighbour_list(dataset.positions[a:b], dataset.cell[f], dataset.pbc[f], cutoff,
-                                         return_distances=True)
+            s, r, sh, d = neighbour_list(
+                dataset.positions[a:b], dataset.cell[f], dataset.pbc[f], cutoff, return_distances=True
+            )
             s_all.append(s)
             r_all.append(r)
             sh_all.append(sh)
@@ -161,16 +186,31 @@ class NeighbourTable:
                 t = triplets_from_edges(r, d, triplet_cutoff)
                 t_all.append(t)
                 t_counts[f] = len(t)
-        tri = (np.concatenate(t_all).reshape(-1, 2), np.concatenate([[0], np.cumsum(t_counts)])) \
-            if triplet_cutoff is not None else (None, None)
-        return NeighbourTable(cutoff, np.concatenate(s_all), np.concatenate(r_all),
-                              np.concatenate(sh_all).reshape(-1, 3), np.concatenate([[0], np.cumsum(counts)]),
-                              tri[0], tri[1], triplet_cutoff)
+        tri = (
+            (np.concatenate(t_all).reshape(-1, 2), np.concatenate([[0], np.cumsum(t_counts)]))
+            if triplet_cutoff is not None
+            else (None, None)
+        )
+        return NeighbourTable(
+            cutoff,
+            np.concatenate(s_all),
+            np.concatenate(r_all),
+            np.concatenate(sh_all).reshape(-1, 3),
+            np.concatenate([[0], np.cumsum(counts)]),
+            tri[0],
+            tri[1],
+            triplet_cutoff,
+        )
 
 
-def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
-                budget: GraphBudget | None = None, dtype=np.float32,
-                energy_offset: np.ndarray | None = None) -> jraph.GraphsTuple:
+def build_batch(
+    dataset: Dataset,
+    table: NeighbourTable,
+    frames: Sequence[int],
+    budget: GraphBudget | None = None,
+    dtype=np.float32,
+    energy_offset: np.ndarray | None = None,
+) -> jraph.GraphsTuple:
     """Padded GraphsTuple of the given frames (numpy). With ``budget=None`` a `dynamic_budget` is used.
     ``energy_offset`` (F,) eV per dataset frame (the per-element reference): ``globals['energy_residual']`` =
     energy − offset is computed here in float64, so float32 batches keep meV precision."""
@@ -183,8 +223,10 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
     T = int(n_trip.sum()) if with_triplets else 0
     budget = budget or dynamic_budget(N, E, G, T)
     if not budget.fits(N, E, G, T):
-        raise ValueError(f"{G} graphs / {N} nodes / {E} edges / {T} triplets do not fit the budget {budget} "
-                         "(overflow: nothing is dropped, use a larger budget)")
+        raise ValueError(
+            f"{G} graphs / {N} nodes / {E} edges / {T} triplets do not fit the budget {budget} "
+            "(overflow: nothing is dropped, use a larger budget)"
+        )
     atom_idx = _ranges(dataset.offsets[frames], n_node)
     edge_idx = _ranges(table.offsets[frames], n_edge)
     node_base = np.repeat(np.concatenate([[0], np.cumsum(n_node)[:-1]]), n_edge)
@@ -230,8 +272,16 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
     n_edge_p = np.zeros(pg, np.int32)
     n_edge_p[:G] = n_edge
     n_edge_p[G] = pe - E
-    glob = {"energy": energy, "energy_residual": residual, "stress": stress, "cell": cell, "pbc": pbc,
-            "has_energy": has_energy, "has_forces": has_forces, "has_stress": has_stress}
+    glob = {
+        "energy": energy,
+        "energy_residual": residual,
+        "stress": stress,
+        "cell": cell,
+        "pbc": pbc,
+        "has_energy": has_energy,
+        "has_forces": has_forces,
+        "has_stress": has_stress,
+    }
     if with_triplets:  # (T, 2) batch edge indices; padding triplets point at edge 0 and are masked
         trip = np.zeros((budget.n_triplet, 2), np.int32)
         edge_base = np.repeat(np.concatenate([[0], np.cumsum(n_edge)[:-1]]), n_trip)
@@ -241,8 +291,13 @@ def build_batch(dataset: Dataset, table: NeighbourTable, frames: Sequence[int],
         glob["triplets"], glob["triplet_mask"] = trip, tmask
     return jraph.GraphsTuple(
         nodes={"positions": positions, "species": species, "forces": forces},
-        edges={"shift": shift}, senders=senders, receivers=receivers, n_node=n_node_p, n_edge=n_edge_p,
-        globals=glob)
+        edges={"shift": shift},
+        senders=senders,
+        receivers=receivers,
+        n_node=n_node_p,
+        n_edge=n_edge_p,
+        globals=glob,
+    )
 
 
 def budget_key(graph: jraph.GraphsTuple) -> tuple[int, ...]:
@@ -255,8 +310,9 @@ def budget_key(graph: jraph.GraphsTuple) -> tuple[int, ...]:
     return key
 
 
-def ladder_from_sample(view, cutoff: float, batch_size: int, triplet_cutoff: float | None = None,
-                       sample_size: int = 1000, seed: int = 0) -> BudgetLadder:
+def ladder_from_sample(
+    view, cutoff: float, batch_size: int, triplet_cutoff: float | None = None, sample_size: int = 1000, seed: int = 0
+) -> BudgetLadder:
     """Padding ladder for a streamed dataset (a store's `DatasetView`): neighbour and triplet counts per atom
     are measured on a sample of frames and extrapolated (99th percentile + 5 %) to every frame from its atom
     count, which is known without reading the frame. A batch that still overflows gets a new rung, logged."""
@@ -269,6 +325,7 @@ def ladder_from_sample(view, cutoff: float, batch_size: int, triplet_cutoff: flo
         ratio = float(np.quantile(counts / sample.n_atoms, 0.99)) * 1.05
         est = np.ceil(ratio * n).astype(np.int64)
         return est if periodic else np.minimum(est, cap)  # free molecules: bounded by the atom pairs
+
     n_trip = estimate(t.n_triplets, n * (n - 1) * (n - 2) // 2) if triplet_cutoff is not None else None
     return BudgetLadder.from_counts(n, estimate(t.n_edges, n * (n - 1)), batch_size, n_triplets=n_trip)
 
@@ -284,11 +341,25 @@ class GraphLoader:
     batch is split into ``n_shards`` equal sub-batches padded to one budget and stacked on a leading axis
     (n_shards, ...), then placed with ``sharding`` (a `jax.sharding.NamedSharding` over the mesh's data axis)."""
 
-    def __init__(self, dataset, cutoff: float, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 ladder: BudgetLadder | None = None, prefetch: int = 4, dtype=np.float32, progress: bool = False,
-                 table: NeighbourTable | None = None, device_put: bool = True, sharding=None,
-                 energy_offset: np.ndarray | None = None, triplet_cutoff: float | None = None,
-                 n_shards: int = 1, workers: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        cutoff: float,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        ladder: BudgetLadder | None = None,
+        prefetch: int = 4,
+        dtype=np.float32,
+        progress: bool = False,
+        table: NeighbourTable | None = None,
+        device_put: bool = True,
+        sharding=None,
+        energy_offset: np.ndarray | None = None,
+        triplet_cutoff: float | None = None,
+        n_shards: int = 1,
+        workers: int | None = None,
+    ):
         if len(dataset) == 0:
             raise ValueError("empty dataset")
         if n_shards < 1 or batch_size % n_shards:
@@ -301,10 +372,14 @@ class GraphLoader:
             self.table = None
             self.ladder = ladder or ladder_from_sample(dataset, cutoff, shard_size, triplet_cutoff)
         else:
-            self.table = table if table is not None else NeighbourTable.build(dataset, cutoff, progress=progress,
-                                                                              triplet_cutoff=triplet_cutoff)
-            self.ladder = ladder or BudgetLadder.from_counts(dataset.n_atoms, self.table.n_edges, shard_size,
-                                                             n_triplets=self.table.n_triplets)
+            self.table = (
+                table
+                if table is not None
+                else NeighbourTable.build(dataset, cutoff, progress=progress, triplet_cutoff=triplet_cutoff)
+            )
+            self.ladder = ladder or BudgetLadder.from_counts(
+                dataset.n_atoms, self.table.n_edges, shard_size, n_triplets=self.table.n_triplets
+            )
         self.prefetch, self.dtype, self.device_put, self.sharding = prefetch, dtype, device_put, sharding
         self.workers = workers or (min(4, os.cpu_count() or 1) if self.streaming else 2)
         self.shapes_seen: set[tuple[int, int, int]] = set()
@@ -312,6 +387,7 @@ class GraphLoader:
         self.local_shards = list(range(n_shards))
         if n_shards > 1 and sharding is not None:  # multi-host: this process builds only its devices' shards
             import jax
+
             if jax.process_count() > 1:
                 per = n_shards // jax.process_count()
                 self.local_shards = list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
@@ -342,12 +418,21 @@ class GraphLoader:
             if not self.streaming:
                 raise
             top = self.ladder.rungs[-1]
-            rung = GraphBudget(max(top.n_node, round_up(int(1.25 * n_node) + 1, 8)),
-                               max(top.n_edge, round_up(int(1.25 * n_edge), 64)), top.n_graph,
-                               max(top.n_triplet, round_up(int(1.25 * n_trip), 64)) if n_trip else top.n_triplet)
+            rung = GraphBudget(
+                max(top.n_node, round_up(int(1.25 * n_node) + 1, 8)),
+                max(top.n_edge, round_up(int(1.25 * n_edge), 64)),
+                top.n_graph,
+                max(top.n_triplet, round_up(int(1.25 * n_trip), 64)) if n_trip else top.n_triplet,
+            )
             self.ladder = BudgetLadder(self.ladder.rungs + (rung,))
-            log.warning("a batch (%d nodes, %d edges, %d triplets) exceeds the padding ladder estimated from a sample: "
-                        "added the rung %s (one more compilation; nothing dropped)", n_node, n_edge, n_trip, rung)
+            log.warning(
+                "a batch (%d nodes, %d edges, %d triplets) exceeds the padding ladder estimated from a sample: "
+                "added the rung %s (one more compilation; nothing dropped)",
+                n_node,
+                n_edge,
+                n_trip,
+                rung,
+            )
             return rung
 
     def _make(self, frames: np.ndarray):
@@ -356,25 +441,34 @@ class GraphLoader:
         prepared = [self._prepare(p) for p in parts]
         filler = next(x for x in prepared if x is not None)
         prepared = [x if x is not None else (filler[0], filler[1], np.zeros(0, np.int64), filler[3]) for x in prepared]
-        sizes = np.array([[int(ds.n_atoms[f].sum()), int(tab.n_edges[f].sum()), len(f),
-                           int(tab.n_triplets[f].sum()) if tab.triplets is not None else 0]
-                          for ds, tab, f, _ in prepared])
+        sizes = np.array(
+            [
+                [
+                    int(ds.n_atoms[f].sum()),
+                    int(tab.n_edges[f].sum()),
+                    len(f),
+                    int(tab.n_triplets[f].sum()) if tab.triplets is not None else 0,
+                ]
+                for ds, tab, f, _ in prepared
+            ]
+        )
         budget = self._select(*[int(x) for x in sizes.max(axis=0)])
         graphs = [build_batch(ds, tab, f, budget, self.dtype, off) for ds, tab, f, off in prepared]
         g = graphs[0] if self.n_shards == 1 else jax_tree_stack(graphs)
         if self.device_put:
             import jax
+
             if self.n_shards > 1 and self.sharding is not None:
                 g = jax.tree_util.tree_map(
-                    lambda x: jax.make_array_from_process_local_data(self.sharding, x,
-                                                                     (self.n_shards, *x.shape[1:])), g)
+                    lambda x: jax.make_array_from_process_local_data(self.sharding, x, (self.n_shards, *x.shape[1:])), g
+                )
             else:
                 g = jax.device_put(g, self.sharding) if self.sharding is not None else jax.device_put(g)
         return g
 
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:
         order = self.order(epoch)
-        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)][start_batch:]
+        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][start_batch:]
         with cf.ThreadPoolExecutor(max_workers=self.workers) as pool:
             futures = [pool.submit(self._make, c) for c in chunks[: self.prefetch]]
             for k in range(len(chunks)):
@@ -384,8 +478,11 @@ class GraphLoader:
                 key = budget_key(g)
                 if key not in self.shapes_seen:
                     self.shapes_seen.add(key)
-                    log.info("new padded batch shape (graphs, nodes, edges) = %s; %d distinct so far", key,
-                             len(self.shapes_seen))
+                    log.info(
+                        "new padded batch shape (graphs, nodes, edges) = %s; %d distinct so far",
+                        key,
+                        len(self.shapes_seen),
+                    )
                 futures[k] = None  # release the batch once consumed
                 yield g
 
@@ -396,4 +493,5 @@ class GraphLoader:
 def jax_tree_stack(graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
     """Stack equally padded graphs on a new leading (shard) axis, in numpy."""
     import jax
+
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *graphs)

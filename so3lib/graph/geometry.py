@@ -1,4 +1,5 @@
 """Edge geometry inside jitted, differentiated code."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -28,6 +29,6 @@ def edge_vectors(graph: jraph.GraphsTuple) -> jnp.ndarray:
 
 def safe_norm(vec: jnp.ndarray, mask: jnp.ndarray | None = None, eps: float = 1e-12) -> jnp.ndarray:
     """|vec| with a finite gradient at 0 (padding edges): sqrt is evaluated at a safe value where masked."""
-    r2 = jnp.sum(vec ** 2, axis=-1)
+    r2 = jnp.sum(vec**2, axis=-1)
     ok = r2 > eps if mask is None else (mask & (r2 > eps))
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, r2, 1.0)), 0.0)

@@ -4,13 +4,20 @@ Convention (used everywhere in so3lib): an edge j → i has ``receivers = i`` (t
 neighbour) and an integer cell shift S, so the edge vector is ``r_ij = r_j − r_i + S · cell`` (rows of ``cell``
 are lattice vectors). Edge vectors are recomputed from positions inside differentiated code.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
-def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float,
-                   return_distances: bool = False, backend: str = "vesin"):
+def neighbour_list(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    cutoff: float,
+    return_distances: bool = False,
+    backend: str = "vesin",
+):
     """Full neighbour list (both directions) of pairs closer than ``cutoff`` Å.
 
     positions (n, 3) Å; cell (3, 3) Å; pbc (3,) bool. Returns senders (E,) int32, receivers (E,) int32,
@@ -22,8 +29,9 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
         from vesin import NeighborList
 
         nl = NeighborList(cutoff=float(cutoff), full_list=True)
-        i, j, S, d = nl.compute(points=positions, box=box, periodic=pbc.tolist() if pbc.any() else False,
-                                quantities="ijSd")
+        i, j, S, d = nl.compute(
+            points=positions, box=box, periodic=pbc.tolist() if pbc.any() else False, quantities="ijSd"
+        )
     elif backend == "matscipy":
         from matscipy.neighbours import neighbour_list as msp
 

@@ -1,12 +1,13 @@
 """The ASE path: any `ase.md` integrator driven by `So3libCalculator` (neighbour list reused within a skin),
 recorded like the on-device engine so both feed the same analysis."""
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from so3lib.md.engine import KB_EV_PER_K, MDConfig, MDResult, MDBlowUp
+from so3lib.md.engine import KB_EV_PER_K, MDBlowUp, MDConfig, MDResult
 
 
 def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True) -> MDResult:
@@ -25,22 +26,36 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
     dt = cfg.dt_fs * units.fs
     if cfg.ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
+
         dyn = VelocityVerlet(atoms, dt)
     elif cfg.ensemble == "nvt-langevin":
         from ase.md.langevin import Langevin
-        dyn = Langevin(atoms, dt, temperature_K=t0k, friction=cfg.friction_per_ps * 1e-3 / units.fs,
-                       rng=np.random.default_rng(cfg.seed))
+
+        dyn = Langevin(
+            atoms,
+            dt,
+            temperature_K=t0k,
+            friction=cfg.friction_per_ps * 1e-3 / units.fs,
+            rng=np.random.default_rng(cfg.seed),
+        )
     elif cfg.ensemble == "nvt-nose-hoover":
         from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
         dyn = NoseHooverChainNVT(atoms, dt, temperature_K=t0k, tdamp=cfg.tau_fs * units.fs)
     else:
         from ase.md.nvtberendsen import NVTBerendsen
+
         dyn = NVTBerendsen(atoms, dt, temperature_K=t0k, taut=cfg.tau_fs * units.fs)
     n = len(atoms)
     dof = max(3 * n - 3, 1)  # as the on-device engine: centre-of-mass motion removed
     temperature = lambda: 2.0 * atoms.get_kinetic_energy() / (dof * KB_EV_PER_K)  # noqa: E731
-    rec = {"step": [0], "pot": [atoms.get_potential_energy()], "kin": [atoms.get_kinetic_energy()],
-           "T": [temperature()], "pos": [atoms.positions.copy()]}
+    rec = {
+        "step": [0],
+        "pot": [atoms.get_potential_energy()],
+        "kin": [atoms.get_kinetic_energy()],
+        "T": [temperature()],
+        "pos": [atoms.positions.copy()],
+    }
     stopped, step = None, 0
     t_start = time.perf_counter()
     with tqdm(total=cfg.steps, desc=f"MD (ASE) {cfg.ensemble}", unit="step", disable=not progress) as bar:
@@ -52,10 +67,14 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
             step += k
             temp = temperature()
             epot = atoms.get_potential_energy()
-            if not (np.isfinite(temp) and np.isfinite(epot) and np.isfinite(atoms.positions).all()) \
-                    or temp > cfg.max_temperature_k:
-                stopped = (f"MD blew up by step {step} (t = {step * cfg.dt_fs:.1f} fs): temperature {temp:.0f} K, "
-                           f"potential energy {epot:.4g} eV")
+            if (
+                not (np.isfinite(temp) and np.isfinite(epot) and np.isfinite(atoms.positions).all())
+                or temp > cfg.max_temperature_k
+            ):
+                stopped = (
+                    f"MD blew up by step {step} (t = {step * cfg.dt_fs:.1f} fs): temperature {temp:.0f} K, "
+                    f"potential energy {epot:.4g} eV"
+                )
                 break
             rec["step"].append(step)
             rec["pot"].append(epot)
@@ -66,10 +85,19 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
     if stopped and raise_on_blowup:
         raise MDBlowUp(stopped)
     steps = np.asarray(rec["step"])
-    return MDResult(step=steps, time_fs=steps * cfg.dt_fs, potential_ev=np.asarray(rec["pot"]),
-                    kinetic_ev=np.asarray(rec["kin"]), temperature_k=np.asarray(rec["T"]),
-                    positions=np.stack(rec["pos"]), n_atoms=n, wall_s=time.perf_counter() - t_start, compile_s=0.0,
-                    reallocations=0, stopped=stopped)
+    return MDResult(
+        step=steps,
+        time_fs=steps * cfg.dt_fs,
+        potential_ev=np.asarray(rec["pot"]),
+        kinetic_ev=np.asarray(rec["kin"]),
+        temperature_k=np.asarray(rec["T"]),
+        positions=np.stack(rec["pos"]),
+        n_atoms=n,
+        wall_s=time.perf_counter() - t_start,
+        compile_s=0.0,
+        reallocations=0,
+        stopped=stopped,
+    )
 
 
 __all__ = ["run_md_ase", "KB_EV_PER_K"]

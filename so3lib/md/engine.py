@@ -10,12 +10,13 @@ step).
 Ensembles: NVE velocity Verlet, NVT Langevin and Nosé–Hoover chains (jax-md), and a Berendsen thermostat
 (velocity rescaling on top of jax-md's velocity Verlet) whose target can ramp linearly from T0 to T1.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Literal, Optional
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +38,11 @@ class MDBlowUp(RuntimeError):
 
 class MDConfig(BaseModel):
     """One MD run. ``ramp_k`` = (T0, T1) makes the thermostat target go linearly from T0 to T1 over the run."""
+
     model_config = ConfigDict(extra="forbid")
     ensemble: Ensemble = "nve"
     temperature_k: float = Field(300.0, ge=0)
-    ramp_k: Optional[tuple[float, float]] = None
+    ramp_k: tuple[float, float] | None = None
     steps: int = Field(1000, ge=1)
     dt_fs: float = Field(0.5, description="time step (fs)")
     save_every: int = Field(10, ge=1, description="record energies and a frame every this many steps")
@@ -69,7 +71,9 @@ class MDConfig(BaseModel):
 @dataclasses.dataclass
 class MDResult:
     """Per record (every ``save_every`` steps, including step 0): step, time_fs, potential/kinetic/total
-    energy (eV, potential including the per-element reference), temperature (K) = 2·E_kin / (n_dof·k_B), positions (Å)."""
+    energy (eV, potential including the per-element reference), temperature (K) = 2·E_kin / (n_dof·k_B),
+    positions (Å)."""
+
     step: np.ndarray
     time_fs: np.ndarray
     potential_ev: np.ndarray
@@ -91,8 +95,9 @@ class MDResult:
         return float(self.step[-1]) / max(self.wall_s, 1e-9)
 
 
-def _graph(pot: Potential, species: jnp.ndarray, cell: jnp.ndarray, periodic: bool, R: jnp.ndarray,
-           idx: jnp.ndarray) -> jraph.GraphsTuple:
+def _graph(
+    pot: Potential, species: jnp.ndarray, cell: jnp.ndarray, periodic: bool, R: jnp.ndarray, idx: jnp.ndarray
+) -> jraph.GraphsTuple:
     """Padded graph of one structure from a jax-md Dense neighbour list ``idx`` (N, K) (padding value N):
     edges j → i for idx[i, k] = j, real edges first (jraph convention), periodic shifts by minimum image."""
     N, K = idx.shape
@@ -110,9 +115,16 @@ def _graph(pot: Potential, species: jnp.ndarray, cell: jnp.ndarray, periodic: bo
     else:
         shift = jnp.zeros((N * K, 3), dt)
     cells = jnp.stack([cell, jnp.zeros((3, 3), cell.dtype)]).astype(dt)
-    glob = {"cell": cells, "pbc": jnp.array([[periodic] * 3, [False] * 3]),
-            "energy": jnp.zeros(2, dt), "energy_residual": jnp.zeros(2, dt), "stress": jnp.zeros((2, 3, 3), dt),
-            "has_energy": jnp.zeros(2, dt), "has_forces": jnp.zeros(2, dt), "has_stress": jnp.zeros(2, dt)}
+    glob = {
+        "cell": cells,
+        "pbc": jnp.array([[periodic] * 3, [False] * 3]),
+        "energy": jnp.zeros(2, dt),
+        "energy_residual": jnp.zeros(2, dt),
+        "stress": jnp.zeros((2, 3, 3), dt),
+        "has_energy": jnp.zeros(2, dt),
+        "has_forces": jnp.zeros(2, dt),
+        "has_stress": jnp.zeros(2, dt),
+    }
     if pot.model.triplet_cutoff is not None:  # pairs of neighbour slots of the same centre, a < b
         a, b = np.triu_indices(K, k=1)
         e1 = (np.arange(N)[:, None] * K + a[None]).reshape(-1)
@@ -122,11 +134,18 @@ def _graph(pot: Potential, species: jnp.ndarray, cell: jnp.ndarray, periodic: bo
         glob["triplets"] = jnp.stack([inv[e1], inv[e2]], axis=1).astype(jnp.int32)
         glob["triplet_mask"] = (v[e1] < N) & (v[e2] < N)
     return jraph.GraphsTuple(
-        nodes={"positions": Rp, "species": jnp.concatenate([species, jnp.zeros(1, species.dtype)]),
-               "forces": jnp.zeros((N + 1, 3), dt)},
-        edges={"shift": shift.astype(dt)}, senders=send.astype(jnp.int32), receivers=recv.astype(jnp.int32),
-        n_node=jnp.array([N, 1], jnp.int32), n_edge=jnp.stack([n_real, N * K - n_real]).astype(jnp.int32),
-        globals=glob)
+        nodes={
+            "positions": Rp,
+            "species": jnp.concatenate([species, jnp.zeros(1, species.dtype)]),
+            "forces": jnp.zeros((N + 1, 3), dt),
+        },
+        edges={"shift": shift.astype(dt)},
+        senders=send.astype(jnp.int32),
+        receivers=recv.astype(jnp.int32),
+        n_node=jnp.array([N, 1], jnp.int32),
+        n_edge=jnp.stack([n_real, N * K - n_real]).astype(jnp.int32),
+        globals=glob,
+    )
 
 
 def energy_function(pot: Potential, params, numbers: np.ndarray, cell: np.ndarray, periodic: bool):
@@ -137,24 +156,39 @@ def energy_function(pot: Potential, params, numbers: np.ndarray, cell: np.ndarra
     def energy(R, neighbor, **unused):
         g = _graph(pot, species, cell, periodic, R, neighbor.idx)
         return pot.residual_energy(params, g)[0]
+
     return energy
 
 
-def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True,
-           capacity_from: np.ndarray | None = None) -> MDResult:
+def run_md(
+    pot: Potential,
+    params,
+    atoms,
+    cfg: MDConfig,
+    progress: bool = True,
+    raise_on_blowup: bool = True,
+    capacity_from: np.ndarray | None = None,
+) -> MDResult:
     """Run MD of ``atoms`` (ase.Atoms; positions Å, masses amu; periodic if all pbc) with ``cfg``. A blow-up
     raises `MDBlowUp` naming the step, or with ``raise_on_blowup=False`` returns the records up to it with
     ``stopped`` set. ``capacity_from``: positions to size the first neighbour list with (tests the overflow
     path with a list allocated too small)."""
-    from jax_md import partition, quantity, simulate, space
+    try:
+        from jax_md import partition, quantity, simulate, space
+    except ImportError as exc:
+        raise ImportError(
+            "on-device MD needs jax-md, an optional dependency: pip install 'so3lib[md]' (or run with --engine ase)"
+        ) from exc
     from tqdm.auto import tqdm
 
     numbers = np.asarray(atoms.numbers)
     pot.reference.check_species(numbers, f"structure {atoms.get_chemical_formula()}")
     periodic = bool(np.all(atoms.pbc))
     if np.any(atoms.pbc) and not periodic:
-        raise ValueError(f"mixed boundary conditions pbc={atoms.pbc.tolist()} are not supported by the on-device "
-                         "engine (use --engine ase)")
+        raise ValueError(
+            f"mixed boundary conditions pbc={atoms.pbc.tolist()} are not supported by the on-device "
+            "engine (use --engine ase)"
+        )
     dtype = pot.dtype
     N = len(atoms)
     cell = np.asarray(atoms.cell.array, float)
@@ -162,8 +196,10 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
     if periodic:
         heights = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
         if np.any(heights < 2 * rc):
-            raise ValueError(f"cell heights {np.round(heights, 2).tolist()} Å are below twice the cutoff + skin "
-                             f"({2 * rc:.2f} Å): minimum image fails; use a larger --supercell")
+            raise ValueError(
+                f"cell heights {np.round(heights, 2).tolist()} Å are below twice the cutoff + skin "
+                f"({2 * rc:.2f} Å): minimum image fails; use a larger --supercell"
+            )
         displacement, shift = space.periodic_general(jnp.asarray(cell.T, dtype), fractional_coordinates=False)
         box = jnp.asarray(cell.T, dtype)
         R0 = jnp.asarray(atoms.get_positions(wrap=True), dtype)
@@ -171,17 +207,24 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
         displacement, shift = space.free()
         box = jnp.asarray(100.0, dtype)
         R0 = jnp.asarray(atoms.positions, dtype)
-    neighbor_fn = partition.neighbor_list(displacement, box, rc, dr_threshold=cfg.skin_angstrom,
-                                          capacity_multiplier=cfg.capacity_multiplier,
-                                          disable_cell_list=not periodic or N < 2000,
-                                          format=partition.Dense)
+    neighbor_fn = partition.neighbor_list(
+        displacement,
+        box,
+        rc,
+        dr_threshold=cfg.skin_angstrom,
+        capacity_multiplier=cfg.capacity_multiplier,
+        disable_cell_list=not periodic or N < 2000,
+        format=partition.Dense,
+    )
     energy = energy_function(pot, params, numbers, cell, periodic)
     mass = jnp.asarray(atoms.get_masses(), dtype)
     dt = cfg.dt_fs / FS_PER_TIME_UNIT
     kT0 = float(cfg.target_k(np.array(0.0))) * KB_EV_PER_K
     tau = cfg.tau_fs / FS_PER_TIME_UNIT
     if cfg.ensemble == "nvt-langevin":
-        init_fn, apply_fn = simulate.nvt_langevin(energy, shift, dt, kT0, gamma=cfg.friction_per_ps * 1e-3 * FS_PER_TIME_UNIT)
+        init_fn, apply_fn = simulate.nvt_langevin(
+            energy, shift, dt, kT0, gamma=cfg.friction_per_ps * 1e-3 * FS_PER_TIME_UNIT
+        )
     elif cfg.ensemble == "nvt-nose-hoover":
         init_fn, apply_fn = simulate.nvt_nose_hoover(energy, shift, dt, kT0, tau=tau)
     else:
@@ -226,15 +269,21 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
         old = nbrs.idx.shape
         nbrs = neighbor_fn.allocate(R0)
         reallocations += 1
-        log.warning("MD step 0: neighbour list overflow (capacity %s); reallocated to %s (nothing dropped)", old,
-                    nbrs.idx.shape)
+        log.warning(
+            "MD step 0: neighbour list overflow (capacity %s); reallocated to %s (nothing dropped)", old, nbrs.idx.shape
+        )
     if cfg.ensemble == "nve" or berendsen:
         state = init_fn(key, R0, kT0, mass=mass, neighbor=nbrs)
     else:
         state = init_fn(key, R0, mass=mass, kT=kT0, neighbor=nbrs)
     ref_e = float(pot.reference.table()[numbers].sum() + pot.reference.intercept_ev)
-    rec = {"step": [0], "pot": [float(energy(R0, nbrs)) + ref_e], "kin": [float(kinetic(state))],
-           "T": [float(temperature(state))], "pos": [np.asarray(R0)]}
+    rec = {
+        "step": [0],
+        "pot": [float(energy(R0, nbrs)) + ref_e],
+        "kin": [float(kinetic(state))],
+        "T": [float(temperature(state))],
+        "pos": [np.asarray(R0)],
+    }
     stopped = None
     n_chunks = -(-cfg.steps // cfg.save_every)
     t_start, compile_s = time.perf_counter(), 0.0
@@ -250,8 +299,13 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
                 old = nbrs.idx.shape
                 nbrs = neighbor_fn.allocate(state.position, extra_capacity=max(2, old[1] // 4))
                 reallocations += 1
-                log.warning("MD step %d: neighbour list overflow (capacity %s); reallocated to %s and re-ran the "
-                            "chunk (one recompilation; nothing dropped)", step, old, nbrs.idx.shape)
+                log.warning(
+                    "MD step %d: neighbour list overflow (capacity %s); reallocated to %s and re-ran the "
+                    "chunk (one recompilation; nothing dropped)",
+                    step,
+                    old,
+                    nbrs.idx.shape,
+                )
                 new_state, new_nbrs, temps, e_pot, e_kin = chunk(state, nbrs, kTs)
                 if new_nbrs.did_buffer_overflow:
                     raise RuntimeError(f"MD step {step}: neighbour list overflows again after reallocation")
@@ -262,10 +316,15 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
             pos = np.asarray(new_state.position)
             if bad.any() or not np.isfinite(pos).all() or not np.isfinite(float(e_pot)):
                 k = int(np.argmax(bad)) if bad.any() else n - 1
-                what = "non-finite values" if not np.isfinite(temps[k]) or not np.isfinite(pos).all() else \
-                    f"temperature {temps[k]:.0f} K above the limit {cfg.max_temperature_k:.0f} K"
-                stopped = (f"MD blew up at step {step + k + 1} (t = {(step + k + 1) * cfg.dt_fs:.1f} fs): {what}; "
-                           f"last recorded temperature {rec['T'][-1]:.0f} K")
+                what = (
+                    "non-finite values"
+                    if not np.isfinite(temps[k]) or not np.isfinite(pos).all()
+                    else f"temperature {temps[k]:.0f} K above the limit {cfg.max_temperature_k:.0f} K"
+                )
+                stopped = (
+                    f"MD blew up at step {step + k + 1} (t = {(step + k + 1) * cfg.dt_fs:.1f} fs): {what}; "
+                    f"last recorded temperature {rec['T'][-1]:.0f} K"
+                )
                 break
             state, nbrs = new_state, new_nbrs
             step += n
@@ -284,7 +343,16 @@ def run_md(pot: Potential, params, atoms, cfg: MDConfig, progress: bool = True, 
         log.error(stopped)
         if raise_on_blowup:
             raise MDBlowUp(stopped)
-    return MDResult(step=steps, time_fs=steps * cfg.dt_fs, potential_ev=np.asarray(rec["pot"]),
-                    kinetic_ev=np.asarray(rec["kin"]), temperature_k=np.asarray(rec["T"]),
-                    positions=np.stack(rec["pos"]), n_atoms=N, wall_s=wall, compile_s=compile_s,
-                    reallocations=reallocations, stopped=stopped)
+    return MDResult(
+        step=steps,
+        time_fs=steps * cfg.dt_fs,
+        potential_ev=np.asarray(rec["pot"]),
+        kinetic_ev=np.asarray(rec["kin"]),
+        temperature_k=np.asarray(rec["T"]),
+        positions=np.stack(rec["pos"]),
+        n_atoms=N,
+        wall_s=wall,
+        compile_s=compile_s,
+        reallocations=reallocations,
+        stopped=stopped,
+    )

@@ -1,5 +1,6 @@
 """Stability analysis of MD trajectories: radial distribution functions, their similarity to the first frame,
 bond breaking for molecules, and NVE energy drift."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,14 @@ import numpy as np
 from so3lib.graph.neighbours import neighbour_list
 
 
-def rdf(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_max: float = 6.0,
-        n_bins: int = 120, smooth_angstrom: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def rdf(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    r_max: float = 6.0,
+    n_bins: int = 120,
+    smooth_angstrom: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
     """(bin centres Å, g(r)) of one frame, each pair distance broadened by a Gaussian of width
     ``smooth_angstrom`` (few-atom molecules otherwise give spiky, noisy histograms). Periodic: normalised by the
     ideal-gas pair density (g → 1 at large r). Free molecules: the pair-distance density per shell volume,

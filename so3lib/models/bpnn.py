@@ -1,7 +1,7 @@
 """Behler–Parrinello network: atom-centred symmetry functions (MODELS.md) and one MLP per element.
 
 Cutoff f_c(R) = 0.5 [cos(πR/R_c) + 1] (R ≤ R_c). For centre i with neighbours j, k:
-  G1 = Σ_j f_c(R_ij)                       G2 = Σ_j exp(−η (R_ij − R_s)²) f_c(R_ij)        G3 = Σ_j cos(κ R_ij) f_c(R_ij)
+  G1 = Σ_j f_c(R_ij)                G2 = Σ_j exp(−η (R_ij − R_s)²) f_c(R_ij)     G3 = Σ_j cos(κ R_ij) f_c(R_ij)
   G4 = 2^(1−ζ) Σ_{j<k} (1 + λ cos θ_ijk)^ζ exp(−η (R_ij² + R_ik² + R_jk²)) f_c(R_ij) f_c(R_ik) f_c(R_jk)
   G5 = 2^(1−ζ) Σ_{j<k} (1 + λ cos θ_ijk)^ζ exp(−η (R_ij² + R_ik²)) f_c(R_ij) f_c(R_ik)
   ANI (angular, for the `ani` preset, Smith et al. 2017):
@@ -15,10 +15,11 @@ neighbour's element, angular ones by the unordered element pair (j, k); angular 
 Descriptors are standardised per centre element with training-set mean and standard deviation (stored in the
 config), then E = Σ_i NN_{Z_i}(Ĝ_i); the per-element reference and scale/shift come from the potential layer.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,7 @@ RADIAL, ANGULAR = ("G1", "G2", "G3"), ("G4", "G5", "ANI")
 
 class SymmetryFunction(BaseModel):
     """One symmetry function; unused parameters of a kind are ignored."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["G1", "G2", "G3", "G4", "G5", "ANI"]
     eta: float = Field(0.0, ge=0.0, description="Å⁻²")
@@ -52,7 +54,9 @@ def _g2_grid(shifts, eta):
 
 
 def _angular(kind, etas, zetas, lams=(-1, 1)):
-    return [SymmetryFunction(kind=kind, eta=float(e), zeta=float(z), lam=lam) for e in etas for z in zetas for lam in lams]
+    return [
+        SymmetryFunction(kind=kind, eta=float(e), zeta=float(z), lam=lam) for e in etas for z in zetas for lam in lams
+    ]
 
 
 def preset(name: str) -> tuple[list[SymmetryFunction], float, float]:
@@ -66,18 +70,27 @@ def preset(name: str) -> tuple[list[SymmetryFunction], float, float]:
         rc = 8.0
         shifts = np.linspace(1.0, 7.0, 12)
         eta = 0.5 / (shifts[1] - shifts[0]) ** 2
-        return (_g2_grid(shifts, eta) + _angular("G4", [0.005], [1, 4, 16]) + _angular("G5", [0.005], [1, 4, 16]),
-                rc, rc)
-    if name == "ani":  # ANI-1x grid: 16 radial shifts 0.9–4.93 Å, η = 16 (R_c 5.2); 8 sections ζ = 32 × 4 shifts, η = 8 (R_c 3.5)
+        return (
+            _g2_grid(shifts, eta) + _angular("G4", [0.005], [1, 4, 16]) + _angular("G5", [0.005], [1, 4, 16]),
+            rc,
+            rc,
+        )
+    if (
+        name == "ani"
+    ):  # ANI-1x grid: 16 radial shifts 0.9–4.93 Å, η = 16 (R_c 5.2); 8 sections ζ = 32 × 4 shifts, η = 8 (R_c 3.5)
         rad = _g2_grid(np.linspace(0.9, 4.93125, 16), 16.0)
-        ang = [SymmetryFunction(kind="ANI", eta=8.0, zeta=32.0, rs=float(rs), theta_s=float(ts))
-               for rs in np.linspace(0.9, 2.85, 4) for ts in np.pi / 16 + np.arange(8) * np.pi / 8]
+        ang = [
+            SymmetryFunction(kind="ANI", eta=8.0, zeta=32.0, rs=float(rs), theta_s=float(ts))
+            for rs in np.linspace(0.9, 2.85, 4)
+            for ts in np.pi / 16 + np.arange(8) * np.pi / 8
+        ]
         return rad + ang, 5.2, 3.5
     raise ValueError(f"unknown symmetry-function preset '{name}' (fortnet, g2g4g5, ani, auto, custom)")
 
 
-def auto_set(distances: np.ndarray, n_radial: int, n_angular: int, cutoff: float,
-             cutoff_angular: float) -> list[SymmetryFunction]:
+def auto_set(
+    distances: np.ndarray, n_radial: int, n_angular: int, cutoff: float, cutoff_angular: float
+) -> list[SymmetryFunction]:
     """Automatic set from the training data's pair distances: G2 shifts at evenly spaced quantiles of the
     distance distribution (shifts go where the neighbours are), widths from the local spacing
     (η = 1/(2Δ²)); G5 functions with η from distance quantiles inside the angular cutoff and ζ/λ cycling
@@ -88,9 +101,14 @@ def auto_set(distances: np.ndarray, n_radial: int, n_angular: int, cutoff: float
     q = (np.arange(n_radial) + 0.5) / n_radial
     shifts = np.quantile(d, q)
     gaps = np.diff(shifts)
-    spacing = np.array([np.mean([gaps[max(k - 1, 0)], gaps[min(k, len(gaps) - 1)]]) for k in range(n_radial)]) \
-        if n_radial > 1 else np.array([d.std()])
-    sfs = [SymmetryFunction(kind="G2", eta=float(0.5 / max(s, 0.05) ** 2), rs=float(r)) for r, s in zip(shifts, spacing)]
+    spacing = (
+        np.array([np.mean([gaps[max(k - 1, 0)], gaps[min(k, len(gaps) - 1)]]) for k in range(n_radial)])
+        if n_radial > 1
+        else np.array([d.std()])
+    )
+    sfs = [
+        SymmetryFunction(kind="G2", eta=float(0.5 / max(s, 0.05) ** 2), rs=float(r)) for r, s in zip(shifts, spacing)
+    ]
     da = d[d < cutoff_angular]
     combos = [(z, lam) for z in (1.0, 2.0, 4.0, 16.0) for lam in (1, -1)]
     n_eta = max(1, int(np.ceil(n_angular / len(combos))))
@@ -105,23 +123,26 @@ def auto_set(distances: np.ndarray, n_radial: int, n_angular: int, cutoff: float
 class BPNNConfig(ModelConfig):
     name: Literal["bpnn"] = "bpnn"
     cutoff: float = Field(6.0, gt=0.0, le=30.0, description="radial cutoff R_c in Å (presets set their own)")
-    cutoff_angular: Optional[float] = Field(None, gt=0.0, description="angular cutoff in Å (default: cutoff)")
+    cutoff_angular: float | None = Field(None, gt=0.0, description="angular cutoff in Å (default: cutoff)")
     preset: Literal["auto", "fortnet", "g2g4g5", "ani", "custom"] = "auto"
     n_radial: int = Field(12, ge=1, le=256, description="auto set: radial functions")
     n_angular: int = Field(8, ge=0, le=256, description="auto set: angular functions")
-    symmetry_functions: Optional[list[SymmetryFunction]] = None
+    symmetry_functions: list[SymmetryFunction] | None = None
     hidden: tuple[int, ...] = Field((64, 64), description="hidden layer sizes of every element network")
     activation: Literal["tanh", "silu", "ssp", "gelu"] = "tanh"
     standardize: bool = True
-    species: Optional[list[int]] = Field(None, description="elements with a network (fitted: training set)")
-    descriptor_mean: Optional[list[list[float]]] = None
-    descriptor_std: Optional[list[list[float]]] = None
+    species: list[int] | None = Field(None, description="elements with a network (fitted: training set)")
+    descriptor_mean: list[list[float]] | None = None
+    descriptor_std: list[list[float]] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data):
-        if isinstance(data, dict) and data.get("preset") in ("fortnet", "g2g4g5", "ani") \
-                and not data.get("symmetry_functions"):
+        if (
+            isinstance(data, dict)
+            and data.get("preset") in ("fortnet", "g2g4g5", "ani")
+            and not data.get("symmetry_functions")
+        ):
             sfs, rc, rca = preset(data["preset"])
             data = {**data, "symmetry_functions": [s.model_dump() for s in sfs]}
             data.setdefault("cutoff", rc)
@@ -152,26 +173,33 @@ class BPNNConfig(ModelConfig):
         return {k: v for k, v in self.to_dict().items() if k not in ("descriptor_mean", "descriptor_std")}
 
     def describe(self) -> str:
-        rows = [f"{i:3d} {s.kind:3s} eta={s.eta:.4g}/Å² rs={s.rs:.3f} Å kappa={s.kappa:.3g}/Å zeta={s.zeta:g} "
-                f"lambda={s.lam:+d} theta_s={s.theta_s:.3f}" for i, s in enumerate(self.symmetry_functions or [])]
-        return (f"BPNN symmetry functions ({self.preset}; R_c {self.cutoff} Å, angular {self.triplet_cutoff} Å; "
-                f"elements {self.species}; {self.n_descriptors()} descriptors per atom):\n" + "\n".join(rows))
+        rows = [
+            f"{i:3d} {s.kind:3s} eta={s.eta:.4g}/Å² rs={s.rs:.3f} Å kappa={s.kappa:.3g}/Å zeta={s.zeta:g} "
+            f"lambda={s.lam:+d} theta_s={s.theta_s:.3f}"
+            for i, s in enumerate(self.symmetry_functions or [])
+        ]
+        return (
+            f"BPNN symmetry functions ({self.preset}; R_c {self.cutoff} Å, angular {self.triplet_cutoff} Å; "
+            f"elements {self.species}; {self.n_descriptors()} descriptors per atom):\n" + "\n".join(rows)
+        )
 
-    def fit(self, dataset) -> "BPNNConfig":
+    def fit(self, dataset) -> BPNNConfig:
         """Species, the automatic set (preset 'auto') and the per-element descriptor statistics."""
         cfg = self
         if cfg.species is None:
             cfg = cfg.replace(species=dataset.species)
         if cfg.symmetry_functions is None:
             from so3lib.graph.batching import NeighbourTable
+
             sample = dataset.subset(np.linspace(0, len(dataset) - 1, min(len(dataset), 200)).astype(int))
             t = NeighbourTable.build(sample, cfg.cutoff)
             pos = sample.positions
             base = np.repeat(sample.offsets[:-1], t.n_edges)
             cell = np.repeat(sample.cell, t.n_edges, axis=0)
             vec = pos[t.senders + base] - pos[t.receivers + base] + np.einsum("ei,eij->ej", t.shifts, cell)
-            sfs = auto_set(np.linalg.norm(vec, axis=1), cfg.n_radial, cfg.n_angular, cfg.cutoff,
-                           cfg.cutoff_angular or cfg.cutoff)
+            sfs = auto_set(
+                np.linalg.norm(vec, axis=1), cfg.n_radial, cfg.n_angular, cfg.cutoff, cfg.cutoff_angular or cfg.cutoff
+            )
             cfg = cfg.replace(symmetry_functions=[s.model_dump() for s in sfs])
         if cfg.standardize and cfg.descriptor_mean is None:
             mean, std = descriptor_statistics(cfg, dataset)
@@ -182,8 +210,9 @@ class BPNNConfig(ModelConfig):
 
     def build(self) -> nn.Module:
         if self.species is None or self.symmetry_functions is None:
-            raise ValueError("BPNN needs species and symmetry functions: call config.fit(training_set) first "
-                             "(the trainer does this)")
+            raise ValueError(
+                "BPNN needs species and symmetry functions: call config.fit(training_set) first (the trainer does this)"
+            )
         return BPNN(self)
 
 
@@ -191,9 +220,15 @@ class BPNNConfig(ModelConfig):
 def _params(sfs: list[SymmetryFunction], kinds, dtype):
     sel = [s for s in sfs if s.kind in kinds]
     arr = lambda f: jnp.asarray([f(s) for s in sel], dtype)  # noqa: E731
-    return sel, {"kind": np.array([kinds.index(s.kind) for s in sel]), "eta": arr(lambda s: s.eta),
-                 "rs": arr(lambda s: s.rs), "kappa": arr(lambda s: s.kappa), "zeta": arr(lambda s: s.zeta),
-                 "lam": arr(lambda s: s.lam), "theta_s": arr(lambda s: s.theta_s)}
+    return sel, {
+        "kind": np.array([kinds.index(s.kind) for s in sel]),
+        "eta": arr(lambda s: s.eta),
+        "rs": arr(lambda s: s.rs),
+        "kappa": arr(lambda s: s.kappa),
+        "zeta": arr(lambda s: s.zeta),
+        "lam": arr(lambda s: s.lam),
+        "theta_s": arr(lambda s: s.theta_s),
+    }
 
 
 def species_lookup(species: list[int]) -> np.ndarray:
@@ -219,8 +254,12 @@ def descriptors(cfg: BPNNConfig, graph: jraph.GraphsTuple) -> jax.Array:
         fc = cosine_cutoff(r, cfg.cutoff) * emask
         rr = r[:, None]
         kind = p["kind"][None, :]
-        val = jnp.where(kind == 0, 1.0, jnp.where(kind == 1, jnp.exp(-p["eta"] * (rr - p["rs"]) ** 2),
-                                                  jnp.cos(p["kappa"] * rr))) * fc[:, None]      # (E, n_rad)
+        val = (
+            jnp.where(
+                kind == 0, 1.0, jnp.where(kind == 1, jnp.exp(-p["eta"] * (rr - p["rs"]) ** 2), jnp.cos(p["kappa"] * rr))
+            )
+            * fc[:, None]
+        )  # (E, n_rad)
         seg = graph.receivers * S + sidx[graph.senders]
         out.append(jax.ops.segment_sum(val, seg, num_segments=n_node * S).reshape(n_node, S * len(rad)))
     ang, p = _params(sfs, ANGULAR, dt)
@@ -239,18 +278,23 @@ def descriptors(cfg: BPNNConfig, graph: jraph.GraphsTuple) -> jax.Array:
         zeta, lam, eta = p["zeta"], p["lam"], p["eta"]
         norm = 2.0 ** (1.0 - zeta)
         base = jnp.maximum(1.0 + lam * cos, 0.0)
-        g45 = norm * base ** zeta * f1 * f2
+        g45 = norm * base**zeta * f1 * f2
         g4 = g45 * jnp.exp(-eta * (r1[:, None] ** 2 + r2[:, None] ** 2 + r3[:, None] ** 2)) * f3
         g5 = g45 * jnp.exp(-eta * (r1[:, None] ** 2 + r2[:, None] ** 2))
         theta = jnp.arccos(0.95 * cos)
-        gani = norm * (1.0 + jnp.cos(theta - p["theta_s"])) ** zeta * \
-            jnp.exp(-eta * (0.5 * (r1 + r2)[:, None] - p["rs"]) ** 2) * f1 * f2
+        gani = (
+            norm
+            * (1.0 + jnp.cos(theta - p["theta_s"])) ** zeta
+            * jnp.exp(-eta * (0.5 * (r1 + r2)[:, None] - p["rs"]) ** 2)
+            * f1
+            * f2
+        )
         kind = p["kind"][None, :]
-        val = jnp.where(kind == 0, g4, jnp.where(kind == 1, g5, gani)) * ok[:, None]           # (T, n_ang)
+        val = jnp.where(kind == 0, g4, jnp.where(kind == 1, g5, gani)) * ok[:, None]  # (T, n_ang)
         centre = graph.receivers[e1]
         sj, sk = sidx[graph.senders[e1]], sidx[graph.senders[e2]]
         lo, hi = jnp.minimum(sj, sk), jnp.maximum(sj, sk)
-        pair = lo * S - lo * (lo - 1) // 2 + (hi - lo)           # index of the unordered pair in the upper triangle
+        pair = lo * S - lo * (lo - 1) // 2 + (hi - lo)  # index of the unordered pair in the upper triangle
         P = S * (S + 1) // 2
         out.append(jax.ops.segment_sum(val, centre * P + pair, num_segments=n_node * P).reshape(n_node, P * len(ang)))
     return jnp.concatenate(out, axis=1)
@@ -262,8 +306,14 @@ def descriptor_statistics(cfg: BPNNConfig, dataset, batch_size: int = 64) -> tup
     from so3lib.graph.batching import GraphLoader
 
     cfg64 = cfg.replace(dtype="float64") if jax.config.jax_enable_x64 else cfg
-    loader = GraphLoader(dataset, cfg.cutoff, batch_size, shuffle=False, triplet_cutoff=cfg.triplet_cutoff,
-                         dtype=np.float64 if cfg64.dtype == "float64" else np.float32)
+    loader = GraphLoader(
+        dataset,
+        cfg.cutoff,
+        batch_size,
+        shuffle=False,
+        triplet_cutoff=cfg.triplet_cutoff,
+        dtype=np.float64 if cfg64.dtype == "float64" else np.float32,
+    )
     fn = jax.jit(lambda g: descriptors(cfg64, g))
     S = len(cfg.species)
     D = cfg.n_descriptors()
@@ -275,16 +325,17 @@ def descriptor_statistics(cfg: BPNNConfig, dataset, batch_size: int = 64) -> tup
         z = lookup[np.asarray(g.nodes["species"])[mask]]
         G = G[mask]
         np.add.at(s1, z, G)
-        np.add.at(s2, z, G ** 2)
+        np.add.at(s2, z, G**2)
         np.add.at(n, z, 1)
     n = np.maximum(n, 1)[:, None]
     mean = s1 / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
     return mean, np.where(std > 1e-8, std, 1.0)
 
 
 class BPNN(nn.Module):
     """GraphsTuple (+ triplets) → per-atom energies (N,): E_i = NN_{Z_i}(Ĝ_i), one MLP per element."""
+
     config: BPNNConfig
 
     @nn.compact
@@ -303,7 +354,7 @@ class BPNN(nn.Module):
         for li, width in enumerate(sizes):
             w = self.param(f"W{li}", nn.initializers.lecun_normal(batch_axis=(0,)), (S, h.shape[-1], width), dt)
             b = self.param(f"b{li}", nn.initializers.zeros, (S, width), dt)
-            h = jnp.einsum("ni,sio->nso", h, w) + b[None]          # every element's network on every atom
+            h = jnp.einsum("ni,sio->nso", h, w) + b[None]  # every element's network on every atom
             h = jnp.take_along_axis(h, sidx[:, None, None], axis=1)[:, 0]  # keep the atom's own element
             if li < len(sizes) - 1:
                 h = ACTIVATIONS[c.activation](h)

@@ -3,6 +3,7 @@
 All distances in Å. Padding edges have r = 0 and a mask of False; every function here returns exactly 0
 for them, with finite gradients.
 """
+
 from __future__ import annotations
 
 import jax
@@ -20,7 +21,7 @@ def cosine_cutoff(r: jnp.ndarray, cutoff: float) -> jnp.ndarray:
 def polynomial_cutoff(r: jnp.ndarray, cutoff: float, p: int = 6) -> jnp.ndarray:
     """Smooth polynomial envelope (DimeNet): 1 − (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) − p(p+1)/2 x^(p+2), x = r/r_c."""
     x = r / cutoff
-    f = 1.0 - (p + 1) * (p + 2) / 2 * x ** p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
+    f = 1.0 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
     return jnp.where(x < 1.0, f, 0.0)
 
 

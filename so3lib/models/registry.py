@@ -1,18 +1,23 @@
 """Model registry: one config class per model name, validated on construction, round-tripping to YAML.
 
-    cfg = so3lib.models.make_config("schnet", cutoff=5.0, n_atom_basis=64)
-    module = cfg.build()                 # flax.linen.Module: GraphsTuple -> per-atom energies (N,)
-    cfg2 = so3lib.models.config_from_dict(cfg.to_dict())
+cfg = so3lib.models.make_config("schnet", cutoff=5.0, n_atom_basis=64)
+module = cfg.build()                 # flax.linen.Module: GraphsTuple -> per-atom energies (N,)
+cfg2 = so3lib.models.config_from_dict(cfg.to_dict())
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+import importlib
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-_REGISTRY: dict[str, type["ModelConfig"]] = {}
+_REGISTRY: dict[str, type[ModelConfig]] = {}
+# built-in models: name -> module that registers it on import (imported on first use)
+_BUILTIN = {"bpnn": "so3lib.models.bpnn", "schnet": "so3lib.models.schnet", "so3krates": "so3lib.models.so3krates"}
 
 
 class ModelConfig(BaseModel):
@@ -28,7 +33,7 @@ class ModelConfig(BaseModel):
         """The flax module for this configuration."""
         raise NotImplementedError
 
-    def fit(self, dataset) -> "ModelConfig":
+    def fit(self, dataset) -> ModelConfig:
         """A copy with data-dependent constants (left as None by the user) fitted on the training set, e.g. the
         mean neighbour count or descriptor statistics. Deterministic, so a resumed run fits the same values."""
         return self
@@ -49,26 +54,31 @@ class ModelConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return type(self)(**{**self.to_dict(), **changes})
 
 
 def register(name: str):
     """Class decorator registering a `ModelConfig` subclass under ``name``."""
+
     def deco(cls):
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' registered twice")
         _REGISTRY[name] = cls
         return cls
+
     return deco
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    """Names of every model, built-in (imported or not) and registered."""
+    return sorted(set(_REGISTRY) | set(_BUILTIN))
 
 
 def get(name: str) -> type[ModelConfig]:
-    """The config class of a registered model."""
+    """The config class of a registered model (a built-in model's module is imported here, once)."""
+    if name not in _REGISTRY and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:
         raise KeyError(f"unknown model '{name}'; registered models: {available()}")
     return _REGISTRY[name]
@@ -81,8 +91,10 @@ def make_config(name: str, **kwargs) -> ModelConfig:
         return cls(name=name, **kwargs)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"invalid options for model '{name}': {problems}. Valid options: "
-                         f"{sorted(f for f in cls.model_fields if f != 'name')}") from None
+        raise ValueError(
+            f"invalid options for model '{name}': {problems}. Valid options: "
+            f"{sorted(f for f in cls.model_fields if f != 'name')}"
+        ) from None
 
 
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:

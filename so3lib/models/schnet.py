@@ -4,6 +4,7 @@ x_i⁰ = A[Z_i] ∈ R^F;  W(r_ij) = Dense_F(ssp(Dense_F(rbf(r_ij)))) · φ(r_ij)
 v_i = Σ_j Dense_F(x)_j ⊙ W(r_ij);  x_i ← x_i + Dense_F(ssp(Dense_F(v_i)))  (T times);
 E_i = Dense_1(ssp(Dense_{F/2}(x_i))).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -32,6 +33,7 @@ class SchNetConfig(ModelConfig):
 
 class SchNet(nn.Module):
     """GraphsTuple (positions Å, species Z) → per-atom energies (N,) in units of the potential's scale."""
+
     config: SchNetConfig
 
     @nn.compact

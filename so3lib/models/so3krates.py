@@ -16,9 +16,10 @@ Only the invariants c^l and ⟨x^l, x^l⟩ reach f, so E is invariant under rota
 and also reflections (Y^l(−r̂) = (−1)^l Y^l(r̂) and every contraction is a squared norm): the model does not
 distinguish mirror images; forces are O(3)-equivariant. Spherical harmonics from e3nn-jax.
 """
+
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -43,7 +44,7 @@ class SO3kratesConfig(ModelConfig):
     rbf: Literal["bessel", "gaussian"] = "bessel"
     cutoff_fn: Literal["cosine", "polynomial"] = "cosine"
     activation: Literal["silu", "ssp", "tanh", "gelu"] = "silu"
-    avg_num_neighbors: Optional[float] = Field(None, gt=0, description="⟨N⟩; None: fitted on the training set")
+    avg_num_neighbors: float | None = Field(None, gt=0, description="⟨N⟩; None: fitted on the training set")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -54,7 +55,7 @@ class SO3kratesConfig(ModelConfig):
     def build(self) -> nn.Module:
         return SO3krates(self)
 
-    def fit(self, dataset) -> "SO3kratesConfig":
+    def fit(self, dataset) -> SO3kratesConfig:
         """⟨N⟩ = mean neighbour count within the cutoff on (up to 500 frames of) the training set."""
         if self.avg_num_neighbors is not None:
             return self
@@ -102,9 +103,9 @@ class SO3kratesLayer(nn.Module):
         inv_n = 1.0 / float(c.avg_num_neighbors or 1.0)
         dense = lambda n, **kw: nn.Dense(n, dtype=dt, param_dtype=dt, **kw)  # noqa: E731
         # 1. pair invariants and 2. filter
-        dx = x[senders] - x[receivers]                                   # (E, D)
-        c_ij = per_degree_sum(dx * dx, L)                                # (E, L)
-        w = MLP((F, F), c.activation, dt)(rbf) + MLP((F, F), c.activation, dt)(c_ij)   # (E, F)
+        dx = x[senders] - x[receivers]  # (E, D)
+        c_ij = per_degree_sum(dx * dx, L)  # (E, L)
+        w = MLP((F, F), c.activation, dt)(rbf) + MLP((F, F), c.activation, dt)(c_ij)  # (E, F)
         # 3. invariant multi-head attention on pre-normalised features
         h = nn.LayerNorm(dtype=dt, param_dtype=dt)(f)
         q = dense(F, use_bias=False)(h).reshape(-1, H, d)
@@ -118,7 +119,7 @@ class SO3kratesLayer(nn.Module):
         qx = dense(L * d, use_bias=False)(h).reshape(-1, L, d)
         kx = dense(L * d, use_bias=False)(h).reshape(-1, L, d)
         wx = dense(L * d)(w).reshape(-1, L, d)
-        alpha_l = jnp.sum(qx[receivers] * wx * kx[senders], axis=-1) / np.sqrt(d) * phi[:, None]   # (E, L)
+        alpha_l = jnp.sum(qx[receivers] * wx * kx[senders], axis=-1) / np.sqrt(d) * phi[:, None]  # (E, L)
         deg = degree_index(L)
         x = x + inv_n * jax.ops.segment_sum(alpha_l[:, deg] * sh, receivers, num_segments=n_node)
         # 5. exchange between f and x
@@ -130,6 +131,7 @@ class SO3kratesLayer(nn.Module):
 
 class SO3krates(nn.Module):
     """GraphsTuple → per-atom energies (N,)."""
+
     config: SO3kratesConfig
 
     @nn.compact
@@ -140,9 +142,9 @@ class SO3krates(nn.Module):
         vec, r, emask = edge_geometry(graph, dt)
         unit = vec / jnp.where(emask, r, 1.0)[:, None]
         unit = jnp.where(emask[:, None], unit, jnp.array([0.0, 0.0, 1.0], dt))  # padding: any unit vector
-        irreps = e3nn.Irreps.spherical_harmonics(c.l_max)[1:]               # 1o + 2e + ... + Lp
+        irreps = e3nn.Irreps.spherical_harmonics(c.l_max)[1:]  # 1o + 2e + ... + Lp
         sh = e3nn.spherical_harmonics(irreps, unit, normalize=False, normalization="component").array  # (E, D)
-        phi = CUTOFFS[c.cutoff_fn](r, c.cutoff) * emask                      # 0 on padding edges
+        phi = CUTOFFS[c.cutoff_fn](r, c.cutoff) * emask  # 0 on padding edges
         rbf = RBFS[c.rbf](r, c.n_rbf, c.cutoff) * phi[:, None]
         inv_n = 1.0 / float(c.avg_num_neighbors or 1.0)
         x = inv_n * jax.ops.segment_sum(phi[:, None] * sh, graph.receivers, num_segments=n_node)

@@ -1,7 +1,18 @@
-"""Training: typed run config, loss, optimiser, checkpoints, the loop and saved potentials."""
-from so3lib.training.config import DataConfig, RunConfig, TrainingConfig
-from so3lib.training.saving import load_potential, save_potential
-from so3lib.training.trainer import NonFiniteLossError, build_potential, evaluate, make_loader, train
+"""Training: typed run config, loss, optimiser, checkpoints, the loop and saved potentials (loaded on first use)."""
 
-__all__ = ["DataConfig", "RunConfig", "TrainingConfig", "load_potential", "save_potential", "NonFiniteLossError",
-           "build_potential", "evaluate", "make_loader", "train"]
+from so3lib._lazy import lazy_attributes
+
+_WHERE = {
+    "DataConfig": "so3lib.training.config",
+    "RunConfig": "so3lib.training.config",
+    "TrainingConfig": "so3lib.training.config",
+    "load_potential": "so3lib.training.saving",
+    "save_potential": "so3lib.training.saving",
+    "NonFiniteLossError": "so3lib.training.trainer",
+    "build_potential": "so3lib.training.trainer",
+    "evaluate": "so3lib.training.trainer",
+    "make_loader": "so3lib.training.trainer",
+    "train": "so3lib.training.trainer",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
+__all__ = list(_WHERE)

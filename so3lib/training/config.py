@@ -1,8 +1,9 @@
 """Typed, validated run configuration, saved as ``config.yaml`` in every run folder and read back exactly."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
@@ -18,9 +19,9 @@ class TrainingConfig(_Strict):
     """Optimisation. Loss L = (1 − β)·(E − Ẽ)² + β/(3N)·Σ(F − F̃)² [+ w_σ·mean (σ − σ̃)²] over real graphs/atoms."""
 
     batch_size: int = Field(32, ge=1)
-    max_epochs: Optional[int] = Field(2000, ge=1)
-    max_steps: Optional[int] = Field(None, ge=1)
-    max_minutes: Optional[float] = Field(None, gt=0)
+    max_epochs: int | None = Field(2000, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
     beta: float = Field(0.99, ge=0.0, le=1.0, description="force weight β")
     stress_weight: float = Field(0.0, ge=0.0, description="weight of the stress term (eV/Å³)² for periodic data")
     optimizer: Literal["adam", "amsgrad"] = "adam"
@@ -31,16 +32,20 @@ class TrainingConfig(_Strict):
     decay_steps: int = Field(100_000, ge=1)
     plateau_patience: int = Field(10, ge=1, description="plateau: evaluations without improvement")
     plateau_factor: float = Field(0.5, gt=0, lt=1)
-    grad_clip: Optional[float] = Field(10.0, gt=0)
-    ema_decay: Optional[float] = Field(0.99, ge=0, lt=1)
-    eval_every_steps: Optional[int] = Field(None, ge=1, description="None: after each epoch")
+    grad_clip: float | None = Field(10.0, gt=0)
+    ema_decay: float | None = Field(0.99, ge=0, lt=1)
+    eval_every_steps: int | None = Field(None, ge=1, description="None: after each epoch")
     checkpoint_every_steps: int = Field(500, ge=1)
-    early_stopping_patience: Optional[int] = Field(50, ge=1, description="evaluations without improvement")
+    early_stopping_patience: int | None = Field(50, ge=1, description="evaluations without improvement")
     log_every_steps: int = Field(10, ge=1)
     seed: int = 0
-    n_devices: int = Field(1, ge=1, description="data-parallel devices: a jax.sharding mesh over this many devices, "
-                           "the batch split across them, the parameters replicated")
-    eval_batch_size: Optional[int] = Field(None, ge=1)
+    n_devices: int = Field(
+        1,
+        ge=1,
+        description="data-parallel devices: a jax.sharding mesh over this many devices, "
+        "the batch split across them, the parameters replicated",
+    )
+    eval_batch_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _budget(self):
@@ -53,21 +58,21 @@ class DataConfig(_Strict):
     """Where the data came from and how it was split (the indices are saved in splits.npz)."""
 
     train: str
-    val: Optional[str] = None
-    test: Optional[str] = None
-    format: Optional[str] = None
+    val: str | None = None
+    test: str | None = None
+    format: str | None = None
     split: str = "random"
     val_fraction: float = Field(0.05, gt=0, lt=1)
     split_seed: int = 0
     energy_reference: Literal["lstsq", "lstsq+intercept", "isolated_atoms"] = "lstsq"
-    isolated_atom_energies_ev: Optional[dict[int, float]] = None
+    isolated_atom_energies_ev: dict[int, float] | None = None
 
 
 class RunConfig(_Strict):
     name: str = "run"
     model: Any
     training: TrainingConfig = TrainingConfig()
-    data: Optional[DataConfig] = None
+    data: DataConfig | None = None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -89,7 +94,7 @@ class RunConfig(_Strict):
         return text
 
     @staticmethod
-    def from_yaml(path_or_text: str | Path) -> "RunConfig":
+    def from_yaml(path_or_text: str | Path) -> RunConfig:
         p = Path(path_or_text) if not str(path_or_text).lstrip().startswith(("name:", "model:", "{")) else None
         text = p.read_text() if p is not None else str(path_or_text)
         return RunConfig.model_validate(yaml.safe_load(text))

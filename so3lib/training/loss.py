@@ -1,4 +1,5 @@
 """Loss and error sums over real (non-padding) graphs and atoms only."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -20,12 +21,16 @@ def loss_sums(pred: dict, graph: jraph.GraphsTuple, stress: bool = False) -> dic
     gm, nm = masks(graph)
     de = pred["energy_residual"] - graph.globals["energy_residual"]
     df = pred["forces"] - graph.nodes["forces"]
-    out = {"e_sq": jnp.sum(gm * de ** 2), "n_e": jnp.sum(gm), "f_sq": jnp.sum(nm[:, None] * df ** 2),
-           "n_f": 3.0 * jnp.sum(nm)}
+    out = {
+        "e_sq": jnp.sum(gm * de**2),
+        "n_e": jnp.sum(gm),
+        "f_sq": jnp.sum(nm[:, None] * df**2),
+        "n_f": 3.0 * jnp.sum(nm),
+    }
     if stress and "stress" in pred:
         sm = jraph.get_graph_padding_mask(graph) * graph.globals["has_stress"]
         ds = pred["stress"] - graph.globals["stress"]
-        out.update(s_sq=jnp.sum(sm[:, None, None] * ds ** 2), n_s=9.0 * jnp.sum(sm))
+        out.update(s_sq=jnp.sum(sm[:, None, None] * ds**2), n_s=9.0 * jnp.sum(sm))
     return out
 
 
@@ -54,10 +59,16 @@ def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict:
     n = jnp.maximum(graph.n_node.astype(gm.dtype), 1.0)
     de = pred["energy_residual"] - graph.globals["energy_residual"]
     df = pred["forces"] - graph.nodes["forces"]
-    return {"e_abs": jnp.sum(gm * jnp.abs(de)), "e_sq": jnp.sum(gm * de ** 2),
-            "ea_abs": jnp.sum(gm * jnp.abs(de) / n), "ea_sq": jnp.sum(gm * (de / n) ** 2), "n_e": jnp.sum(gm),
-            "f_abs": jnp.sum(nm[:, None] * jnp.abs(df)), "f_sq": jnp.sum(nm[:, None] * df ** 2),
-            "n_f": 3.0 * jnp.sum(nm)}
+    return {
+        "e_abs": jnp.sum(gm * jnp.abs(de)),
+        "e_sq": jnp.sum(gm * de**2),
+        "ea_abs": jnp.sum(gm * jnp.abs(de) / n),
+        "ea_sq": jnp.sum(gm * (de / n) ** 2),
+        "n_e": jnp.sum(gm),
+        "f_abs": jnp.sum(nm[:, None] * jnp.abs(df)),
+        "f_sq": jnp.sum(nm[:, None] * df**2),
+        "n_f": 3.0 * jnp.sum(nm),
+    }
 
 
 def metrics_from_sums(s: dict) -> dict:
@@ -65,8 +76,12 @@ def metrics_from_sums(s: dict) -> dict:
     import math
 
     ne, nf = max(float(s["n_e"]), 1.0), max(float(s["n_f"]), 1.0)
-    return {"energy_mae_ev": float(s["e_abs"]) / ne, "energy_rmse_ev": math.sqrt(float(s["e_sq"]) / ne),
-            "energy_mae_per_atom_ev": float(s["ea_abs"]) / ne,
-            "energy_rmse_per_atom_ev": math.sqrt(float(s["ea_sq"]) / ne),
-            "forces_mae_ev_per_a": float(s["f_abs"]) / nf, "forces_rmse_ev_per_a": math.sqrt(float(s["f_sq"]) / nf),
-            "n_structures": int(round(float(s["n_e"])))}
+    return {
+        "energy_mae_ev": float(s["e_abs"]) / ne,
+        "energy_rmse_ev": math.sqrt(float(s["e_sq"]) / ne),
+        "energy_mae_per_atom_ev": float(s["ea_abs"]) / ne,
+        "energy_rmse_per_atom_ev": math.sqrt(float(s["ea_sq"]) / ne),
+        "forces_mae_ev_per_a": float(s["f_abs"]) / nf,
+        "forces_rmse_ev_per_a": math.sqrt(float(s["f_sq"]) / nf),
+        "n_structures": int(round(float(s["n_e"]))),
+    }

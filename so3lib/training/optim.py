@@ -1,4 +1,5 @@
 """Optimiser: gradient clipping → Adam/AMSGrad with linear warm-up then exponential decay, or reduce-on-plateau."""
+
 from __future__ import annotations
 
 import jax
@@ -23,8 +24,11 @@ def make_optimizer(cfg: TrainingConfig, steps_per_eval: int) -> optax.GradientTr
     opt = optax.adam(sched) if cfg.optimizer == "adam" else optax.amsgrad(sched)
     parts = ([optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []) + [opt]
     if cfg.schedule == "plateau":
-        parts.append(optax.contrib.reduce_on_plateau(factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-                                                     accumulation_size=max(steps_per_eval, 1)))
+        parts.append(
+            optax.contrib.reduce_on_plateau(
+                factor=cfg.plateau_factor, patience=cfg.plateau_patience, accumulation_size=max(steps_per_eval, 1)
+            )
+        )
     return optax.chain(*parts)
 
 

@@ -1,5 +1,6 @@
 """A trained potential on disk: ``<run>/model/potential.yaml`` (model config, reference, scale, shift) and
 ``<run>/model/params.msgpack`` (flax serialisation)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@ checkpoints with exact resume, NaN guard, run folder with config, metrics, resul
 
     results = train(run_config, train_ds, val_ds, test_ds, out_dir="runs/ethanol", resume=False)
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,8 @@ import optax
 from tqdm.auto import tqdm
 
 from so3lib.data.dataset import Dataset
-from so3lib.data.reference import EnergyReference, fit_energy_reference
-from so3lib.graph.batching import BudgetLadder, GraphLoader, NeighbourTable
+from so3lib.data.reference import fit_energy_reference
+from so3lib.graph.batching import BudgetLadder, GraphLoader
 from so3lib.potential import Potential, fit_scale_shift
 from so3lib.training.checkpoint import Checkpointer
 from so3lib.training.config import RunConfig
@@ -31,9 +32,19 @@ from so3lib.training.optim import learning_rate_schedule, make_optimizer, platea
 from so3lib.training.saving import save_potential
 
 log = logging.getLogger("so3lib.train")
-METRIC_FIELDS = ["step", "epoch", "time_s", "learning_rate", "train_loss", "val_loss", "val_energy_mae_mev",
-                 "val_energy_rmse_mev", "val_energy_mae_per_atom_mev", "val_forces_mae_mev_per_a",
-                 "val_forces_rmse_mev_per_a"]
+METRIC_FIELDS = [
+    "step",
+    "epoch",
+    "time_s",
+    "learning_rate",
+    "train_loss",
+    "val_loss",
+    "val_energy_mae_mev",
+    "val_energy_rmse_mev",
+    "val_energy_mae_per_atom_mev",
+    "val_forces_mae_mev_per_a",
+    "val_forces_rmse_mev_per_a",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,8 +63,11 @@ def build_potential(cfg: RunConfig, train_ds) -> Potential:
     `DatasetView`: then the reference uses every frame's stored composition, the rest a sample of frames)."""
     d = cfg.data
     method = d.energy_reference if d is not None else "lstsq"
-    ref = fit_energy_reference(train_ds, intercept=method == "lstsq+intercept",
-                               isolated_atom_energies_ev=d.isolated_atom_energies_ev if method == "isolated_atoms" else None)
+    ref = fit_energy_reference(
+        train_ds,
+        intercept=method == "lstsq+intercept",
+        isolated_atom_energies_ev=d.isolated_atom_energies_ev if method == "isolated_atoms" else None,
+    )
     fit_ds, model = train_ds, cfg.model
     if not isinstance(train_ds, Dataset):
         fit_ds = train_ds.sample(FIT_SAMPLE, seed=cfg.training.seed)
@@ -62,13 +76,23 @@ def build_potential(cfg: RunConfig, train_ds) -> Potential:
     scale, shift = fit_scale_shift(fit_ds, ref)
     model = model.fit(fit_ds)
     if model != cfg.model:
-        log.info("fitted on the training set: %s", {k: v for k, v in model.config_view().items()
-                                                   if v != cfg.model.config_view().get(k)})
+        log.info(
+            "fitted on the training set: %s",
+            {k: v for k, v in model.config_view().items() if v != cfg.model.config_view().get(k)},
+        )
     return Potential(model, ref, scale, shift)
 
 
-def make_loader(ds, pot: Potential, batch_size: int, shuffle: bool, seed: int, name: str, mesh=None,
-                ladder: BudgetLadder | None = None) -> GraphLoader:
+def make_loader(
+    ds,
+    pot: Potential,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    name: str,
+    mesh=None,
+    ladder: BudgetLadder | None = None,
+) -> GraphLoader:
     """Loader of a `Dataset` (neighbour lists up front) or a store's `DatasetView` (streamed). With a ``mesh``
     the batches are split over its 'data' axis."""
     where = getattr(ds, "source", None) or ds.meta["source"][0]
@@ -77,10 +101,21 @@ def make_loader(ds, pot: Potential, batch_size: int, shuffle: bool, seed: int, n
     sharding, n_shards = None, 1
     if mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
+
         sharding, n_shards = NamedSharding(mesh, PartitionSpec("data")), mesh.devices.size
-    return GraphLoader(ds, pot.cutoff, batch_size, shuffle=shuffle, seed=seed, dtype=dtype,
-                       energy_offset=pot.reference.energy(ds), triplet_cutoff=pot.model.triplet_cutoff,
-                       n_shards=n_shards, sharding=sharding, ladder=ladder)
+    return GraphLoader(
+        ds,
+        pot.cutoff,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        dtype=dtype,
+        energy_offset=pot.reference.energy(ds),
+        triplet_cutoff=pot.model.triplet_cutoff,
+        n_shards=n_shards,
+        sharding=sharding,
+        ladder=ladder,
+    )
 
 
 def data_mesh(n_devices: int):
@@ -98,6 +133,7 @@ def make_eval_fn(pot: Potential, stress: bool = False):
     def eval_batch(params, graph):
         pred = pot(params, graph, compute_stress=stress)
         return error_sums(pred, graph), pred
+
     return eval_batch
 
 
@@ -125,21 +161,35 @@ def evaluate(pot: Potential, params, loader: GraphLoader, eval_fn=None, collect:
 
 
 def _ms(m: dict, prefix: str = "val_") -> dict:
-    return {f"{prefix}energy_mae_mev": 1e3 * m["energy_mae_ev"], f"{prefix}energy_rmse_mev": 1e3 * m["energy_rmse_ev"],
-            f"{prefix}energy_mae_per_atom_mev": 1e3 * m["energy_mae_per_atom_ev"],
-            f"{prefix}forces_mae_mev_per_a": 1e3 * m["forces_mae_ev_per_a"],
-            f"{prefix}forces_rmse_mev_per_a": 1e3 * m["forces_rmse_ev_per_a"]}
+    return {
+        f"{prefix}energy_mae_mev": 1e3 * m["energy_mae_ev"],
+        f"{prefix}energy_rmse_mev": 1e3 * m["energy_rmse_ev"],
+        f"{prefix}energy_mae_per_atom_mev": 1e3 * m["energy_mae_per_atom_ev"],
+        f"{prefix}forces_mae_mev_per_a": 1e3 * m["forces_mae_ev_per_a"],
+        f"{prefix}forces_rmse_mev_per_a": 1e3 * m["forces_rmse_ev_per_a"],
+    }
 
 
 def init_state(params, opt_state) -> dict:
     """Training state; EMA and best copies get their own buffers (the step donates the state)."""
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # noqa: E731
-    return {"params": params, "opt_state": opt_state, "ema": copy(params), "best": copy(params),
-            "step": jnp.zeros((), jnp.int32)}
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "ema": copy(params),
+        "best": copy(params),
+        "step": jnp.zeros((), jnp.int32),
+    }
 
 
-def make_train_step(pot: Potential, opt: optax.GradientTransformation, beta: float, stress_weight: float = 0.0,
-                    ema_decay: float | None = 0.99, sharded: bool = False):
+def make_train_step(
+    pot: Potential,
+    opt: optax.GradientTransformation,
+    beta: float,
+    stress_weight: float = 0.0,
+    ema_decay: float | None = 0.99,
+    sharded: bool = False,
+):
     """Jitted ``(state, graph) -> (state, loss, aux)``: loss and gradient, optax update (the loss is passed as
     ``value`` for reduce-on-plateau), EMA of the parameters. The state buffers are donated.
 
@@ -155,6 +205,7 @@ def make_train_step(pot: Potential, opt: optax.GradientTransformation, beta: flo
                 sums = jax.vmap(lambda g: loss_sums(pot(p, g, compute_stress=use_stress), g, use_stress))(graph)
                 return loss_from_sums(jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums), beta, stress_weight)
             return loss_fn(pot(p, graph, compute_stress=use_stress), graph, beta, stress_weight)
+
         (loss, aux), grads = jax.value_and_grad(lf, has_aux=True)(state["params"])
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"], value=loss)
         params = optax.apply_updates(state["params"], updates)
@@ -169,17 +220,25 @@ def make_train_step(pot: Potential, opt: optax.GradientTransformation, beta: flo
     return jax.jit(train_step, donate_argnums=0)
 
 
-def train(cfg: RunConfig, train_ds: Dataset, val_ds: Dataset, test_ds: Dataset | None = None,
-          out_dir: str | Path = "runs/run", resume: bool = False, progress: bool = True,
-          splits: dict | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunConfig,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    test_ds: Dataset | None = None,
+    out_dir: str | Path = "runs/run",
+    resume: bool = False,
+    progress: bool = True,
+    splits: dict | None = None,
+) -> dict[str, Any]:
     """Train ``cfg.model`` on ``train_ds``, validate on ``val_ds`` (EMA parameters), test the best model on
     ``test_ds``. Writes config.yaml, metrics.csv, checkpoints/, model/, results.json, plots/*.png, train.log."""
     t_setup = time.perf_counter()
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
     if out.exists() and (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and not resume:
-        raise FileExistsError(f"{out} already holds a run: pass resume=True (--resume) to continue it, or choose "
-                              "another output folder")
+        raise FileExistsError(
+            f"{out} already holds a run: pass resume=True (--resume) to continue it, or choose another output folder"
+        )
     (out / "plots").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -201,16 +260,25 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     if resume and (out / "config.yaml").exists():
         saved = RunConfig.from_yaml(out / "config.yaml")
         if saved.model.config_view() != pot.model.config_view():
-            raise ValueError(f"{out}/config.yaml has model {saved.model.config_view()}, the resumed run asks for "
-                             f"{pot.model.config_view()}: a resumed run must keep its model")
+            raise ValueError(
+                f"{out}/config.yaml has model {saved.model.config_view()}, the resumed run asks for "
+                f"{pot.model.config_view()}: a resumed run must keep its model"
+            )
     cfg.to_yaml(out / "config.yaml")
     if splits:
         from so3lib.data.splits import save_splits
+
         save_splits(out / "splits.npz", splits)
 
-    log.info("energy reference (%s): %s; residual std %.4g meV/atom (raw %.4g meV/atom); scale %.4g eV, shift %.4g eV/atom",
-             ref.method, dict(zip(ref.species, np.round(ref.energies_ev, 4))), 1e3 * ref.residual_std_per_atom_ev,
-             1e3 * ref.raw_std_per_atom_ev, pot.scale, pot.shift)
+    log.info(
+        "energy reference (%s): %s; residual std %.4g meV/atom (raw %.4g meV/atom); scale %.4g eV, shift %.4g eV/atom",
+        ref.method,
+        dict(zip(ref.species, np.round(ref.energies_ev, 4))),
+        1e3 * ref.residual_std_per_atom_ev,
+        1e3 * ref.raw_std_per_atom_ev,
+        pot.scale,
+        pot.shift,
+    )
     mesh = data_mesh(tc.n_devices)
     train_loader = make_loader(train_ds, pot, tc.batch_size, True, tc.seed, "training", mesh)
     eval_bs = tc.eval_batch_size or max(tc.batch_size, 64)
@@ -224,26 +292,50 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     opt = make_optimizer(tc, steps_per_eval)
     opt_state = opt.init(params)
     state = init_state(params, opt_state)
-    meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": math.inf, "best_step": -1, "bad_evals": 0,
-            "elapsed_s": 0.0, "stopped": None, "n_evals": 0}
+    meta = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best_val_loss": math.inf,
+        "best_step": -1,
+        "bad_evals": 0,
+        "elapsed_s": 0.0,
+        "stopped": None,
+        "n_evals": 0,
+    }
     ckpt = Checkpointer(ckpt_dir)
     if resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         state = jax.tree_util.tree_map(jnp.asarray, state)
-        log.info("resumed from checkpoint at step %d (epoch %d, batch %d)", meta["step"], meta["epoch"],
-                 meta["batch_in_epoch"])
+        log.info(
+            "resumed from checkpoint at step %d (epoch %d, batch %d)",
+            meta["step"],
+            meta["epoch"],
+            meta["batch_in_epoch"],
+        )
         _truncate_metrics(out / "metrics.csv", meta["step"])
     elif not resume and (out / "metrics.csv").exists():
         (out / "metrics.csv").unlink()
     if mesh is not None:  # parameters and optimiser state replicated over the mesh
         from jax.sharding import NamedSharding, PartitionSpec
+
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-        log.info("data parallel over %d devices: %s; %d structures per device per step", mesh.devices.size,
-                 list(mesh.devices.flat), tc.batch_size // mesh.devices.size)
+        log.info(
+            "data parallel over %d devices: %s; %d structures per device per step",
+            mesh.devices.size,
+            list(mesh.devices.flat),
+            tc.batch_size // mesh.devices.size,
+        )
     n_params = count_parameters(state["params"])
-    log.info("model %s: %d parameters; %d training, %d validation structures; %d steps/epoch; padded shapes %s",
-             cfg.model.name, n_params, len(train_ds), len(val_ds), steps_per_epoch,
-             [(r.n_graph, r.n_node, r.n_edge) for r in train_loader.ladder.rungs])
+    log.info(
+        "model %s: %d parameters; %d training, %d validation structures; %d steps/epoch; padded shapes %s",
+        cfg.model.name,
+        n_params,
+        len(train_ds),
+        len(val_ds),
+        steps_per_epoch,
+        [(r.n_graph, r.n_node, r.n_edge) for r in train_loader.ladder.rungs],
+    )
 
     beta = tc.beta
     train_step = make_train_step(pot, opt, tc.beta, tc.stress_weight, tc.ema_decay, sharded=mesh is not None)
@@ -272,8 +364,14 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     stop = "early_stopping" if meta["stopped"] == "early_stopping" else None
     if budget_steps is not None and step >= budget_steps:
         stop = stop or "max_steps"
-    pbar = tqdm(total=budget_steps, initial=step, desc=f"train {cfg.model.name}", disable=not progress,
-                dynamic_ncols=True, unit="step")
+    pbar = tqdm(
+        total=budget_steps,
+        initial=step,
+        desc=f"train {cfg.model.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+        unit="step",
+    )
 
     def flush():
         for s, l_dev in pending:
@@ -282,7 +380,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
                 raise NonFiniteLossError(
                     f"non-finite training loss ({val}) at step {s} (epoch {epoch}): training stopped. The last good "
                     f"checkpoint is at step {ckpt.latest_step()} in {ckpt_dir}; lower the learning rate or check the "
-                    "data")
+                    "data"
+                )
             loss_window.append(val)
         pending.clear()
         if loss_window:
@@ -296,9 +395,15 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         val_loss = (1 - beta) * m["mse_energy"] + beta * m["mse_forces"]
         meta["n_evals"] += 1
         lr = float(lr_sched(step)) * plateau_scale(state["opt_state"])
-        row = {"step": step, "epoch": epoch, "time_s": round(elapsed0 + time.perf_counter() - t_loop, 3),
-               "learning_rate": lr, "train_loss": float(np.mean(loss_window)) if loss_window else "",
-               "val_loss": val_loss, **_ms(m)}
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "time_s": round(elapsed0 + time.perf_counter() - t_loop, 3),
+            "learning_rate": lr,
+            "train_loss": float(np.mean(loss_window)) if loss_window else "",
+            "val_loss": val_loss,
+            **_ms(m),
+        }
         writer.writerow(row)
         csv_fh.flush()
         loss_window.clear()
@@ -307,11 +412,22 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
             state["best"] = jax.tree_util.tree_map(jnp.copy, state["ema"])
         else:
             meta["bad_evals"] += 1
-        log.info("step %d epoch %d: val energy MAE %.3f meV, forces MAE %.3f meV/Å, loss %.4g (best %.4g @ %d), lr %.3g",
-                 step, epoch, row["val_energy_mae_mev"], row["val_forces_mae_mev_per_a"], val_loss,
-                 meta["best_val_loss"], meta["best_step"], lr)
-        pbar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.4g}",
-                         val_F=f"{row['val_forces_mae_mev_per_a']:.1f}meV/Å", refresh=False)
+        log.info(
+            "step %d epoch %d: val energy MAE %.3f meV, forces MAE %.3f meV/Å, loss %.4g (best %.4g @ %d), lr %.3g",
+            step,
+            epoch,
+            row["val_energy_mae_mev"],
+            row["val_forces_mae_mev_per_a"],
+            val_loss,
+            meta["best_val_loss"],
+            meta["best_step"],
+            lr,
+        )
+        pbar.set_postfix(
+            loss=f"{row['train_loss'] or float('nan'):.4g}",
+            val_F=f"{row['val_forces_mae_mev_per_a']:.1f}meV/Å",
+            refresh=False,
+        )
         if tc.early_stopping_patience and meta["bad_evals"] >= tc.early_stopping_patience:
             stop = "early_stopping"
         t_other[0] += time.perf_counter() - t_eval
@@ -319,8 +435,9 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     def save():
         t_save = time.perf_counter()
         flush()
-        meta.update(step=step, epoch=epoch, batch_in_epoch=bie,
-                    elapsed_s=elapsed0 + time.perf_counter() - t_loop, stopped=stop)
+        meta.update(
+            step=step, epoch=epoch, batch_in_epoch=bie, elapsed_s=elapsed0 + time.perf_counter() - t_loop, stopped=stop
+        )
         if ckpt.latest_step() == step:  # the final save after a save at the same step
             ckpt.manager.delete(step)
         ckpt.save(step, state, meta)
@@ -344,7 +461,9 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
                 if step % tc.log_every_steps == 0:
                     flush()
                 at_epoch_end = bie == steps_per_epoch
-                if (tc.eval_every_steps and step % tc.eval_every_steps == 0) or (not tc.eval_every_steps and at_epoch_end):
+                if (tc.eval_every_steps and step % tc.eval_every_steps == 0) or (
+                    not tc.eval_every_steps and at_epoch_end
+                ):
                     if at_epoch_end:
                         epoch, bie = epoch + 1, 0
                     do_eval()
@@ -373,43 +492,83 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     best = local(state["best"])
     save_potential(out / "model", pot, best)
     results: dict[str, Any] = {
-        "model": cfg.model.name, "n_parameters": n_params, "train_time_s": train_time, "steps": step,
-        "epochs_completed": epoch, "stopped_because": stop, "best_step": meta["best_step"],
-        "compile_time_s": compile_time, "overhead_time_s": None,
-        "steps_per_s": (steps_timed / max(t_end - step_times_from - t_other[0], 1e-9)
-                        if step_times_from and steps_timed else None),
-        "n_train": len(train_ds), "n_val": len(val_ds), "batch_size": tc.batch_size, "n_devices": tc.n_devices,
+        "model": cfg.model.name,
+        "n_parameters": n_params,
+        "train_time_s": train_time,
+        "steps": step,
+        "epochs_completed": epoch,
+        "stopped_because": stop,
+        "best_step": meta["best_step"],
+        "compile_time_s": compile_time,
+        "overhead_time_s": None,
+        "steps_per_s": (
+            steps_timed / max(t_end - step_times_from - t_other[0], 1e-9) if step_times_from and steps_timed else None
+        ),
+        "n_train": len(train_ds),
+        "n_val": len(val_ds),
+        "batch_size": tc.batch_size,
+        "n_devices": tc.n_devices,
         "streamed": not isinstance(train_ds, Dataset),
-        "n_compiles_train_step": _cache_size(train_step), "padded_shapes_train": sorted(train_loader.shapes_seen),
-        "energy_reference": ref.to_dict(), "scale_ev": pot.scale, "shift_ev_per_atom": pot.shift,
+        "n_compiles_train_step": _cache_size(train_step),
+        "padded_shapes_train": sorted(train_loader.shapes_seen),
+        "energy_reference": ref.to_dict(),
+        "scale_ev": pot.scale,
+        "shift_ev_per_atom": pot.shift,
     }
     if results["steps_per_s"]:
         results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
     val_m = evaluate(pot, best, val_loader, eval_fn)
     results["val"] = {k: v for k, v in val_m.items() if not k.startswith("mse")}
     if isinstance(train_ds, Dataset) and mesh is None:
-        train_eval = GraphLoader(train_ds, pot.cutoff, eval_bs, shuffle=False, table=train_loader.table,
-                                 dtype=train_loader.dtype, energy_offset=train_loader.energy_offset)
+        train_eval = GraphLoader(
+            train_ds,
+            pot.cutoff,
+            eval_bs,
+            shuffle=False,
+            table=train_loader.table,
+            dtype=train_loader.dtype,
+            energy_offset=train_loader.energy_offset,
+        )
     else:  # a streamed training set is measured on a sample of up to 5 000 frames
-        sub = train_ds if isinstance(train_ds, Dataset) or len(train_ds) <= 5000 else train_ds.subset(
-            np.sort(np.random.default_rng(0).choice(len(train_ds), 5000, replace=False)))
+        sub = (
+            train_ds
+            if isinstance(train_ds, Dataset) or len(train_ds) <= 5000
+            else train_ds.subset(np.sort(np.random.default_rng(0).choice(len(train_ds), 5000, replace=False)))
+        )
         train_eval = make_loader(sub, pot, eval_bs, False, 0, "training")
     results["train"] = {k: v for k, v in evaluate(pot, best, train_eval, eval_fn).items() if not k.startswith("mse")}
     plots = out / "plots"
     from so3lib import plotting
+
     plotting.learning_curve(out / "metrics.csv", plots / "learning_curve.png", f"{cfg.name}: {cfg.model.name}")
     if test_ds is not None:
         test_loader = make_loader(test_ds, pot, eval_bs, False, 0, "test")
         tm = evaluate(pot, best, test_loader, eval_fn, collect=True)
         pred = tm.pop("predictions")
         results["test"] = {k: v for k, v in tm.items() if not k.startswith("mse")}
-        plotting.parity(pred["e_ref"] / pred["n_atoms"], pred["e_pred"] / pred["n_atoms"], plots / "parity_energy.png",
-                        "energy per atom (minus reference)", "eV/atom", f"{cfg.name}: test energies")
-        plotting.parity(pred["f_ref"], pred["f_pred"], plots / "parity_forces.png", "force component", "eV/Å",
-                        f"{cfg.name}: test forces")
-        log.info("test: energy MAE %.3f meV (%.3f meV/atom), forces MAE %.3f meV/Å on %d structures",
-                 1e3 * tm["energy_mae_ev"], 1e3 * tm["energy_mae_per_atom_ev"], 1e3 * tm["forces_mae_ev_per_a"],
-                 tm["n_structures"])
+        plotting.parity(
+            pred["e_ref"] / pred["n_atoms"],
+            pred["e_pred"] / pred["n_atoms"],
+            plots / "parity_energy.png",
+            "energy per atom (minus reference)",
+            "eV/atom",
+            f"{cfg.name}: test energies",
+        )
+        plotting.parity(
+            pred["f_ref"],
+            pred["f_pred"],
+            plots / "parity_forces.png",
+            "force component",
+            "eV/Å",
+            f"{cfg.name}: test forces",
+        )
+        log.info(
+            "test: energy MAE %.3f meV (%.3f meV/atom), forces MAE %.3f meV/Å on %d structures",
+            1e3 * tm["energy_mae_ev"],
+            1e3 * tm["energy_mae_per_atom_ev"],
+            1e3 * tm["forces_mae_ev_per_a"],
+            tm["n_structures"],
+        )
     results["overhead_time_s"] = time.perf_counter() - t_setup - train_time  # data, neighbour lists, eval, plots
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     return results
