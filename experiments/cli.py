@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,7 @@ def _flag_type(annotation):
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin is typing.Literal:
         return str, [str(a) for a in typing.get_args(annotation)], None
-    if origin is typing.Union and args:
+    if origin in (typing.Union, types.UnionType) and args:  # Optional[X] and X | None
         return _flag_type(args[0])
     if origin in (tuple, list) and args and args[0] in (int, float):
         return args[0], None, "+"

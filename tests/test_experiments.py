@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ETHANOL_TEST, SPICE_SAMPLE, data
+from conftest import BUNDLED, ETHANOL_TEST, SPICE_SAMPLE, data
 
 
 def test_inspect_command(capsys):
@@ -41,7 +41,7 @@ def test_md17_quick_cli_on_rmd17(tmp_path):
             "--out",
             str(tmp_path / "q"),
             "--data-dir",
-            str(data("rmd17")),
+            str(BUNDLED),  # rMD17 ethanol split 01, all 1000 + 1000 frames
             "--no-progress",
         ]
     )
@@ -62,13 +62,14 @@ def test_md17_reads_figshare_archive_layout_and_original_md17(tmp_path):
         tmp_path / "rmd17" / "npz_data" / "rmd17_uracil.npz",
         **{k: raw[k] for k in ("nuclear_charges", "coords", "energies", "forces")},
     )
-    np.savetxt(tmp_path / "rmd17" / "splits" / "index_train_01.csv", np.arange(0, 1000), fmt="%d")
-    np.savetxt(tmp_path / "rmd17" / "splits" / "index_test_01.csv", np.arange(500, 1000), fmt="%d")
+    # the archive's index files pick frames of the one npz per molecule (here the 50-frame slice)
+    np.savetxt(tmp_path / "rmd17" / "splits" / "index_train_01.csv", np.arange(0, 30), fmt="%d")
+    np.savetxt(tmp_path / "rmd17" / "splits" / "index_test_01.csv", np.arange(30, 50), fmt="%d")
     tr, te, src = md17.load_rmd17("uracil", 1, tmp_path)
-    assert len(tr) == 1000 and len(te) == 500 and "npz_data" in src
-    np.testing.assert_allclose(te.energy[0], raw["energies"][500] * 0.0433641, rtol=1e-6)
-    tv, test, src = md17.load_md17("ethanol", 2, data("md17"))
-    assert len(tv) == 1000 and len(test) == 1000 and not set(tv.meta["frame"]) & set(test.meta["frame"])
+    assert len(tr) == 30 and len(te) == 20 and "npz_data" in src
+    np.testing.assert_allclose(te.energy[0], raw["energies"][30] * 0.0433641, rtol=1e-6)
+    tv, test, src = md17.load_md17("ethanol", 2, data("md17"))  # 1050 frames: 1000 train + 50 test
+    assert len(tv) == 1000 and len(test) == 50 and not set(tv.meta["frame"]) & set(test.meta["frame"])
     with pytest.raises(FileNotFoundError, match="download_rmd17"):
         md17.load_rmd17("aspirin", 3, tmp_path)
 
