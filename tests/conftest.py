@@ -12,6 +12,12 @@ import jax
 import numpy as np
 import pytest
 
+# The tests compile many small programs and run each only briefly: XLA's backend optimisation passes cost more
+# time than they save here (about a third of the compile time). Set before the backend starts; inherited by the
+# subprocesses and notebook kernels the tests start. Results stay deterministic; only the tests use these flags.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+).strip()
 jax.config.update("jax_enable_x64", True)  # float64 models in physics tests; float32 models keep float32
 os.environ.setdefault("TQDM_DISABLE", "1")
 # One compilation cache for the whole test session (and the subprocesses it starts): tests that build the same
@@ -50,10 +56,15 @@ def shared(*parts: str) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that reads ``shared()`` must say so with the ``data`` marker (so the default run never needs it)."""
+    """A test that reads ``shared()`` must say so with the ``data`` marker (so the default run never needs it).
+    For pytest-xdist (``--dist loadgroup``): each module's tests form one group, so one worker builds a module's
+    fixtures once; each notebook is a group of its own, so the notebooks spread over the workers."""
     import inspect
 
     for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = item.name if item.module.__name__ == "test_notebooks" else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
         fn = getattr(item, "function", None)
         if fn is not None and "shared(" in inspect.getsource(fn) and item.get_closest_marker("data") is None:
             raise pytest.UsageError(f"{item.nodeid} reads shared() data but is not marked 'data'")

@@ -202,7 +202,7 @@ def test_short_training_learns(which, tmp_path, ethanol_train, li_test):
     cfg = RunConfig(
         name="b",
         model=make_config("bpnn", **opts),
-        training=dict(max_steps=150, batch_size=8, eval_every_steps=75, warmup_steps=10, learning_rate=3e-3),
+        training=dict(max_steps=100, batch_size=8, eval_every_steps=50, warmup_steps=10, learning_rate=3e-3),
     )
     res = train(cfg, tr, va, te, out_dir=tmp_path / which, progress=False)
     zero_predictor = float(np.mean(np.abs(te.forces)))

@@ -12,7 +12,7 @@ from so3lib.models import make_config
 from so3lib.training import RunConfig, load_potential, train
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
 def ethanol_run(tmp_path_factory):
     ds = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TRAIN))
     out = tmp_path_factory.mktemp("md") / "run"
@@ -31,7 +31,7 @@ def ethanol_run(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
 def ethanol():
     return d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
 
@@ -49,6 +49,20 @@ def test_nve_conserves_energy(ethanol_run, ethanol):
     # bound: total energy within 0.5 meV/atom of its start over 1000 steps of 0.5 fs (float64)
     assert np.max(np.abs(r.total_ev - r.total_ev[0])) / 9 < 5e-4, r.total_ev
     assert np.ptp(r.potential_ev) > 20 * np.ptp(r.total_ev)  # the atoms really move
+
+
+@pytest.mark.slow
+def test_nve_soak_20_ps(ethanol_run, ethanol):
+    """MD soak: 40 000 steps of 0.5 fs NVE (20 ps, float64): no blow-up, total energy within 1 meV/atom of its
+    start and no drift beyond 0.05 meV/atom/ps (least-squares slope)."""
+    pot, params = load_potential(ethanol_run)
+    cfg = MDConfig(ensemble="nve", temperature_k=300, steps=40_000, dt_fs=0.5, save_every=200)
+    r = run_md(pot, params, ethanol, cfg, progress=False)
+    assert r.stopped is None and r.step[-1] == 40_000
+    per_atom = (r.total_ev - r.total_ev[0]) / 9
+    assert np.max(np.abs(per_atom)) < 1e-3, np.max(np.abs(per_atom))
+    slope_ev_per_ps = np.polyfit(r.step * 0.5e-3, per_atom, 1)[0]
+    assert abs(slope_ev_per_ps) < 5e-5, slope_ev_per_ps
 
 
 def test_langevin_reaches_the_target(ethanol_run, ethanol):

@@ -23,14 +23,37 @@ def test_notebook_is_clean_and_quick_by_default(path):
     assert nb.cells[1].source.startswith("QUICK = True") and "parameters" in nb.cells[1].metadata.get("tags", [])
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def _execute(path, tmp_path, monkeypatch, quick: bool, timeout_s: int):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("SO3LIB_NOTEBOOK_RUNS", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(path.parents[1]), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    if not quick:  # the parameters cell, as papermill would inject it
+        nb.cells[1].source = nb.cells[1].source.replace("QUICK = True", "QUICK = False", 1)
+    client = NotebookClient(
+        nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    client.execute()
+    return nb
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    """Every notebook executes end to end in its QUICK smoke mode (fresh kernel) and shows a picture."""
+    nb = _execute(path, tmp_path, monkeypatch, quick=True, timeout_s=600)
+    _check_outputs(path, nb)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_full_run(path, tmp_path, monkeypatch):
+    """The real runs (QUICK = False): minutes to an hour each on 2 CPU cores."""
+    nb = _execute(path, tmp_path, monkeypatch, quick=False, timeout_s=4 * 3600)
+    _check_outputs(path, nb)
+
+
+def _check_outputs(path, nb):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]

@@ -55,8 +55,8 @@ def test_short_training_on_real_ethanol_learns(tmp_path, ethanol_train, ethanol_
     s = np.arange(400)
     cfg = RunConfig(
         name="s",
-        model=make_config("so3krates", features=32, l_max=2, layers=2, heads=2, n_rbf=16),
-        training=dict(max_steps=150, batch_size=16, eval_every_steps=75, warmup_steps=10, learning_rate=2e-3),
+        model=make_config("so3krates", features=16, l_max=2, layers=1, heads=2, n_rbf=16),
+        training=dict(max_steps=100, batch_size=16, eval_every_steps=50, warmup_steps=10, learning_rate=3e-3),
     )
     res = train(
         cfg,

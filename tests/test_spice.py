@@ -30,7 +30,7 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
 def spice_like(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("msl", ROOT / "scripts" / "make_spice_like.py")
     mod = importlib.util.module_from_spec(spec)
@@ -199,7 +199,7 @@ def test_spice_download_option_offline(tmp_path, server, monkeypatch):  # noqa: 
 
 DP_SCRIPT = r"""
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 import jax
 jax.config.update("jax_enable_x64", True)
 import numpy as np

@@ -25,7 +25,7 @@ from so3lib.training.loss import loss_fn
 TINY = {"n_atom_basis": 32, "n_interactions": 2, "n_rbf": 16}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
 def trained_run(tmp_path_factory, ethanol_train, ethanol_test):
     """200 steps of a small SchNet on real rMD17 ethanol (shared by the tests below)."""
     out = tmp_path_factory.mktemp("run")
