@@ -55,16 +55,27 @@ def shared(*parts: str) -> Path:
     return p
 
 
+# unit tier (`pytest -m unit`): pure functions over arrays and files, no training; the rest is `integration`
+UNIT_MODULES = {
+    "test_bad_input",
+    "test_config",
+    "test_graph",
+    "test_model_physics",
+    "test_packaging",
+    "test_readers",
+    "test_spice_preprocessing",
+    "test_splits_reference",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """A test that reads ``shared()`` must say so with the ``data`` marker (so the default run never needs it).
-    For pytest-xdist (``--dist loadgroup``): each module's tests form one group, so one worker builds a module's
-    fixtures once; each notebook is a group of its own, so the notebooks spread over the workers."""
+    """Tiers: ``unit`` for the modules in UNIT_MODULES, ``integration`` for the rest. A test that reads
+    ``shared()`` must say so with the ``data`` marker (so the default run never needs it)."""
     import inspect
 
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = item.name if item.module.__name__ == "test_notebooks" else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
+        tier = "unit" if item.module.__name__ in UNIT_MODULES else "integration"
+        item.add_marker(getattr(pytest.mark, tier))
         fn = getattr(item, "function", None)
         if fn is not None and "shared(" in inspect.getsource(fn) and item.get_closest_marker("data") is None:
             raise pytest.UsageError(f"{item.nodeid} reads shared() data but is not marked 'data'")

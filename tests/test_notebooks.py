@@ -38,19 +38,26 @@ def _execute(path, tmp_path, monkeypatch, quick: bool, timeout_s: int):
     return nb
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path, monkeypatch):
-    """Every notebook executes end to end in its QUICK smoke mode (fresh kernel) and shows a picture."""
-    nb = _execute(path, tmp_path, monkeypatch, quick=True, timeout_s=600)
-    _check_outputs(path, nb)
+def _notebook_tests(path):
+    """One class per notebook: pytest-xdist (--dist loadscope) schedules classes separately, so the notebooks
+    spread over the workers."""
+
+    def test_runs_quick(self, tmp_path, monkeypatch):
+        """Executes end to end in its QUICK smoke mode (fresh kernel) and shows a picture."""
+        _check_outputs(path, _execute(path, tmp_path, monkeypatch, quick=True, timeout_s=600))
+
+    @pytest.mark.slow
+    def test_full_run(self, tmp_path, monkeypatch):
+        """The real run (QUICK = False): minutes to an hour on 2 CPU cores."""
+        _check_outputs(path, _execute(path, tmp_path, monkeypatch, quick=False, timeout_s=4 * 3600))
+
+    name = "TestNotebook_" + path.stem
+    return name, type(name, (), {"test_runs_quick": test_runs_quick, "test_full_run": test_full_run})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_full_run(path, tmp_path, monkeypatch):
-    """The real runs (QUICK = False): minutes to an hour each on 2 CPU cores."""
-    nb = _execute(path, tmp_path, monkeypatch, quick=False, timeout_s=4 * 3600)
-    _check_outputs(path, nb)
+for _path in NOTEBOOKS:
+    _name, _cls = _notebook_tests(_path)
+    globals()[_name] = _cls
 
 
 def _check_outputs(path, nb):
