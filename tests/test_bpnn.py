@@ -197,7 +197,8 @@ def test_short_training_learns(which, tmp_path, ethanol_train, li_test):
     else:
         full = d.read(data("materials", "li_mlearn_training_every6.json"))  # 41 of the 241 training cells
         val = np.arange(3, len(full), 8)
-        tr, va, te = full.subset(np.setdiff1d(np.arange(len(full)), val)), full.subset(val), li_test
+        te = li_test.subset(np.flatnonzero(li_test.n_atoms >= 53))  # the 24 bulk cells (53-54 atoms)
+        tr, va = full.subset(np.setdiff1d(np.arange(len(full)), val)), full.subset(val)
         opts = dict(n_radial=8, n_angular=4, cutoff=5.0, cutoff_angular=3.2, hidden=(32, 32))
     cfg = RunConfig(
         name="b",
