@@ -52,17 +52,34 @@ def test_nve_conserves_energy(ethanol_run, ethanol):
 
 
 @pytest.mark.slow
-def test_nve_soak_20_ps(ethanol_run, ethanol):
-    """MD soak: 40 000 steps of 0.5 fs NVE (20 ps, float64): no blow-up, total energy within 1 meV/atom of its
-    start and no drift beyond 0.05 meV/atom/ps (least-squares slope)."""
-    pot, params = load_potential(ethanol_run)
-    cfg = MDConfig(ensemble="nve", temperature_k=300, steps=40_000, dt_fs=0.5, save_every=200)
-    r = run_md(pot, params, ethanol, cfg, progress=False)
+def test_nve_soak_20_ps(tmp_path):
+    """MD soak with a properly trained potential (SchNet F=32, T=2, 3000 steps on rMD17 ethanol, float64):
+    40 000 steps of 0.5 fs NVE (20 ps) without blow-up, the total energy within 2 meV/atom of its start and a
+    drift (least-squares slope) below 0.1 meV/atom/ps."""
+    ds = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TRAIN))
+    cfg = RunConfig(
+        model=make_config("schnet", n_atom_basis=32, n_interactions=2, dtype="float64"),
+        training={
+            "batch_size": 16,
+            "max_steps": 3000,
+            "max_epochs": None,
+            "eval_every_steps": 1000,
+            "learning_rate": 2e-3,
+            "early_stopping_patience": None,
+        },
+    )
+    train(
+        cfg, ds.subset(np.arange(950)), ds.subset(np.arange(950, 1000)), None, out_dir=tmp_path / "run", progress=False
+    )
+    pot, params = load_potential(tmp_path / "run")
+    atoms = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
+    md = MDConfig(ensemble="nve", temperature_k=300, steps=40_000, dt_fs=0.5, save_every=200)
+    r = run_md(pot, params, atoms, md, progress=False)
     assert r.stopped is None and r.step[-1] == 40_000
-    per_atom = (r.total_ev - r.total_ev[0]) / 9
-    assert np.max(np.abs(per_atom)) < 1e-3, np.max(np.abs(per_atom))
+    per_atom = (r.total_ev - r.total_ev[0]) / len(atoms)
+    assert np.max(np.abs(per_atom)) < 2e-3, np.max(np.abs(per_atom))
     slope_ev_per_ps = np.polyfit(r.step * 0.5e-3, per_atom, 1)[0]
-    assert abs(slope_ev_per_ps) < 5e-5, slope_ev_per_ps
+    assert abs(slope_ev_per_ps) < 1e-4, slope_ev_per_ps
 
 
 def test_langevin_reaches_the_target(ethanol_run, ethanol):
