@@ -1,1 +1,2 @@
-"""Experiment commands: thin layers from a CLI or config to so3lib library calls (python -m experiments.X)."""
+"""Front ends for a checkout: ``python -m experiments.<name>`` runs ``so3lib <command>`` (experiments.ablation is
+``so3lib sweep``). The code lives in `so3lib.workflows`; the installed wheel ships so3lib only."""

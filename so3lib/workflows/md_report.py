@@ -1,0 +1,226 @@
+"""Molecular dynamics with a trained run, and its stability report: the trajectory (extxyz), md.csv,
+md_results.json (NVE drift in meV/atom/ps, RDF similarity to the first frame and when it first falls below the
+threshold, the first broken bond for molecules, failure time and temperature, steps/s and atom-steps/s) and
+plots (energy and temperature, the RDF over time, the RDF similarity)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from so3lib import data
+from so3lib.workflows.common import Options
+
+
+class MDOptions(Options):
+    """Options of ``so3lib md``."""
+
+    run: str = Field(..., description="a trained so3lib run folder")
+    structure: str = Field(..., description="starting structure (any format so3lib reads)")
+    frame: int = Field(0, description="frame of --structure")
+    supercell: tuple[int, int, int] | None = Field(None, description="repeat the cell n1 n2 n3 times")
+    ensemble: Literal["nve", "nvt-langevin", "nvt-nose-hoover", "berendsen"] = Field("nve", description="ensemble")
+    temperature: float = Field(300.0, gt=0, description="K: initial velocities and thermostat target")
+    ramp: tuple[float, float] | None = Field(None, description="Berendsen ramp T0 T1 (K) over the run")
+    steps: int = Field(1000, ge=1, description="MD steps")
+    dt: float = Field(0.5, gt=0, description="time step (fs)")
+    save_every: int = Field(10, ge=1, description="save a frame every K steps")
+    friction: float = Field(10.0, gt=0, description="Langevin friction (1/ps)")
+    tau: float = Field(100.0, gt=0, description="Berendsen / Nosé–Hoover time constant (fs)")
+    skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
+    seed: int = Field(0, description="seed of the initial velocities and the Langevin noise")
+    engine: Literal["jax-md", "ase"] = Field("jax-md", description="on-device jax-md, or ASE integrators")
+    rdf_threshold: float = Field(0.8, gt=0, le=1, description="RDF similarity below which the structure is lost")
+    rdf_rmax: float = Field(6.0, gt=0, description="RDF range (Å)")
+    out: str = Field(..., description="output folder")
+    progress: bool = Field(True, description="progress bar")
+
+
+def load_structure(path: str, frame: int = 0, supercell=None):
+    """ase.Atoms from any file so3lib reads (rMD17/SPICE/mlearn/extxyz/...), optionally repeated."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such structure file")
+    ds = data.read(p)
+    if not -len(ds) <= frame < len(ds):
+        raise data.DataError(p, f"frame {frame} out of range ({len(ds)} frames)")
+    atoms = ds[frame].to_ase()
+    atoms.calc = None
+    if supercell:
+        atoms = atoms.repeat(tuple(int(x) for x in supercell))
+    return atoms
+
+
+def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) -> tuple[dict, list]:
+    """The stability report of an MD result, and the RDF of every saved frame."""
+    from so3lib.md import stability
+
+    frames = res.positions
+    g = [stability.rdf(p, cell, pbc, r_max)[1] for p in frames]
+    sim = np.array([stability.rdf_similarity(x, g[0]) for x in g])
+    below = np.nonzero(sim < rdf_threshold)[0]
+    out = {
+        "n_atoms": res.n_atoms,
+        "steps": int(res.step[-1]),
+        "dt_fs": cfg.dt_fs,
+        "ensemble": cfg.ensemble,
+        "temperature_target_k": cfg.ramp_k or cfg.temperature_k,
+        "temperature_mean_k": float(np.mean(res.temperature_k[len(res.temperature_k) // 5 :])),
+        "steps_per_s": res.steps_per_s,
+        "atom_steps_per_s": res.steps_per_s * res.n_atoms,
+        "compile_s": res.compile_s,
+        "neighbour_reallocations": res.reallocations,
+        "blow_up": res.stopped,
+        "rdf_threshold": rdf_threshold,
+        "rdf_similarity": sim.tolist(),
+        "rdf_below_threshold": None
+        if not len(below)
+        else {"time_fs": float(res.time_fs[below[0]]), "temperature_k": float(res.temperature_k[below[0]])},
+    }
+    if cfg.ensemble == "nve":
+        out["nve_drift_mev_per_atom_per_ps"] = stability.nve_drift_mev_per_atom_per_ps(
+            res.time_fs, res.total_ev, res.n_atoms
+        )
+        out["nve_total_energy_range_mev_per_atom"] = float(1e3 * np.ptp(res.total_ev) / res.n_atoms)
+    failure = None
+    if not np.all(pbc):
+        k = stability.first_broken_bond(frames, numbers)
+        out["first_broken_bond"] = (
+            None if k is None else {"time_fs": float(res.time_fs[k]), "temperature_k": float(res.temperature_k[k])}
+        )
+        if k is not None:
+            failure = {"criterion": "bond broken (> 1.5 × initial length)", **out["first_broken_bond"]}
+    elif len(below):
+        failure = {"criterion": f"RDF similarity < {rdf_threshold}", **out["rdf_below_threshold"]}
+    if res.stopped:
+        failure = {
+            "criterion": "blow-up",
+            "message": res.stopped,
+            "time_fs": float(res.time_fs[-1]),
+            "temperature_k": float(res.temperature_k[-1]),
+        }
+    out["failure"] = failure
+    out["stable"] = failure is None
+    return out, g
+
+
+def plots(res, g, r, sim, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    t = res.time_fs / 1000.0
+    fig, ax = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    ax[0].plot(t, (res.potential_ev - res.potential_ev[0]) / res.n_atoms * 1e3, label="potential")
+    ax[0].plot(t, (res.total_ev - res.total_ev[0]) / res.n_atoms * 1e3, label="total")
+    ax[0].plot(t, res.kinetic_ev / res.n_atoms * 1e3, label="kinetic", alpha=0.7)
+    ax[0].set_ylabel("energy − E(0) (meV/atom)")
+    ax[0].legend(fontsize=8)
+    ax[1].plot(t, res.temperature_k, color="C3")
+    ax[1].set_ylabel("temperature (K)")
+    ax[1].set_xlabel("time (ps)")
+    ax[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "energy_temperature.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    picks = np.unique(np.linspace(0, len(g) - 1, min(6, len(g))).astype(int))
+    cmap = plt.get_cmap("viridis")
+    for i, k in enumerate(picks):
+        ax.plot(r, g[k], color=cmap(i / max(len(picks) - 1, 1)), label=f"{t[k]:.2f} ps, {res.temperature_k[k]:.0f} K")
+    ax.set_xlabel("r (Å)")
+    ax.set_ylabel("g(r)")
+    ax.set_title(f"RDF over time: {title}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "rdf.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(res.temperature_k, sim, "o-", ms=3)
+    ax.set_xlabel("temperature (K)")
+    ax.set_ylabel("RDF similarity to frame 0")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "rdf_similarity.png", dpi=120)
+    plt.close(fig)
+
+
+def write_trajectory(path: Path, atoms, res) -> None:
+    import ase.io
+
+    frames = []
+    for k, p in enumerate(res.positions):
+        f = atoms.copy()
+        f.positions = p
+        f.info.update(
+            time_fs=float(res.time_fs[k]),
+            potential_energy_ev=float(res.potential_ev[k]),
+            temperature_k=float(res.temperature_k[k]),
+        )
+        frames.append(f)
+    ase.io.write(path, frames, format="extxyz")
+
+
+def write_csv(path: Path, res) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["step", "time_fs", "potential_ev", "kinetic_ev", "total_ev", "temperature_k"])
+        for row in zip(res.step, res.time_fs, res.potential_ev, res.kinetic_ev, res.total_ev, res.temperature_k):
+            w.writerow([int(row[0])] + [f"{x:.8g}" for x in row[1:]])
+
+
+def run(opts: MDOptions) -> dict:
+    """Run MD from ``opts.structure`` with the run's best model and write the report; returns it."""
+    from so3lib.md import MDConfig, run_md, stability
+    from so3lib.training import load_potential
+
+    if not Path(opts.run).exists():
+        raise FileNotFoundError(f"{opts.run}: no such run folder (train one with so3lib train / md17 / spice)")
+    cfg = MDConfig(
+        ensemble=opts.ensemble,
+        temperature_k=opts.ramp[0] if opts.ramp else opts.temperature,
+        ramp_k=tuple(opts.ramp) if opts.ramp else None,
+        steps=opts.steps,
+        dt_fs=opts.dt,
+        save_every=opts.save_every,
+        friction_per_ps=opts.friction,
+        tau_fs=opts.tau,
+        skin_angstrom=opts.skin,
+        seed=opts.seed,
+    )
+    pot, params = load_potential(opts.run)
+    atoms = load_structure(opts.structure, opts.frame, opts.supercell)
+    pot.reference.check_species(atoms.numbers, f"{opts.structure} (frame {opts.frame})")
+    if opts.engine == "ase":
+        from so3lib.calculator import So3libCalculator
+        from so3lib.md.ase_engine import run_md_ase
+
+        res = run_md_ase(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
+    else:
+        res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cell, pbc = np.asarray(atoms.cell.array), np.asarray(atoms.pbc)
+    report, g = analyse(res, atoms.numbers, cell, pbc, cfg, opts.rdf_threshold, opts.rdf_rmax)
+    report.update(
+        run=str(opts.run),
+        structure=str(opts.structure),
+        engine=opts.engine,
+        model=pot.model.name,
+        config=cfg.model_dump(),
+        options=opts.model_dump(mode="json"),
+    )
+    write_trajectory(out / "trajectory.extxyz", atoms, res)
+    write_csv(out / "md.csv", res)
+    r = stability.rdf(res.positions[0], cell, pbc, opts.rdf_rmax)[0]
+    plots(res, g, r, np.asarray(report["rdf_similarity"]), out, f"{atoms.get_chemical_formula()} {cfg.ensemble}")
+    (out / "md_results.json").write_text(json.dumps(report, indent=2, default=str))
+    report["out"] = str(out)
+    return report

@@ -1,0 +1,81 @@
+"""A trained run evaluated on a file: predicted energy, forces (and stress for periodic frames) of every
+frame, written as extxyz that ASE reads back (``energy``/``forces`` through the single-point calculator, the
+file's own labels kept as ``REF_energy``/``REF_forces``), and the errors where the file has labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from so3lib.workflows.common import Options
+
+
+class PredictOptions(Options):
+    """Options of ``so3lib predict``."""
+
+    run: str = Field(..., description="a trained so3lib run folder")
+    file: str = Field(..., description="structures to predict (any format so3lib reads)")
+    format: str | None = Field(None, description="file format (default: detected)")
+    energy_key: str | None = Field(None, description="energy label of the file, for the errors")
+    forces_key: str | None = Field(None, description="forces label of the file, for the errors")
+    stress_key: str | None = Field(None, description="stress label of the file")
+    out: str | None = Field(None, description="predictions file (default <file stem>_pred.extxyz in the cwd)")
+    progress: bool = Field(True, description="progress bar")
+
+
+def errors(ref: np.ndarray, pred: np.ndarray) -> dict[str, float] | None:
+    """MAE and RMSE over the finite reference values; None when there is none."""
+    ok = np.isfinite(ref)
+    if not ok.any():
+        return None
+    d = pred[ok] - ref[ok]
+    return {"mae": float(np.mean(np.abs(d))), "rmse": float(np.sqrt(np.mean(d**2))), "count": int(ok.sum())}
+
+
+def run(opts: PredictOptions) -> dict:
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from tqdm.auto import tqdm
+
+    from so3lib import data
+    from so3lib.calculator import load_calculator
+
+    keys = {k: getattr(opts, k) for k in ("energy_key", "forces_key", "stress_key") if getattr(opts, k)}
+    ds = data.read(opts.file, opts.format, **keys)
+    calc = load_calculator(opts.run)
+    calc.potential.reference.check_species(np.asarray(ds.species), opts.file)
+    out = Path(opts.out or f"{Path(opts.file).stem}_pred.extxyz")
+    frames, e_ref, e_pred, n_atoms, f_ref, f_pred = [], [], [], [], [], []
+    for i in tqdm(range(len(ds)), desc="predict", disable=not opts.progress):
+        s = ds[i]
+        atoms = s.to_ase()
+        atoms.calc = None
+        props = ["energy", "forces"] + (["stress"] if atoms.pbc.all() else [])
+        calc.calculate(atoms, props)
+        res = dict(calc.results)
+        if s.energy is not None and np.isfinite(s.energy):
+            atoms.info["REF_energy"] = float(s.energy)
+        if s.forces is not None:
+            atoms.arrays["REF_forces"] = np.asarray(s.forces, float)
+        atoms.calc = SinglePointCalculator(atoms, **{k: res[k] for k in props})
+        frames.append(atoms)
+        e_ref.append(np.nan if s.energy is None else s.energy)
+        e_pred.append(res["energy"])
+        n_atoms.append(len(atoms))
+        f_ref.append(np.full((len(atoms), 3), np.nan) if s.forces is None else np.asarray(s.forces, float))
+        f_pred.append(res["forces"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(out, frames, format="extxyz")
+    e_ref, e_pred, n = np.asarray(e_ref, float), np.asarray(e_pred, float), np.asarray(n_atoms, float)
+    metrics = {
+        "frames": len(ds),
+        "energy_ev": errors(e_ref, e_pred),
+        "energy_per_atom_ev": errors(e_ref / n, e_pred / n),
+        "forces_ev_per_a": errors(np.concatenate(f_ref).ravel(), np.concatenate(f_pred).ravel()),
+    }
+    summary = {"run": opts.run, "file": opts.file, "predictions": str(out), "metrics": metrics}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return summary
