@@ -1,4 +1,5 @@
-"""`python -m experiments.ablation [options]` from a checkout: the same as `so3lib sweep [options]` (see `so3lib sweep --help`)."""
+"""``python -m experiments.ablation [options]`` from a checkout is ``so3lib sweep [options]``
+(``so3lib sweep --help`` lists them)."""
 
 import sys
 

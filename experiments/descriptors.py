@@ -1,4 +1,5 @@
-"""`python -m experiments.descriptors [options]` from a checkout: the same as `so3lib descriptors [options]` (see `so3lib descriptors --help`)."""
+"""``python -m experiments.descriptors [options]`` from a checkout is ``so3lib descriptors [options]``
+(``so3lib descriptors --help`` lists them)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""`python -m experiments.inspect [options]` from a checkout: the same as `so3lib inspect [options]` (see `so3lib inspect --help`)."""
+"""``python -m experiments.inspect [options]`` from a checkout is ``so3lib inspect [options]``
+(``so3lib inspect --help`` lists them)."""
 
 import sys
 

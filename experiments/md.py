@@ -1,4 +1,5 @@
-"""`python -m experiments.md [options]` from a checkout: the same as `so3lib md [options]` (see `so3lib md --help`)."""
+"""``python -m experiments.md [options]`` from a checkout is ``so3lib md [options]``
+(``so3lib md --help`` lists them)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""`python -m experiments.md17 [options]` from a checkout: the same as `so3lib md17 [options]` (see `so3lib md17 --help`)."""
+"""``python -m experiments.md17 [options]`` from a checkout is ``so3lib md17 [options]``
+(``so3lib md17 --help`` lists them)."""
 
 import sys
 

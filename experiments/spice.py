@@ -1,4 +1,5 @@
-"""`python -m experiments.spice [options]` from a checkout: the same as `so3lib spice [options]` (see `so3lib spice --help`)."""
+"""``python -m experiments.spice [options]`` from a checkout is ``so3lib spice [options]``
+(``so3lib spice --help`` lists them)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""`python -m experiments.train [options]` from a checkout: the same as `so3lib train [options]` (see `so3lib train --help`)."""
+"""``python -m experiments.train [options]`` from a checkout is ``so3lib train [options]``
+(``so3lib train --help`` lists them)."""
 
 import sys
 

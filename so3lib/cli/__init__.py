@@ -149,6 +149,7 @@ def run_command(cmd: Command, rest: list[str]) -> dict[str, Any]:
     parser.add_argument("--config", metavar="YAML", help="options from a YAML file (snake_case keys); flags win")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     defaults_cmd = dict(from_file["command"])
+    fields = opt_cls.model_fields
     if cmd.trains:
         model = pre_ns.model or name_in_file or "schnet"
         if model not in model_fields:
@@ -158,9 +159,7 @@ def run_command(cmd: Command, rest: list[str]) -> dict[str, Any]:
         defaults_cmd = {**preset.options, **from_file["command"]}
         defaults_model = {**preset.model, **from_file["model"]}
         defaults_training = {**preset.training, **from_file["training"]}
-        add_group(
-            parser, f"{cmd.name} options", "command", opt_cls.model_fields, defaults_cmd, cmd.positional, owner=opt_cls
-        )
+        add_group(parser, f"{cmd.name} options", "command", fields, defaults_cmd, cmd.positional, owner=opt_cls)
         parser.add_argument(
             "--model",
             metavar="{" + ",".join(sorted(model_fields)) + "}",
@@ -174,9 +173,7 @@ def run_command(cmd: Command, rest: list[str]) -> dict[str, Any]:
         own = set(opt_cls.model_fields) | model_fields[model] | training_fields | {"config", "debug", "model", "help"}
         _check_flag_names(rest, own, model_fields, model)
     else:
-        add_group(
-            parser, f"{cmd.name} options", "command", opt_cls.model_fields, defaults_cmd, cmd.positional, owner=opt_cls
-        )
+        add_group(parser, f"{cmd.name} options", "command", fields, defaults_cmd, cmd.positional, owner=opt_cls)
     ns = parser.parse_args(rest)
     flags = given(ns, cmd.positional)
     from pydantic import ValidationError
