@@ -1,4 +1,4 @@
-"""The one error type for bad input data."""
+"""The error types for bad input data: `DataError` and its special case `UndeterminedReferenceError`."""
 
 from __future__ import annotations
 
@@ -14,3 +14,8 @@ class DataError(ValueError):
             where.append(f"frame {frame}")
         super().__init__(f"{', '.join(where)}: {message}")
         self.path, self.key, self.frame = str(path), key, frame
+
+
+class UndeterminedReferenceError(DataError):
+    """The training set's compositions do not determine the per-element energy reference (least squares with
+    fewer independent compositions than unknowns, e.g. a single molecule)."""

@@ -4,6 +4,11 @@ Formats: ``rmd17`` (npz: nuclear_charges, coords, energies, forces; kcal/mol), `
 units from ``r_unit``/``e_unit`` when present, else Å and kcal/mol as in MD17), ``spice`` (HDF5, one group per
 molecule; bohr, hartree, forces = −dft_total_gradient), ``mlearn`` (JSON list of pymatgen structure dicts with
 ``outputs.energy/forces/virial_stress``) and ``ase`` (anything ``ase.io.read`` reads: extxyz, ase db, ...).
+
+Label keys: ``read(path, energy_key=..., forces_key=..., stress_key=...)`` names the labels where a file does not
+use the format's defaults (MACE-style extxyz: ``energy_key="REF_energy", forces_key="REF_forces"``). A key that
+is given must be there (in every frame); a file whose labels are only under other, label-like names fails
+loudly instead of loading unlabelled frames.
 """
 
 from __future__ import annotations
@@ -32,11 +37,24 @@ def _reader(name: str):
     return deco
 
 
-def read(path: str | os.PathLike, format: str | None = None, **kwargs) -> Dataset:
+def read(
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+    **kwargs,
+) -> Dataset:
     """Read a data file into a validated `Dataset` (Å, eV, eV/Å, eV/Å³).
 
-    ``format`` is one of `FORMATS`; by default it is detected from the content and extension. Extra keyword
-    arguments go to the format's reader (e.g. ``groups=[...]`` for SPICE, ``index=':'`` for ASE)."""
+    ``format`` is one of `FORMATS`; by default it is detected from the content and extension. ``energy_key``,
+    ``forces_key`` and ``stress_key`` name the labels (None: the format's defaults): for ASE files an
+    ``atoms.info`` key (energy, stress) or ``atoms.arrays`` key (forces), the calculator's results for
+    'energy'/'forces'/'stress'; for npz files the array names; for SPICE the group's dataset names (a forces key
+    ending in 'gradient' is a gradient, forces = −gradient). An explicit key missing in a frame is a
+    `DataError` that lists the keys the frame has. Extra keyword arguments go to the format's reader (e.g.
+    ``groups=[...]`` for SPICE, ``index=':'`` for ASE)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -45,7 +63,10 @@ def read(path: str | os.PathLike, format: str | None = None, **kwargs) -> Datase
     fmt = format or detect_format(path)
     if fmt not in _READERS:
         raise DataError(path, f"unknown format '{fmt}', choose one of {FORMATS}")
-    return _READERS[fmt](path, **kwargs)
+    for name, key in (("energy_key", energy_key), ("forces_key", forces_key), ("stress_key", stress_key)):
+        if key is not None and (not isinstance(key, str) or not key):
+            raise DataError(path, f"{name} must be a non-empty string, got {key!r}")
+    return _READERS[fmt](path, energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, **kwargs)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -82,15 +103,49 @@ def _open_npz(path: Path):
         raise DataError(path, f"corrupted or truncated npz file ({type(exc).__name__}: {exc})") from exc
 
 
-def _get(npz, path: Path, key: str, required: bool = True):
+def _get(npz, path: Path, key: str, required: bool = True, given_as: str | None = None):
+    """Array ``key``; None when absent and not ``required``. ``given_as`` names the argument that gave the key
+    (an explicit label key must be there)."""
     if key not in npz.files:
+        if given_as is not None:
+            raise DataError(path, f"missing key given as {given_as} (file has {sorted(npz.files)})", key)
         if not required:
             return None
-        raise DataError(path, f"missing key (file has {sorted(npz.files)})", key)
+        raise DataError(path, f"missing key (file has {sorted(npz.files)}){_npz_hint(npz, key)}", key)
     try:
         return npz[key]
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError(path, f"corrupted or truncated array ({type(exc).__name__}: {exc})", key) from exc
+
+
+def _no_stress(path: Path, fmt: str, stress_key: str | None) -> None:
+    if stress_key is not None:
+        raise DataError(path, f"{fmt} files carry no stress labels: stress_key cannot be given", stress_key)
+
+
+def _npz_hint(npz, key: str) -> str:
+    """A hint naming the energy/forces-like arrays of an npz when a default label array is missing."""
+    files = sorted(npz.files)
+    if key in ("energies", "E") and any("energ" in k.lower() for k in files):
+        return "; name the energy array with energy_key=NAME (--energy-key NAME)"
+    if key in ("forces", "F") and any("force" in k.lower() for k in files):
+        return "; name the forces array with forces_key=NAME (--forces-key NAME)"
+    return ""
+
+
+def _check_npz_unlabelled(npz, path: Path, e, f, energy_key, forces_key) -> None:
+    """No energy (or forces) array under the default name, none named, but label-like arrays: fail loudly."""
+    for label, arr, given, default, word, flag in (
+        ("energy", e, energy_key, "E", "energ", "energy"),
+        ("forces", f, forces_key, "F", "force", "forces"),
+    ):
+        if arr is None and given is None and any(word in k.lower() for k in npz.files):
+            raise DataError(
+                path,
+                f"no {label} label under the default key '{default}', but the file has keys {sorted(npz.files)}; "
+                f"name the label with {flag}_key=NAME (--{flag}-key NAME)",
+                default,
+            )
 
 
 def _molecule_name(path: Path) -> str:
@@ -105,15 +160,24 @@ def _molecule_name(path: Path) -> str:
 
 
 @_reader("rmd17")
-def read_rmd17(path: Path, indices: Sequence[int] | None = None) -> Dataset:
+def read_rmd17(
+    path: Path,
+    indices: Sequence[int] | None = None,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+) -> Dataset:
     """rMD17 npz (Christensen & von Lilienfeld 2020): coords Å, energies kcal/mol, forces kcal/mol/Å.
-    ``indices`` selects frames (as the figshare split files do)."""
+    ``indices`` selects frames (as the figshare split files do). ``energy_key``/``forces_key`` replace the
+    array names 'energies'/'forces' (same units)."""
     npz = _open_npz(path)
+    _no_stress(path, "rmd17", stress_key)
+    ek, fk = energy_key or "energies", forces_key or "forces"
     z = _get(npz, path, "nuclear_charges")
     r = _get(npz, path, "coords")
-    e = _get(npz, path, "energies")
-    f = _get(npz, path, "forces")
-    _check_frames(path, {"coords": r, "energies": e, "forces": f})
+    e = _get(npz, path, ek, given_as=energy_key and "energy_key")
+    f = _get(npz, path, fk, given_as=forces_key and "forces_key")
+    _check_frames(path, {"coords": r, ek: e, fk: f})
     frame = np.arange(len(r))
     if indices is not None:
         idx = np.asarray(indices, np.int64)
@@ -131,7 +195,7 @@ def read_rmd17(path: Path, indices: Sequence[int] | None = None) -> Dataset:
         forces=f * units.KCAL_PER_MOL_EV,
         meta=meta,
         frame_index=frame,
-        keys={"numbers": "nuclear_charges", "positions": "coords", "energy": "energies", "forces": "forces"},
+        keys={"numbers": "nuclear_charges", "positions": "coords", "energy": ek, "forces": fk},
     )
 
 
@@ -144,15 +208,21 @@ def _check_frames(path: Path, arrays: dict) -> None:
 
 
 @_reader("sgdml")
-def read_sgdml(path: Path) -> Dataset:
+def read_sgdml(
+    path: Path, energy_key: str | None = None, forces_key: str | None = None, stress_key: str | None = None
+) -> Dataset:
     """sGDML / original MD17 npz: R (F, N, 3), z (N,), E (F,) or (F, 1), F (F, N, 3); optional lattice
-    (periodic), r_unit and e_unit (default Å and kcal/mol, as in the MD17 files)."""
+    (periodic), r_unit and e_unit (default Å and kcal/mol, as in the MD17 files). ``energy_key``/``forces_key``
+    replace the array names 'E'/'F' (same units)."""
     npz = _open_npz(path)
+    _no_stress(path, "sgdml", stress_key)
+    ek, fk = energy_key or "E", forces_key or "F"
     z = _get(npz, path, "z")
     r = _get(npz, path, "R")
-    e = _get(npz, path, "E", required=False)
-    f = _get(npz, path, "F", required=False)
-    arrays = {"R": r, **({"E": e} if e is not None else {}), **({"F": f} if f is not None else {})}
+    e = _get(npz, path, ek, required=False, given_as=energy_key and "energy_key")
+    f = _get(npz, path, fk, required=False, given_as=forces_key and "forces_key")
+    _check_npz_unlabelled(npz, path, e, f, energy_key, forces_key)
+    arrays = {"R": r, **({ek: e} if e is not None else {}), **({fk: f} if f is not None else {})}
     _check_frames(path, arrays)
     e_unit = str(npz["e_unit"]) if "e_unit" in npz.files else "kcal/mol"
     r_unit = str(npz["r_unit"]) if "r_unit" in npz.files else "Ang"
@@ -174,7 +244,7 @@ def read_sgdml(path: Path) -> Dataset:
         energy=None if e is None else np.reshape(e, (len(r), -1))[:, 0] * ke,
         forces=None if f is None else f * ke / kr,
         meta={"name": np.full(len(r), name, dtype=object)},
-        keys={"numbers": "z", "positions": "R", "energy": "E", "forces": "F", "cell": "lattice"},
+        keys={"numbers": "z", "positions": "R", "energy": ek, "forces": fk, "cell": "lattice"},
     )
 
 
@@ -183,14 +253,22 @@ SPICE_KEYS = ("atomic_numbers", "conformations", "dft_total_energy", "dft_total_
 
 
 def iter_spice_groups(
-    path: str | os.PathLike, groups: Sequence[str] | None = None, energy_key: str = "dft_total_energy"
+    path: str | os.PathLike,
+    groups: Sequence[str] | None = None,
+    energy_key: str | None = "dft_total_energy",
+    forces_key: str | None = "dft_total_gradient",
 ) -> Iterator[tuple[str, dict]]:
     """Yield (group name, arrays in Å/eV) one molecule at a time, reading only the needed keys, so a
     tens-of-GB SPICE file is never loaded whole. Arrays: numbers (n,), positions (C, n, 3) Å,
-    energy (C,) eV, forces (C, n, 3) eV/Å = −gradient, smiles, subset."""
+    energy (C,) eV, forces (C, n, 3) eV/Å = −gradient, smiles, subset. ``energy_key`` / ``forces_key`` name the
+    group's datasets (None: dft_total_energy / dft_total_gradient; hartree, hartree/bohr); a forces key ending
+    in 'gradient' is a gradient (forces = −gradient), any other is forces."""
     import h5py
 
     path = Path(path)
+    energy_key = energy_key or "dft_total_energy"
+    forces_key = forces_key or "dft_total_gradient"
+    sign = -1.0 if forces_key.endswith("gradient") else 1.0
     try:
         fh = h5py.File(path, "r")
     except OSError as exc:
@@ -201,21 +279,23 @@ def iter_spice_groups(
             if name not in fh:
                 raise DataError(path, "no such molecule group", name)
             g = fh[name]
-            missing = [k for k in ("atomic_numbers", "conformations", energy_key, "dft_total_gradient") if k not in g]
+            missing = [k for k in ("atomic_numbers", "conformations", energy_key, forces_key) if k not in g]
             if missing:
-                raise DataError(path, f"group '{name}' lacks {missing}", f"{name}/{missing[0]}")
+                raise DataError(
+                    path, f"group '{name}' lacks {missing} (it has {sorted(g.keys())})", f"{name}/{missing[0]}"
+                )
             try:
                 z = np.asarray(g["atomic_numbers"][()])
                 r = np.asarray(g["conformations"][()], np.float64)
                 e = np.asarray(g[energy_key][()], np.float64)
-                grad = np.asarray(g["dft_total_gradient"][()], np.float64)
+                grad = np.asarray(g[forces_key][()], np.float64)
             except (OSError, KeyError) as exc:
                 raise DataError(path, f"cannot read group '{name}' ({exc})", name) from exc
             n = len(r)
             for key, arr, shape in (
                 ("conformations", r, (n, len(z), 3)),
                 (energy_key, e, (n,)),
-                ("dft_total_gradient", grad, (n, len(z), 3)),
+                (forces_key, grad, (n, len(z), 3)),
             ):
                 if arr.shape != shape:
                     raise DataError(path, f"shape {arr.shape}, expected {shape}", f"{name}/{key}")
@@ -225,7 +305,7 @@ def iter_spice_groups(
                     "numbers": z,
                     "positions": r * units.BOHR_ANGSTROM,
                     "energy": e * units.HARTREE_EV,
-                    "forces": -grad * units.HARTREE_PER_BOHR_EV_PER_ANGSTROM,
+                    "forces": sign * grad * units.HARTREE_PER_BOHR_EV_PER_ANGSTROM,
                     "smiles": _h5_str(g, "smiles"),
                     "subset": _h5_str(g, "subset"),
                 },
@@ -241,10 +321,20 @@ def _h5_str(g, key: str) -> str:
 
 
 @_reader("spice")
-def read_spice(path: Path, groups: Sequence[str] | None = None, energy_key: str = "dft_total_energy") -> Dataset:
-    """SPICE HDF5 (1.x / 2.x layout) into memory, group by group. For the full file use the packed store."""
+def read_spice(
+    path: Path,
+    groups: Sequence[str] | None = None,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+) -> Dataset:
+    """SPICE HDF5 (1.x / 2.x layout) into memory, group by group. For the full file use the packed store.
+    ``energy_key`` / ``forces_key``: the group's datasets (default dft_total_energy / dft_total_gradient)."""
+    _no_stress(path, "spice", stress_key)
+    energy_key = energy_key or "dft_total_energy"
+    forces_key = forces_key or "dft_total_gradient"
     parts = []
-    for name, a in iter_spice_groups(path, groups, energy_key):
+    for name, a in iter_spice_groups(path, groups, energy_key, forces_key):
         c = len(a["positions"])
         if c == 0:
             continue
@@ -264,7 +354,7 @@ def read_spice(path: Path, groups: Sequence[str] | None = None, energy_key: str 
                     "numbers": f"{name}/atomic_numbers",
                     "positions": f"{name}/conformations",
                     "energy": f"{name}/{energy_key}",
-                    "forces": f"{name}/dft_total_gradient",
+                    "forces": f"{name}/{forces_key}",
                 },
             )
         )
@@ -275,10 +365,25 @@ def read_spice(path: Path, groups: Sequence[str] | None = None, energy_key: str 
 
 # ---------------------------------------------------------------------------------------------- mlearn
 @_reader("mlearn")
-def read_mlearn(path: Path) -> Dataset:
+def read_mlearn(
+    path: Path, energy_key: str | None = None, forces_key: str | None = None, stress_key: str | None = None
+) -> Dataset:
     """mlearn JSON (Zuo et al. 2020): a list of {structure: pymatgen dict, outputs: {energy eV, forces eV/Å,
     virial_stress (6,) kbar in VASP order xx yy zz xy yz zx}}. Parsed without pymatgen. Stress follows ASE's
-    VASP reader: stress = −virial_stress · 0.1 GPa."""
+    VASP reader: stress = −virial_stress · 0.1 GPa. The label keys are fixed: label key arguments other than
+    None (or the fixed names themselves) are an error."""
+    for given, fixed in (
+        (energy_key, "outputs.energy"),
+        (forces_key, "outputs.forces"),
+        (stress_key, "outputs.virial_stress"),
+    ):
+        if given is not None and given != fixed:
+            raise DataError(
+                path,
+                "mlearn files have fixed label keys outputs.energy, outputs.forces and outputs.virial_stress: "
+                "energy_key, forces_key and stress_key cannot be given",
+                given,
+            )
     try:
         with open(path) as fh:
             entries = json.load(fh)
@@ -340,10 +445,51 @@ def read_mlearn(path: Path) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------- ASE
+def _ase_keys_seen(atoms, res: dict) -> str:
+    seen = f"info keys {sorted(atoms.info)}, arrays keys {sorted(atoms.arrays)}"
+    return seen + (f", calculator results {sorted(res)}" if res else "")
+
+
+def _ase_label(path: Path, atoms, res: dict, frame: int, key: str, label: str, where: dict):
+    """The value of an explicitly named label: the calculator's result ``key`` (energy, forces, stress, ...)
+    or ``where[key]`` (atoms.info or atoms.arrays); a frame without it is an error naming what it has."""
+    if key in res:
+        return res[key]
+    if key in where:
+        return where[key]
+    raise DataError(path, f"no {label} label '{key}' in this frame ({_ase_keys_seen(atoms, res)})", key, frame)
+
+
+def _to_array(path: Path, value, key: str, frame: int, label: str) -> np.ndarray:
+    try:
+        return np.asarray(value, float)
+    except (TypeError, ValueError) as exc:
+        raise DataError(path, f"{label} label is not numeric ({type(exc).__name__}: {exc})", key, frame) from exc
+
+
+def _virial_to_stress(path: Path, atoms, virial, key: str, frame: int) -> np.ndarray:
+    vol = abs(atoms.get_volume()) if atoms.pbc.any() else 0.0
+    if vol <= 0:
+        raise DataError(path, "virial given for a frame without a periodic cell", key, frame)
+    return -_to_array(path, virial, key, frame, "virial").reshape(3, 3) / vol
+
+
 @_reader("ase")
-def read_ase(path: Path, index: str = ":", format: str | None = None) -> Dataset:
-    """Anything ase.io reads. Energy from the calculator or info['energy']; forces from the calculator or
-    arrays 'forces'/'force'; stress from the calculator, info['stress'] or info['virial'] (stress = −virial/V)."""
+def read_ase(
+    path: Path,
+    index: str = ":",
+    format: str | None = None,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+) -> Dataset:
+    """Anything ase.io reads. By default: energy from the calculator or info['energy']; forces from the
+    calculator or arrays 'forces'/'force'; stress from the calculator, info['stress'] or info['virial']
+    (stress = −virial/V). ``energy_key`` names an info key (MACE: 'REF_energy'), ``forces_key`` an arrays key
+    ('REF_forces'), ``stress_key`` an info key (Voigt 6 or 3×3; a key containing 'virial' is a virial,
+    stress = −virial/V); the calculator's results are used where the key names one of them ('energy',
+    'forces', 'stress'). A named key must be in every frame. Without keys, a file whose frames have no energy
+    (or forces) under the defaults but energy-like info keys (or force-like arrays) is an error."""
     import ase.io
 
     try:
@@ -358,23 +504,41 @@ def read_ase(path: Path, index: str = ":", format: str | None = None) -> Dataset
         raise DataError(path, "empty dataset: no frames")
     from so3lib.data.dataset import Structure
 
+    ek, fk, sk = energy_key or "energy", forces_key or "forces", stress_key or "stress"
     structures = []
     for f, atoms in enumerate(frames):
         res = dict(atoms.calc.results) if atoms.calc is not None else {}
-        e = res.get("energy", atoms.info.get("energy"))
-        forces = res.get("forces", atoms.arrays.get("forces", atoms.arrays.get("force")))
-        stress = res.get("stress", atoms.info.get("stress"))
-        if stress is None and "virial" in atoms.info:
-            vol = abs(atoms.get_volume()) if atoms.pbc.any() else 0.0
-            if vol <= 0:
-                raise DataError(path, "virial given for a frame without a periodic cell", "virial", f)
-            stress = -np.asarray(atoms.info["virial"], float).reshape(3, 3) / vol
+        if energy_key is None:
+            e = res.get("energy", atoms.info.get("energy"))
+        else:
+            e = _ase_label(path, atoms, res, f, energy_key, "energy", atoms.info)
+        if e is not None:
+            e = _to_array(path, e, ek, f, "energy")
+            if e.size != 1:
+                raise DataError(path, f"energy label has shape {e.shape}, expected a number", ek, f)
+            e = float(e.reshape(()))
+        if forces_key is None:
+            forces = res.get("forces", atoms.arrays.get("forces", atoms.arrays.get("force")))
+        else:
+            forces = _ase_label(path, atoms, res, f, forces_key, "forces", atoms.arrays)
+        if forces is not None:
+            forces = _to_array(path, forces, fk, f, "forces")
+        if stress_key is None:
+            stress = res.get("stress", atoms.info.get("stress"))
+            if stress is None and "virial" in atoms.info:
+                stress = _virial_to_stress(path, atoms, atoms.info["virial"], "virial", f)
+        else:
+            stress = _ase_label(path, atoms, res, f, stress_key, "stress", atoms.info)
+            if "virial" in stress_key.lower():
+                stress = _virial_to_stress(path, atoms, stress, stress_key, f)
         if stress is not None:
-            stress = np.asarray(stress, float)
+            stress = _to_array(path, stress, sk, f, "stress")
             if stress.shape == (6,):  # Voigt xx yy zz yz xz xy (ASE)
                 from ase.stress import voigt_6_to_full_3x3_stress
 
                 stress = voigt_6_to_full_3x3_stress(stress)
+            if stress.size != 9:
+                raise DataError(path, f"stress label has shape {stress.shape}, expected (6,) or (3, 3)", sk, f)
             stress = stress.reshape(3, 3)
         info = {"name": str(atoms.info.get("config_type", atoms.get_chemical_formula()))}
         structures.append(
@@ -383,13 +547,48 @@ def read_ase(path: Path, index: str = ":", format: str | None = None) -> Dataset
                 positions=np.asarray(atoms.positions, float),
                 cell=np.asarray(atoms.cell.array, float),
                 pbc=np.asarray(atoms.pbc, bool),
-                energy=None if e is None else float(e),
-                forces=None if forces is None else np.asarray(forces, float),
+                energy=e,
+                forces=forces,
                 stress=stress,
                 info=info,
             )
         )
+    _check_ase_unlabelled(path, frames, structures, energy_key, forces_key)
     for f, s in enumerate(structures):
         if s.forces is not None and s.forces.shape != s.positions.shape:
-            raise DataError(path, f"forces shape {s.forces.shape} for {len(s)} atoms", "forces", f)
-    return Dataset.from_structures(structures, source=str(path))
+            raise DataError(path, f"forces shape {s.forces.shape} for {len(s)} atoms", fk, f)
+    return Dataset.from_structures(structures, source=str(path), keys={"energy": ek, "forces": fk, "stress": sk})
+
+
+def _check_ase_unlabelled(path: Path, frames, structures, energy_key, forces_key) -> None:
+    """No key given, no frame labelled under the default lookup, but label-like keys in the file: the labels are
+    under other names (MACE's REF_energy / REF_forces), and loading the frames unlabelled would be silent."""
+    info_keys = sorted({k for a in frames for k in a.info})
+    array_keys = sorted({k for a in frames for k in a.arrays})
+    missing = []
+    if (
+        energy_key is None
+        and all(s.energy is None for s in structures)
+        and any("energy" in k.lower() for k in info_keys)
+    ):
+        missing.append("energy")
+    if (
+        forces_key is None
+        and all(s.forces is None for s in structures)
+        and any("force" in k.lower() for k in array_keys)
+    ):
+        missing.append("forces")
+    if not missing:
+        return
+    defaults = {
+        "energy": "calculator 'energy', info 'energy'",
+        "forces": "calculator 'forces', arrays 'forces'/'force'",
+    }
+    raise DataError(
+        path,
+        f"no {' and no '.join(m + ' label' for m in missing)} found under the default keys "
+        f"({'; '.join(defaults[m] for m in missing)}) in any frame, but the frames have info keys {info_keys} "
+        f"and arrays keys {array_keys}: name the labels with --energy-key NAME / --forces-key NAME "
+        "(energy_key=NAME / forces_key=NAME in so3lib.data.read)",
+        missing[0],
+    )

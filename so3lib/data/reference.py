@@ -1,25 +1,42 @@
 """Per-element linear energy reference: E ≈ Σ_Z n_Z · e_Z (+ c).
 
-Fitted by least squares on the training split (or given as isolated-atom energies). The model learns the
-remainder. The residual standard deviation per atom is the diagnostic that shows whether absolute energies of
-different molecules are comparable: without a reference, the per-molecule offsets dominate the energy error.
+Fitted by least squares on the training split, given as isolated-atom energies, or the same mean energy per
+atom for every element ("average"). The model learns the remainder. The residual standard deviation per atom is
+the diagnostic that shows whether absolute energies of different molecules are comparable: without a reference,
+the per-molecule offsets dominate the energy error.
+
+Least squares needs the training compositions to determine the per-element energies: with fewer independent
+compositions than elements (a single molecule, or elements always in the same ratio) it raises
+`UndeterminedReferenceError` unless ``allow_undetermined`` takes the minimum-norm solution.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from so3lib.data.dataset import Dataset
-from so3lib.data.errors import DataError
+from so3lib.data.errors import DataError, UndeterminedReferenceError
+
+log = logging.getLogger("so3lib.data")
+
+Method = Literal["lstsq", "lstsq+intercept", "isolated_atoms", "average"]
+METHODS: tuple[str, ...] = ("lstsq", "lstsq+intercept", "isolated_atoms", "average")
 
 
 @dataclasses.dataclass(frozen=True)
 class EnergyReference:
     """species: atomic numbers; energies_ev: e_Z per species (eV); intercept_ev: c (eV, per structure);
-    residual_std_per_atom_ev / residual_mae_per_atom_ev: fit diagnostics on the training data."""
+    method: one of `METHODS`; residual_std_per_atom_ev / residual_mae_per_atom_ev: fit diagnostics on the
+    training data; determined: False when the training compositions did not determine the least-squares
+    reference and the minimum-norm solution was taken (``allow_undetermined``)."""
 
     species: tuple[int, ...]
     energies_ev: tuple[float, ...]
@@ -28,6 +45,7 @@ class EnergyReference:
     residual_std_per_atom_ev: float = float("nan")
     residual_mae_per_atom_ev: float = float("nan")
     raw_std_per_atom_ev: float = float("nan")
+    determined: bool = True
 
     def table(self, size: int = 119) -> np.ndarray:
         """(size,) array of e_Z indexed by atomic number (0 elsewhere)."""
@@ -67,6 +85,7 @@ class EnergyReference:
         d = dict(d)
         d["species"] = tuple(int(z) for z in d["species"])
         d["energies_ev"] = tuple(float(e) for e in d["energies_ev"])
+        d["determined"] = bool(d.get("determined", True))  # dicts written before the field existed
         return EnergyReference(**d)
 
 
@@ -83,34 +102,187 @@ def composition_matrix(dataset, species: Sequence[int]) -> np.ndarray:
     return counts
 
 
+def _symbols(species: Sequence[int]) -> str:
+    from ase.data import chemical_symbols
+
+    return ", ".join(chemical_symbols[int(z)] for z in species)
+
+
+def _source(dataset) -> str:
+    """The file(s) a dataset came from, for messages."""
+    if not isinstance(dataset, Dataset):
+        return str(getattr(dataset, "source", "<store>"))
+    files = list(dict.fromkeys(str(s) for s in dataset.meta["source"]))
+    return files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
+
+
+def _element(key) -> int | None:
+    """Atomic number of a mapping key: an int or digit string (1-118) or an element symbol ('H'); else None."""
+    from ase.data import atomic_numbers
+
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, int | np.integer):
+        z = int(key)
+    elif isinstance(key, str) and key.strip().isdigit():
+        z = int(key.strip())
+    elif isinstance(key, str) and key.strip() in atomic_numbers:
+        z = atomic_numbers[key.strip()]
+    else:
+        return None
+    return z if 1 <= z <= 118 else None
+
+
+def normalize_isolated_atom_energies(
+    energies: Mapping, source: str | os.PathLike = "<isolated_atom_energies_ev>"
+) -> dict[int, float]:
+    """{atomic number: eV} from a mapping keyed by atomic numbers (1 or "1") or element symbols ("H").
+    `DataError` naming ``source`` and the key for an unknown element, an element given twice or a value that is
+    not a finite number."""
+    if not isinstance(energies, Mapping):
+        raise DataError(
+            source,
+            "expected a mapping of element (symbol or atomic number) to isolated-atom energy in eV, e.g. "
+            f"{{H: -13.6, O: -2041.8}}, got {type(energies).__name__}",
+        )
+    out: dict[int, float] = {}
+    for key, value in energies.items():
+        z = _element(key)
+        if z is None:
+            raise DataError(
+                source, "unknown element: expected an element symbol such as 'H' or an atomic number 1-118", str(key)
+            )
+        if z in out:
+            raise DataError(source, f"element {_symbols([z])} (atomic number {z}) is given twice", str(key))
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise DataError(source, f"isolated-atom energy {value!r} is not a number (eV)", str(key))
+        if not math.isfinite(float(value)):
+            raise DataError(source, f"isolated-atom energy {value!r} is not a finite number (eV)", str(key))
+        out[z] = float(value)
+    return out
+
+
+def load_isolated_atom_energies(path: str | os.PathLike) -> dict[int, float]:
+    """Isolated-atom energies (E0s) from a YAML or JSON file mapping element (symbol or atomic number) to eV,
+    e.g. ``{H: -13.587, C: -1029.8, O: -2041.8}``: {atomic number: eV}. `DataError` naming the file (and the
+    key) for content that is not such a mapping, unknown elements and values that are not numbers."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such isolated-atom energies file")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        msg = " ".join(str(exc).split())
+        raise DataError(path, f"not a YAML/JSON mapping of element to energy ({type(exc).__name__}: {msg})") from exc
+    if isinstance(content, Mapping) and not content:
+        raise DataError(path, "no isolated-atom energies: the mapping is empty")
+    return normalize_isolated_atom_energies(content, path)
+
+
+def _resolve_method(method, intercept: bool, isolated) -> str:
+    if method is None:
+        return "isolated_atoms" if isolated is not None else ("lstsq+intercept" if intercept else "lstsq")
+    if method not in METHODS:
+        raise ValueError(f"unknown energy reference method {method!r}, choose one of {METHODS}")
+    if intercept and method != "lstsq+intercept":
+        raise ValueError(f"intercept=True contradicts method {method!r} (intercept=True means 'lstsq+intercept')")
+    if isolated is not None and method != "isolated_atoms":
+        raise ValueError(f"isolated_atom_energies_ev given with method {method!r}: use method 'isolated_atoms'")
+    if method == "isolated_atoms" and isolated is None:
+        raise DataError(
+            "<config>",
+            "energy reference 'isolated_atoms' needs the isolated-atom energies (--e0s FILE)",
+            "isolated_atom_energies_ev",
+        )
+    return method
+
+
+def undetermined_reason(rank: int, species: Sequence[int], intercept: bool, n_compositions: int) -> str:
+    """Why the least-squares reference is not determined, in words (the start of the error and warning)."""
+    what = f"{len(species)} element{'s' if len(species) != 1 else ''} ({_symbols(species)})"
+    if intercept:
+        what += " and an intercept"
+    detail = (
+        "a single composition: every frame has the same atoms"
+        if n_compositions == 1
+        else f"{n_compositions} distinct compositions"
+    )
+    return (
+        f"per-element energy reference is not determined: the training set's compositions have rank {rank} "
+        f"for {what} ({detail})"
+    )
+
+
 def fit_energy_reference(
-    dataset, intercept: bool = False, isolated_atom_energies_ev: Mapping[int, float] | None = None
+    dataset,
+    intercept: bool = False,
+    isolated_atom_energies_ev: Mapping[int | str, float] | None = None,
+    *,
+    method: Method | None = None,
+    allow_undetermined: bool = False,
 ) -> EnergyReference:
-    """Least-squares per-element reference on ``dataset`` (the training split), or the given isolated-atom
-    energies. Frames without an energy label are ignored. With a single composition (one molecule) the
-    minimum-norm solution is used: the reference then equals the mean energy of that molecule."""
-    species = dataset.species
+    """The per-element energy reference of ``dataset`` (the training split: a `Dataset` or a store's
+    `DatasetView`). Frames without an energy label are ignored.
+
+    ``method`` (default: from the older keywords, ``isolated_atom_energies_ev`` given → 'isolated_atoms',
+    ``intercept=True`` → 'lstsq+intercept', else 'lstsq'):
+
+    - 'lstsq': least squares E ≈ Σ_Z n_Z e_Z; 'lstsq+intercept': with a constant c per structure;
+    - 'isolated_atoms': e_Z = the given isolated-atom energies (keys: atomic numbers or element symbols);
+    - 'average': every element gets e_Z = mean over the frames of E/N (always determined; for a single
+      molecule the reference energy N·mean(E/N) is its mean energy, as the minimum-norm least squares gives).
+
+    Least squares needs the composition matrix ([A | 1] with the intercept) to have full column rank; when it
+    does not (one molecule, elements always in the same ratio), the per-element energies are not determined by
+    the data: `UndeterminedReferenceError`, or with ``allow_undetermined=True`` a warning and the minimum-norm
+    solution, recorded as ``determined=False``."""
+    method = _resolve_method(method, intercept, isolated_atom_energies_ev)
+    species = list(dataset.species)
     labelled = np.isfinite(dataset.energy)
     if not labelled.any():
-        raise DataError(
-            getattr(dataset, "source", None) or dataset.meta["source"][0],
-            "no frame has an energy label: cannot fit an energy reference",
-            "energy",
-        )
+        raise DataError(_source(dataset), "no frame has an energy label: cannot fit an energy reference", "energy")
     A = composition_matrix(dataset, species)[labelled]
-    y = dataset.energy[labelled]
-    n_atoms = dataset.n_atoms[labelled]
-    if isolated_atom_energies_ev is not None:
-        missing = [z for z in species if z not in isolated_atom_energies_ev]
+    y = np.asarray(dataset.energy, np.float64)[labelled]
+    n_atoms = np.asarray(dataset.n_atoms)[labelled]
+    c, determined = 0.0, True
+    if method == "isolated_atoms":
+        iso = normalize_isolated_atom_energies(isolated_atom_energies_ev)
+        missing = [z for z in species if z not in iso]
         if missing:
-            raise DataError("<config>", f"isolated-atom energies lack elements {missing}", "isolated_atom_energies_ev")
-        coef = np.array([float(isolated_atom_energies_ev[z]) for z in species])
-        c, method = 0.0, "isolated_atoms"
+            raise DataError(
+                "<config>",
+                f"isolated-atom energies lack elements {_symbols(missing)} (atomic numbers {missing})",
+                "isolated_atom_energies_ev",
+            )
+        coef = np.array([iso[z] for z in species])
+    elif method == "average":
+        coef = np.full(len(species), float(np.mean(y / n_atoms)))
     else:
-        X = np.concatenate([A, np.ones((len(A), 1))], axis=1) if intercept else A
+        with_c = method == "lstsq+intercept"
+        X = np.concatenate([A, np.ones((len(A), 1))], axis=1) if with_c else A
+        distinct = np.unique(X, axis=0)  # same rank, far fewer rows
+        rank = int(np.linalg.matrix_rank(distinct))
+        if rank < X.shape[1]:
+            determined = False
+            reason = undetermined_reason(rank, species, with_c, len(distinct))
+            if not allow_undetermined:
+                raise UndeterminedReferenceError(
+                    _source(dataset),
+                    f"{reason}; use energy_reference 'average' or isolated-atom energies (--e0s average / --e0s FILE), "
+                    "or allow_undetermined=True (--allow-undetermined-reference) to go on with the minimum-norm "
+                    "solution",
+                    "energy",
+                )
+            log.warning(
+                "%s: %s; going on with the minimum-norm solution (allow_undetermined): its per-element energies "
+                "are one choice among many and do not transfer to other compositions",
+                _source(dataset),
+                reason,
+            )
         sol, *_ = np.linalg.lstsq(X, y, rcond=None)
-        coef, c = (sol[:-1], float(sol[-1])) if intercept else (sol, 0.0)
-        method = "lstsq+intercept" if intercept else "lstsq"
+        coef, c = (sol[:-1], float(sol[-1])) if with_c else (sol, 0.0)
     resid = (y - A @ coef - c) / n_atoms
     raw = y / n_atoms
     return EnergyReference(
@@ -121,4 +293,5 @@ def fit_energy_reference(
         residual_std_per_atom_ev=float(np.std(resid)),
         residual_mae_per_atom_ev=float(np.mean(np.abs(resid - resid.mean()))),
         raw_std_per_atom_ev=float(np.std(raw)),
+        determined=determined,
     )
