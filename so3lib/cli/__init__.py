@@ -113,8 +113,26 @@ def _check_flag_names(rest: Sequence[str], own: set[str], models: dict[str, set[
             raise UsageError(f"--{name.replace('_', '-')} is an option of model {', '.join(owners)}, not of {model}")
 
 
-def run_command(cmd: Command, rest: list[str]) -> dict[str, Any]:
-    """Parse the command's options (preset, config file, flags), run its workflow and print its report."""
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    """A command line resolved: the workflow module, its options, and for training commands the model config
+    and the training config."""
+
+    command: Command
+    module: Any
+    options: Any
+    model: Any = None
+    training: Any = None
+
+
+def parse(argv: Sequence[str]) -> Parsed:
+    """Resolve ``so3lib ARGV`` (preset, config file, flags) without running anything."""
+    name, rest = argv[0], list(argv[1:])
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UsageError(f"unknown command '{name}'{hint}; commands: {', '.join(COMMANDS)}")
+    cmd = COMMANDS[name]
     module = importlib.import_module(cmd.module)
     opt_cls = getattr(module, cmd.options)
     pre = _Parser(prog=f"so3lib {cmd.name}", add_help=False)
@@ -182,17 +200,24 @@ def run_command(cmd: Command, rest: list[str]) -> dict[str, Any]:
         opts = opt_cls(**{**defaults_cmd, **flags["command"]})
     except ValidationError as exc:
         raise UsageError(f"so3lib {cmd.name}: {validation_message(exc)}") from None
-    _logging(getattr(opts, "progress", False))
     if not cmd.trains:
-        return module.run(opts, _without(rest, "--workers")) if cmd.name == "sweep" else module.run(opts)
+        return Parsed(cmd, module, opts)
     from so3lib.models import make_config
 
     try:
         training = TrainingConfig(**{**defaults_training, **flags["training"]})
     except ValidationError as exc:
         raise UsageError(f"training options: {validation_message(exc)}") from None
-    model_cfg = make_config(model, **{**defaults_model, **flags["model"]})
-    return module.run(opts, model_cfg, training)
+    return Parsed(cmd, module, opts, make_config(model, **{**defaults_model, **flags["model"]}), training)
+
+
+def run_parsed(p: Parsed, argv: Sequence[str]) -> dict[str, Any]:
+    _logging(getattr(p.options, "progress", False))
+    if p.command.trains:
+        return p.module.run(p.options, p.model, p.training)
+    if p.command.name == "sweep":
+        return p.module.run(p.options, _without(list(argv[1:]), "--workers"))
+    return p.module.run(p.options)
 
 
 def _without(argv: list[str], flag: str) -> list[str]:
@@ -267,17 +292,12 @@ def invoke(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if argv[0] == "--version":
         print(f"so3lib {__version__}")
         return {}
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UsageError(f"unknown command '{name}'{hint}; commands: {', '.join(COMMANDS)}")
-    if name == "inspect" and "--json" in rest:
-        res = run_command(COMMANDS[name], rest)
+    parsed = parse(argv)
+    res = run_parsed(parsed, argv)
+    if parsed.command.name == "inspect" and parsed.options.json_only:
         print(json.dumps(res, indent=2, default=str))
-        return res
-    res = run_command(COMMANDS[name], rest)
-    report(name, res)
+    else:
+        report(parsed.command.name, res)
     return res
 
 

@@ -271,7 +271,7 @@ def split_config(
         name_in_file, nested_model = m, {}
     if name_in_file is not None and name_in_file not in model_fields:
         raise UsageError(f"{path}: unknown model '{name_in_file}'; registered models: {sorted(model_fields)}")
-    chosen = model or name_in_file
+    chosen = model or name_in_file or "schnet"  # the default model
     if section is not None and model and name_in_file and model != name_in_file:
         raise UsageError(f"{path} holds a {name_in_file} run; --model {model} cannot reuse its model options")
     own = model_fields.get(chosen or "", set())

@@ -16,7 +16,7 @@ class InspectOptions(Options):
     energy_key: str | None = Field(None, description="energy label name")
     forces_key: str | None = Field(None, description="forces label name")
     stress_key: str | None = Field(None, description="stress label name")
-    json: bool = Field(False, description="print JSON only")
+    json_only: bool = Field(False, description="print JSON only")
 
 
 def run(opts: InspectOptions) -> dict:
