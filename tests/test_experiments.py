@@ -13,20 +13,23 @@ from conftest import BUNDLED, ETHANOL_TEST, SPICE_SAMPLE, data
 
 
 def test_inspect_command(capsys):
-    from experiments import inspect
+    from so3lib.cli import invoke
 
-    s = inspect.main([str(SPICE_SAMPLE)])
+    s = invoke(["inspect", str(SPICE_SAMPLE)])
     out = capsys.readouterr().out
-    assert s["frames"] == 55 and "per-element reference" in out and "[spice]" in out
-    s = inspect.main([])  # bundled sample by default
+    assert s["frames"] == 55 and "[spice]" in out
+    # two compositions for four elements: least squares is refused and the average reference shown instead
+    assert "rank 2 for 4 elements (H, C, N, Na)" in out and "per-element reference (average)" in out
+    s = invoke(["inspect"])  # bundled sample by default
     assert s["frames"] == 1000
 
 
 def test_md17_quick_cli_on_rmd17(tmp_path):
-    from experiments import md17
+    from so3lib.cli import invoke
 
-    rows = md17.main(
+    res = invoke(
         [
+            "md17",
             "--molecule",
             "ethanol",
             "--quick",
@@ -45,15 +48,16 @@ def test_md17_quick_cli_on_rmd17(tmp_path):
             "--no-progress",
         ]
     )
-    r = rows[0]
+    r = res["rows"][0]
     assert r["n_train"] == 950 and r["n_val"] == 50 and r["test"]["n_structures"] == 1000
+    assert r["energy_reference"]["method"] == "average"  # one molecule: least squares is undetermined
     table = (tmp_path / "q" / "results.md").read_text()
     assert "| ethanol |" in table and "0.4 / 2.8" in table  # our numbers beside NequIP's
     assert (tmp_path / "q" / "splits.npz").exists()
 
 
 def test_md17_reads_figshare_archive_layout_and_original_md17(tmp_path):
-    from experiments import md17
+    from so3lib.workflows import md17
 
     raw = np.load(data("rmd17", "rmd17_uracil_train_01.npz"))
     (tmp_path / "rmd17" / "npz_data").mkdir(parents=True)
@@ -75,10 +79,11 @@ def test_md17_reads_figshare_archive_layout_and_original_md17(tmp_path):
 
 
 def test_train_cli_periodic_li_with_stress(tmp_path):
-    from experiments import train
+    from so3lib.cli import invoke
 
-    res = train.main(
+    res = invoke(
         [
+            "train",
             "--model",
             "schnet",
             "--train",
@@ -103,8 +108,28 @@ def test_train_cli_periodic_li_with_stress(tmp_path):
         ]
     )
     assert res["test"]["n_structures"] == 29 and np.isfinite(res["test"]["forces_mae_ev_per_a"])
+    assert res["energy_reference"]["method"] == "lstsq" and res["energy_reference"]["determined"]  # Li only
     assert (tmp_path / "li" / "splits.npz").exists()
     assert len(res["padded_shapes_train"]) <= 4
+    # predict: the run evaluated on a file, written as extxyz that ASE reads back
+    import ase.io
+
+    pred = invoke(
+        [
+            "predict",
+            str(tmp_path / "li"),
+            str(data("materials", "li_mlearn_test.json")),
+            "--out",
+            str(tmp_path / "pred.extxyz"),
+            "--no-progress",
+        ]
+    )
+    back = ase.io.read(tmp_path / "pred.extxyz", ":")
+    assert len(back) == 29 and pred["metrics"]["frames"] == 29
+    e = np.array([a.get_potential_energy() for a in back])
+    ref = np.array([a.info["REF_energy"] for a in back])
+    assert pred["metrics"]["energy_ev"]["mae"] == pytest.approx(np.mean(np.abs(e - ref)), rel=1e-9)
+    assert back[0].get_stress().shape == (6,) and back[0].arrays["REF_forces"].shape == (len(back[0]), 3)
 
 
 # ---------------------------------------------------------------------------------------------- downloads
@@ -202,27 +227,3 @@ def test_download_script_extracts(tmp_path, server):
     spec.loader.exec_module(mod)
     mod.main(["--dest", str(tmp_path), "--url", f"{server}/file", "--md5", hashlib.md5(buf.getvalue()).hexdigest()])
     assert (tmp_path / "rmd17" / "splits" / "index_train_01.csv").read_text() == "0\n1\n"
-
-
-def test_cli_flags_from_configs_and_model_yaml(tmp_path):
-    import argparse
-
-    from experiments import cli
-
-    ap = argparse.ArgumentParser()
-    cli.add_common(ap, "bpnn")
-    (tmp_path / "sf.yaml").write_text(
-        "preset: custom\ncutoff: 5.0\nsymmetry_functions:\n"
-        "  - {kind: G2, eta: 0.5, rs: 1.0}\n  - {kind: G5, eta: 0.01, zeta: 4, lam: -1}\n"
-    )
-    a = ap.parse_args(
-        ["--model", "bpnn", "--hidden", "32", "16", "--activation", "silu", "--model-yaml", str(tmp_path / "sf.yaml")]
-    )
-    opts = cli.collect(a, "model")
-    assert opts["hidden"] == [32, 16] and opts["preset"] == "custom" and len(opts["symmetry_functions"]) == 2
-    from so3lib.models import make_config
-
-    cfg = make_config("bpnn", **opts)
-    assert cfg.hidden == (32, 16) and cfg.symmetry_functions[1].lam == -1
-    with pytest.raises(SystemExit):
-        ap.parse_args(["--model", "bpnn", "--symmetry-functions", "x"])  # not a flag: lists go in --model-yaml
