@@ -42,23 +42,12 @@ class RunOptions(Options):
     progress: bool = Field(True, description="progress bar and log lines on stderr")
 
 
-class LabelOptions(RunOptions):
-    energy_key: str | None = Field(
-        None, description="name of the energy label (e.g. REF_energy; default: the format's)"
-    )
-    forces_key: str | None = Field(
-        None, description="name of the forces label (e.g. REF_forces; default: the format's)"
-    )
-    stress_key: str | None = Field(None, description="name of the stress label (default: the format's)")
-    e0s: str = Field(
-        "lstsq",
-        description="per-element energy reference: lstsq (least squares on the training set), lstsq+intercept, "
-        "average (one mean energy per atom for every element), or a YAML/JSON file of isolated-atom energies "
-        "(element: eV)",
-    )
-    allow_undetermined_reference: bool = Field(
-        False, description="go on (with a warning) when the training compositions do not determine the reference"
-    )
+class LabelKeys(Options):
+    """The names of the labels in the data files (MACE users write REF_energy / REF_forces)."""
+
+    energy_key: str | None = Field(None, description="energy label name (e.g. REF_energy; default: the format's)")
+    forces_key: str | None = Field(None, description="forces label name (e.g. REF_forces; default: the format's)")
+    stress_key: str | None = Field(None, description="stress label name (default: the format's)")
 
     def keys(self, spec: str | DataFile | None = None) -> dict[str, str]:
         """Label keys for reading ``spec``: the file's own keys over the command's."""
@@ -74,6 +63,20 @@ class LabelOptions(RunOptions):
         path = spec.path if isinstance(spec, DataFile) else spec
         fmt = spec.format if isinstance(spec, DataFile) and spec.format else format
         return data.read(path, fmt, **self.keys(spec), **kwargs)
+
+
+class LabelOptions(RunOptions, LabelKeys):
+    """Options of every training command: the run folder, the label keys and the energy reference."""
+
+    e0s: str = Field(
+        "lstsq",
+        description="per-element energy reference: lstsq (least squares on the training set), lstsq+intercept, "
+        "average (one mean energy per atom for every element), or a YAML/JSON file of isolated-atom energies "
+        "(element: eV)",
+    )
+    allow_undetermined_reference: bool = Field(
+        False, description="go on (with a warning) when the training compositions do not determine the reference"
+    )
 
     def reference(self) -> dict[str, Any]:
         """DataConfig fields of the energy reference chosen by ``e0s``."""

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from so3lib.workflows.common import Options
+from so3lib.workflows.common import LabelKeys
 
 
-class InspectOptions(Options):
+class InspectOptions(LabelKeys):
     """Options of ``so3lib inspect``."""
 
     path: str | None = Field(None, description="data file (default: the bundled rMD17 ethanol sample)")
     format: str | None = Field(None, description="file format (default: detected)")
-    energy_key: str | None = Field(None, description="energy label name")
-    forces_key: str | None = Field(None, description="forces label name")
-    stress_key: str | None = Field(None, description="stress label name")
     json_only: bool = Field(False, description="print JSON only")
 
 
@@ -23,8 +20,7 @@ def run(opts: InspectOptions) -> dict:
     from so3lib import data
 
     path = opts.path or str(data.bundled_path(data.samples.RMD17_ETHANOL_TRAIN))
-    keys = {k: getattr(opts, k) for k in ("energy_key", "forces_key", "stress_key") if getattr(opts, k)}
-    ds = data.read(path, opts.format, **keys)
+    ds = opts.read(path, opts.format)
     s = ds.summary()
     s["path"] = path
     s["format"] = opts.format or data.detect_format(path)

@@ -10,18 +10,15 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from so3lib.workflows.common import Options
+from so3lib.workflows.common import LabelKeys
 
 
-class PredictOptions(Options):
+class PredictOptions(LabelKeys):
     """Options of ``so3lib predict``."""
 
     run: str = Field(..., description="a trained so3lib run folder")
     file: str = Field(..., description="structures to predict (any format so3lib reads)")
     format: str | None = Field(None, description="file format (default: detected)")
-    energy_key: str | None = Field(None, description="energy label of the file, for the errors")
-    forces_key: str | None = Field(None, description="forces label of the file, for the errors")
-    stress_key: str | None = Field(None, description="stress label of the file")
     out: str | None = Field(None, description="predictions file (default <file stem>_pred.extxyz in the cwd)")
     progress: bool = Field(True, description="progress bar")
 
@@ -40,11 +37,9 @@ def run(opts: PredictOptions) -> dict:
     from ase.calculators.singlepoint import SinglePointCalculator
     from tqdm.auto import tqdm
 
-    from so3lib import data
     from so3lib.calculator import load_calculator
 
-    keys = {k: getattr(opts, k) for k in ("energy_key", "forces_key", "stress_key") if getattr(opts, k)}
-    ds = data.read(opts.file, opts.format, **keys)
+    ds = opts.read(opts.file, opts.format)
     calc = load_calculator(opts.run)
     calc.potential.reference.check_species(np.asarray(ds.species), opts.file)
     out = Path(opts.out or f"{Path(opts.file).stem}_pred.extxyz")
