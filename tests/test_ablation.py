@@ -22,6 +22,7 @@ eval_every_steps: 12
 warmup_steps: 2
 model_options: {{n_interactions: 1, n_rbf: 8}}
 beta: 0.9
+e0s: average
 grid:
   n_atom_basis: [4, 8]
 """

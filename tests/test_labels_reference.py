@@ -87,6 +87,16 @@ def test_explicit_key_missing_in_a_frame_names_the_frame_and_its_keys(tmp_path, 
         d.read(p, forces_key="REF_forces", stress_key="REF_stress")
 
 
+def test_validation_errors_name_the_label_key(tmp_path, ethanol):
+    p = write_mace_extxyz(tmp_path / "nan.extxyz", ethanol, 3)
+    frames = ase.io.read(p, index=":")
+    frames[1].arrays["REF_forces"][4, 2] = np.nan
+    ase.io.write(p, frames, format="extxyz")
+    with pytest.raises(d.DataError) as exc:
+        d.read(p, energy_key="REF_energy", forces_key="REF_forces")
+    assert str(exc.value) == f"{p}, key 'REF_forces', frame 1: NaN or infinite value"
+
+
 def test_plain_structure_files_still_load_unlabelled(tmp_path, ethanol):
     p = tmp_path / "plain.xyz"
     ase.io.write(p, [ase.Atoms(numbers=s.numbers, positions=s.positions) for s in ethanol.subset([0, 1])])

@@ -50,13 +50,14 @@ def test_invalid_settings_are_named():
 
 
 def test_short_training_on_real_ethanol_learns(tmp_path, ethanol_train, ethanol_test):
-    from so3lib.training import RunConfig, train
+    from so3lib.training import DataConfig, RunConfig, train
 
     s = np.arange(400)
     cfg = RunConfig(
         name="s",
         model=make_config("so3krates", features=16, l_max=2, layers=1, heads=2, n_rbf=16),
         training=dict(max_steps=100, batch_size=16, eval_every_steps=50, warmup_steps=10, learning_rate=3e-3),
+        data=DataConfig(energy_reference="average"),  # one molecule
     )
     res = train(
         cfg,

@@ -19,7 +19,7 @@ from physics import graph, make_potential
 import so3lib
 from so3lib.graph import GraphBudget
 from so3lib.models import make_config
-from so3lib.training import NonFiniteLossError, RunConfig, train
+from so3lib.training import DataConfig, NonFiniteLossError, RunConfig, train
 from so3lib.training.loss import loss_fn
 
 TINY = {"n_atom_basis": 32, "n_interactions": 2, "n_rbf": 16}
@@ -41,6 +41,7 @@ def trained_run(tmp_path_factory, ethanol_train, ethanol_test):
             learning_rate=2e-3,
             checkpoint_every_steps=100,
         ),
+        data=DataConfig(energy_reference="average"),  # one molecule: least squares cannot fix e_Z
     )
     res = train(
         cfg,
@@ -174,6 +175,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path, ethanol_train):
             eval_every_steps=40,
             schedule="constant",
         ),
+        data=DataConfig(energy_reference="average"),
     )
     data = ethanol_train.subset(np.arange(64))
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step \d+"):
@@ -210,6 +212,8 @@ TRAIN_CMD = [
     "--warmup-steps",
     "5",
     "--no-progress",
+    "--e0s",
+    "average",
 ]
 
 

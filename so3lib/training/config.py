@@ -55,17 +55,37 @@ class TrainingConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where the data came from and how it was split (the indices are saved in splits.npz)."""
+    """Where the data came from, its label keys, how it was split (the indices are saved in splits.npz) and the
+    per-element energy reference (see `so3lib.data.fit_energy_reference`). ``train`` may be None for data given
+    in memory."""
 
-    train: str
+    train: str | None = None
     val: str | None = None
     test: str | None = None
     format: str | None = None
+    energy_key: str | None = Field(None, description="energy label key (e.g. REF_energy); None: the format's default")
+    forces_key: str | None = Field(None, description="forces label key (e.g. REF_forces); None: the format's default")
+    stress_key: str | None = Field(None, description="stress label key; None: the format's default")
     split: str = "random"
     val_fraction: float = Field(0.05, gt=0, lt=1)
     split_seed: int = 0
-    energy_reference: Literal["lstsq", "lstsq+intercept", "isolated_atoms"] = "lstsq"
+    energy_reference: Literal["lstsq", "lstsq+intercept", "isolated_atoms", "average"] = "lstsq"
     isolated_atom_energies_ev: dict[int, float] | None = None
+    allow_undetermined_reference: bool = Field(
+        False,
+        description="least squares on compositions that do not determine the reference: warn and take the "
+        "minimum-norm solution instead of raising UndeterminedReferenceError",
+    )
+
+    @field_validator("isolated_atom_energies_ev", mode="before")
+    @classmethod
+    def _isolated(cls, v):
+        """Keys may be atomic numbers (1, "1") or element symbols ("H"); stored as atomic numbers."""
+        if v is None:
+            return v
+        from so3lib.data.reference import normalize_isolated_atom_energies
+
+        return normalize_isolated_atom_energies(v, "<isolated_atom_energies_ev>")
 
 
 class RunConfig(_Strict):

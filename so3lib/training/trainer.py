@@ -26,7 +26,7 @@ from so3lib.data.reference import fit_energy_reference
 from so3lib.graph.batching import BudgetLadder, GraphLoader
 from so3lib.potential import Potential, fit_scale_shift
 from so3lib.training.checkpoint import Checkpointer
-from so3lib.training.config import RunConfig
+from so3lib.training.config import DataConfig, RunConfig
 from so3lib.training.loss import error_sums, loss_fn, loss_from_sums, loss_sums, metrics_from_sums
 from so3lib.training.optim import learning_rate_schedule, make_optimizer, plateau_scale
 from so3lib.training.saving import save_potential
@@ -61,12 +61,12 @@ FIT_SAMPLE = 2000  # frames of a streamed training set read to fit scale/shift a
 def build_potential(cfg: RunConfig, train_ds) -> Potential:
     """Fit the per-element reference and the scale/shift on the training split (a `Dataset`, or a store's
     `DatasetView`: then the reference uses every frame's stored composition, the rest a sample of frames)."""
-    d = cfg.data
-    method = d.energy_reference if d is not None else "lstsq"
+    d = cfg.data if cfg.data is not None else DataConfig()  # no DataConfig: lstsq, with the rank check
     ref = fit_energy_reference(
         train_ds,
-        intercept=method == "lstsq+intercept",
-        isolated_atom_energies_ev=d.isolated_atom_energies_ev if method == "isolated_atoms" else None,
+        method=d.energy_reference,
+        isolated_atom_energies_ev=d.isolated_atom_energies_ev if d.energy_reference == "isolated_atoms" else None,
+        allow_undetermined=d.allow_undetermined_reference,
     )
     fit_ds, model = train_ds, cfg.model
     if not isinstance(train_ds, Dataset):
