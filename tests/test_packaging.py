@@ -75,3 +75,48 @@ def test_md_without_jax_md_names_the_extra():
     )
     assert r.returncode == 0, r.stderr
     assert "on-device MD needs jax-md, an optional dependency: pip install 'so3lib[md]'" in r.stdout
+
+
+def test_the_wheel_ships_so3lib_only_and_its_command_runs_from_an_empty_folder(tmp_path):
+    """A non-editable install: the wheel's only top-level package is so3lib (no `experiments` to clash with a
+    user's own), its `so3lib` console script works from any folder, and the bundled samples travel with it."""
+    import os
+    import zipfile
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheel"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = (tmp_path / "wheel").glob("so3lib-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    top = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("top_level.txt"))).decode().split()
+    assert top == ["so3lib"] and not [n for n in names if n.startswith("experiments")]
+    assert "so3lib/data/bundled/SPICE-1.1.4_n2.hdf5" in names and "so3lib/cli/__init__.py" in names
+    ep = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "so3lib = so3lib.cli:main" in ep
+    site = tmp_path / "site"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(whl)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = subprocess.run(
+        [str(site / "bin" / "so3lib"), "inspect", "--json-only"],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"frames": 1000' in r.stdout and str(site) in r.stdout  # the bundled sample of the installed copy
+    r = subprocess.run([sys.executable, "-c", "import experiments"], cwd=empty, env=env, capture_output=True, text=True)
+    assert "No module named 'experiments'" in r.stderr
