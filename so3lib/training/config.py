@@ -93,6 +93,9 @@ class RunConfig(_Strict):
     model: Any
     training: TrainingConfig = TrainingConfig()
     data: DataConfig | None = None
+    command: dict[str, Any] | None = Field(
+        None, description="the so3lib command and its options that made the run (so3lib <name> --config reads it)"
+    )
 
     @field_validator("model", mode="before")
     @classmethod
