@@ -23,19 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from so3lib.workflows.md17 import MOLECULES as RMD17_MOLECULES
+
 ROOT = Path(__file__).resolve().parents[1]
-RMD17_MOLECULES = (
-    "aspirin",
-    "azobenzene",
-    "benzene",
-    "ethanol",
-    "malonaldehyde",
-    "naphthalene",
-    "paracetamol",
-    "salicylic",
-    "toluene",
-    "uracil",
-)
 RMD17_FRAMES = 50
 MD17_FRAMES = 1050
 LI_TRAIN_STRIDE = 6
