@@ -136,7 +136,7 @@ def test_workers_split_the_points_and_match(tmp_path, sweep_file, full_sweep):
     ],
 )
 def test_invalid_sweep_files(tmp_path, body, message):
-    from experiments.ablation import load_sweep
+    from so3lib.workflows.sweeps import load_sweep
 
     p = tmp_path / "bad.yaml"
     p.write_text(body)
@@ -145,7 +145,7 @@ def test_invalid_sweep_files(tmp_path, body, message):
 
 
 def test_random_sampling_is_seeded_and_pareto_front():
-    from experiments.ablation import SweepConfig, pareto_front
+    from so3lib.workflows.sweeps import SweepConfig, pareto_front
 
     cfg = dict(model="so3krates", data="rmd17:ethanol", random={"cutoff": [3.0, 6.0], "l_max": [1, 2, 3]}, samples=5)
     a = SweepConfig(**cfg, sample_seed=1).points()

@@ -121,7 +121,7 @@ def test_periodic_wrapping(ethanol_run, ethanol):
 def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
     import json
 
-    from experiments import md
+    from so3lib.cli import invoke
     from so3lib.graph import batching
 
     calls = []
@@ -129,8 +129,9 @@ def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
     monkeypatch.setattr(
         batching.NeighbourTable, "build", staticmethod(lambda *a, **k: calls.append(1) or orig(*a, **k))
     )
-    rep = md.main(
+    rep = invoke(
         [
+            "md",
             "--run",
             str(ethanol_run),
             "--structure",
@@ -154,8 +155,9 @@ def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
     )
     assert len(calls) < 50  # the neighbour list is reused within the skin, not rebuilt at every step
     assert abs(rep["nve_total_energy_range_mev_per_atom"]) < 1.0 and rep["stable"]
-    rep = md.main(
+    rep = invoke(
         [
+            "md",
             "--run",
             str(ethanol_run),
             "--structure",
@@ -193,15 +195,15 @@ def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
 
 
 def test_bad_input(ethanol_run, tmp_path):
-    from experiments import md
+    from so3lib.cli import invoke
 
     with pytest.raises(ValueError, match="time step must be positive"):
         MDConfig(dt_fs=-0.5)
     with pytest.raises(FileNotFoundError, match="no such run folder"):
-        md.main(["--run", str(tmp_path / "nope"), "--structure", "x.xyz", "--out", str(tmp_path / "o")])
+        invoke(["md", "--run", str(tmp_path / "nope"), "--structure", "x.xyz", "--out", str(tmp_path / "o")])
     li = str(data("materials", "li_mlearn_test.json"))
     with pytest.raises(d.DataError, match=r"elements \[3\] have no energy reference"):
-        md.main(["--run", str(ethanol_run), "--structure", li, "--out", str(tmp_path / "o"), "--no-progress"])
+        invoke(["md", "--run", str(ethanol_run), "--structure", li, "--out", str(tmp_path / "o"), "--no-progress"])
 
 
 def test_blow_up_stops_naming_the_step_and_nose_hoover_runs(ethanol_run, ethanol):

@@ -94,11 +94,12 @@ def test_store_errors_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("model", ["schnet", "so3krates", "bpnn"])
 def test_spice_command_on_the_bundled_sample(model, tmp_path, monkeypatch):
-    from experiments import spice
+    from so3lib.cli import invoke
 
     monkeypatch.chdir(tmp_path)
-    res = spice.main(
+    res = invoke(
         [
+            "spice",
             "--model",
             model,
             *TINY[model],
@@ -127,10 +128,11 @@ def test_spice_command_on_the_bundled_sample(model, tmp_path, monkeypatch):
 
 
 def test_spice_command_splits_by_molecule(spice_like, tmp_path):
-    from experiments import spice
+    from so3lib.cli import invoke
 
-    res = spice.main(
+    res = invoke(
         [
+            "spice",
             "--data",
             str(spice_like),
             *TINY["schnet"],
@@ -165,7 +167,7 @@ def test_spice_command_splits_by_molecule(spice_like, tmp_path):
 
 def test_spice_download_option_offline(tmp_path, server, monkeypatch):  # noqa: F811
     """--download fetches from the (here: local) address, resumes a partial file, checks the md5, then runs."""
-    from experiments import spice
+    from so3lib.cli import invoke
     from so3lib.data.download import SPICE, Remote
 
     payload = SPICE_SAMPLE.read_bytes()
@@ -174,8 +176,9 @@ def test_spice_download_option_offline(tmp_path, server, monkeypatch):  # noqa: 
     monkeypatch.setitem(SPICE, "1.1.4", fake)
     (tmp_path / "dl").mkdir()
     (tmp_path / "dl" / "SPICE-1.1.4.hdf5.part").write_bytes(payload[:5000])
-    res = spice.main(
+    res = invoke(
         [
+            "spice",
             "--download",
             "1.1.4",
             "--download-dir",

@@ -137,7 +137,8 @@ def parse(argv: Sequence[str]) -> Parsed:
     opt_cls = getattr(module, cmd.options)
     pre = _Parser(prog=f"so3lib {cmd.name}", add_help=False)
     pre.add_argument("--config", default=None)
-    pre.add_argument("--model", default=None)
+    if cmd.trains:
+        pre.add_argument("--model", default=None)
     pre.add_argument("--debug", action="store_true")
     add_group(pre, "", "command", opt_cls.model_fields, {}, cmd.positional, lenient=True)
     pre_ns, _ = pre.parse_known_args(rest)
@@ -156,7 +157,13 @@ def parse(argv: Sequence[str]) -> Parsed:
     elif pre_ns.config:
         raw = load_yaml(pre_ns.config)
     name_in_file, from_file = split_config(
-        raw, pre_ns.config, cmd.name, set(opt_cls.model_fields), model_fields, training_fields, pre_ns.model
+        raw,
+        pre_ns.config,
+        cmd.name,
+        set(opt_cls.model_fields),
+        model_fields,
+        training_fields,
+        getattr(pre_ns, "model", None) if cmd.trains else None,
     )
     from_file["command"].update(file_cmd)
     parser = _Parser(
