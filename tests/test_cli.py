@@ -3,6 +3,7 @@ defaults in use, strict values, one-line errors with exit status 2, and a run's 
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,10 @@ def test_presets_then_config_then_flags(tmp_path):
 
 
 def test_every_preset_names_real_options():
+    from so3lib import data
     from so3lib.workflows import common, md17, spice, sweeps, train
 
+    assert typing.get_args(common.Format) == data.FORMATS
     for table, opts in (
         (md17.FULL, md17.MD17Options),
         (md17.QUICK, md17.MD17Options),
@@ -157,8 +160,18 @@ def test_config_file_training_on_mace_style_labels_and_its_config_repeats_the_ru
     import json
 
     _mace_style_extxyz(tmp_path / "eth.extxyz")
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    std = []  # a test file from another source, with ASE's own energy/forces labels
+    for a in ase.io.read(tmp_path / "eth.extxyz", "50:60"):
+        e, f = a.info.pop("REF_energy"), a.arrays.pop("REF_forces")
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        std.append(a)
+    ase.io.write(tmp_path / "std.extxyz", std)
     (tmp_path / "cfg.yaml").write_text(
         "model: schnet\ntrain: eth.extxyz\nenergy_key: REF_energy\nforces_key: REF_forces\ne0s: average\n"
+        "test: {path: std.extxyz, energy_key: energy, forces_key: forces}\n"
         "val_fraction: 0.2\nn_atom_basis: 8\nn_interactions: 1\nmax_steps: 20\nmax_epochs: null\nbatch_size: 8\n"
         "eval_every_steps: 10\nprogress: false\n"
     )
@@ -172,7 +185,8 @@ def test_config_file_training_on_mace_style_labels_and_its_config_repeats_the_ru
     finally:
         os.chdir(cwd)
     a, b = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("r1", "r2"))
-    assert a["n_train"] == 48 and a["n_val"] == 12 and a["steps"] == 20
+    assert a["n_train"] == 48 and a["n_val"] == 12 and a["steps"] == 20 and a["test"]["n_structures"] == 10
+    assert a["test"] == b["test"]
     assert a["val"] == b["val"] and a["train"] == b["train"] and a["energy_reference"] == b["energy_reference"]
     saved = yaml.safe_load((tmp_path / "r1" / "config.yaml").read_text())
     assert saved["command"]["name"] == "train" and saved["command"]["options"]["energy_key"] == "REF_energy"

@@ -187,6 +187,10 @@ def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
         "plots/rdf_similarity.png",
     ):
         assert (tmp_path / "jm" / f).exists(), f
+    from so3lib.cli import parse
+
+    again = parse(["md", "--config", str(tmp_path / "jm" / "config.yaml"), "--out", str(tmp_path / "jm2")])
+    assert again.options.ramp == (10.0, 300.0) and again.options.steps == 400 and again.options.engine == "jax-md"
     saved = json.loads((tmp_path / "jm" / "md_results.json").read_text())
     assert saved["steps"] == 400 and len(saved["rdf_similarity"]) == 11 and saved["atom_steps_per_s"] > 0
     import ase.io

@@ -146,6 +146,7 @@ def add_group(
         flag = flag_for(name, info.annotation)
         if flag is None:
             continue
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         dflt = defaults.get(name, info.default)
         required = info.is_required() and name not in defaults
         text = (info.description or "").strip()
@@ -166,8 +167,8 @@ def add_group(
             "dest": f"{group}:{name}",
             "type": flag.type,
             "default": argparse.SUPPRESS,
-            "metavar": flag.metavar,
-            "help": f"{text} {suffix}".strip(),
+            "metavar": extra.get("metavar", flag.metavar),
+            "help": argparse.SUPPRESS if extra.get("hidden") else f"{text} {suffix}".strip(),
         }
         if flag.action:
             kw["action"] = flag.action

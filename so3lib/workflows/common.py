@@ -4,11 +4,12 @@ reference (E0s), and how they become a `DataConfig`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 E0_METHODS = ("lstsq", "lstsq+intercept", "average")
+Format = Literal["rmd17", "sgdml", "spice", "mlearn", "ase"]  # so3lib.data.FORMATS
 RUNTIME_OPTIONS = frozenset({"out", "resume", "progress"})  # how a run is executed, not what it computes
 
 
@@ -29,7 +30,7 @@ class DataFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    format: str | None = None
+    format: Format | None = None
     energy_key: str | None = None
     forces_key: str | None = None
     stress_key: str | None = None

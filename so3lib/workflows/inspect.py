@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from so3lib.workflows.common import LabelKeys
+from so3lib.workflows.common import Format, LabelKeys
 
 
 class InspectOptions(LabelKeys):
     """Options of ``so3lib inspect``."""
 
     path: str | None = Field(None, description="data file (default: the bundled rMD17 ethanol sample)")
-    format: str | None = Field(None, description="file format (default: detected)")
+    format: Format | None = Field(None, description="file format (default: detected)")
     json_only: bool = Field(False, description="print JSON only")
 
 

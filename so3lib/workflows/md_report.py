@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from so3lib import data
-from so3lib.workflows.common import Options
+from so3lib.workflows.common import Options, command_section
 
 
 class MDOptions(Options):
@@ -207,6 +207,9 @@ def run(opts: MDOptions) -> dict:
         res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (out / "config.yaml").write_text(yaml.safe_dump({"command": command_section("md", opts)}, sort_keys=False))
     cell, pbc = np.asarray(atoms.cell.array), np.asarray(atoms.pbc)
     report, g = analyse(res, atoms.numbers, cell, pbc, cfg, opts.rdf_threshold, opts.rdf_rmax)
     report.update(

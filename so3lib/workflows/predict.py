@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from so3lib.workflows.common import LabelKeys
+from so3lib.workflows.common import Format, LabelKeys
 
 
 class PredictOptions(LabelKeys):
@@ -18,7 +18,7 @@ class PredictOptions(LabelKeys):
 
     run: str = Field(..., description="a trained so3lib run folder")
     file: str = Field(..., description="structures to predict (any format so3lib reads)")
-    format: str | None = Field(None, description="file format (default: detected)")
+    format: Format | None = Field(None, description="file format (default: detected)")
     out: str | None = Field(None, description="predictions file (default <file stem>_pred.extxyz in the cwd)")
     progress: bool = Field(True, description="progress bar")
 

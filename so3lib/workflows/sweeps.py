@@ -27,7 +27,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -378,19 +378,23 @@ class SweepOptions(Options):
     """Options of ``so3lib sweep`` (the sweep itself is a sweep file, a preset or these options)."""
 
     sweep: str | None = Field(None, description="sweep YAML file (the same as --config)")
-    preset: str | None = Field(None, description=f"a built-in sweep: {sorted(PRESETS)}")
+    preset: Literal[tuple(PRESETS)] | None = Field(None, description="a built-in sweep")
     model: str | None = Field(None, description="model name (overrides the file)")
     data: str | None = Field(None, description="protocol data, e.g. rmd17:ethanol")
     train: str | None = Field(None, description="training file")
     test: str | None = Field(None, description="test file")
-    param: list[str] = Field(default_factory=list, description="NAME=V1,V2,... swept values (repeatable)")
+    param: list[str] = Field(
+        default_factory=list, description="swept values (repeatable)", json_schema_extra={"metavar": "NAME=V1,V2,..."}
+    )
     random: int | None = Field(None, ge=1, description="sample N random points instead of the grid")
     sample_seed: int = Field(0, description="seed of the random points")
     seeds: list[int] | None = Field(None, description="training seeds of every point")
     max_steps: int | None = Field(None, ge=1, description="training steps per point")
     max_minutes: float | None = Field(None, gt=0, description="minutes per point")
     workers: int = Field(1, ge=1, description="train points in N processes at once (one GPU each)")
-    shard: str | None = Field(None, description="internal: train only shard k/n of the points")
+    shard: str | None = Field(
+        None, description="internal: train only shard k/n of the points", json_schema_extra={"hidden": True}
+    )
     out: str | None = Field(None, description="sweep folder (default runs/sweep_<model>)")
     progress: bool = Field(False, description="progress bars of the point runs")
 

@@ -4,11 +4,10 @@ validation by ``val_fraction`` unless a validation file is given) and an optiona
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
-from so3lib.workflows.common import DataFile, LabelOptions, command_section, path_of
+from so3lib.workflows.common import DataFile, Format, LabelOptions, command_section, path_of
 from so3lib.workflows.presets import PresetTable
 
 PRESETS = PresetTable(description="train")  # the model's and the training loop's own defaults
@@ -20,9 +19,7 @@ class TrainOptions(LabelOptions):
     train: str | DataFile = Field(..., description="training data file (any format so3lib reads)")
     val: str | DataFile | None = Field(None, description="validation file (default: val_fraction of --train)")
     test: str | DataFile | None = Field(None, description="test file, evaluated with the best model")
-    format: Literal["rmd17", "sgdml", "spice", "mlearn", "ase"] | None = Field(
-        None, description="file format (default: detected)"
-    )
+    format: Format | None = Field(None, description="file format (default: detected)")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="validation share of --train when no --val")
     split_seed: int = Field(0, description="seed of the train/validation split")
 
