@@ -391,6 +391,7 @@ class SweepOptions(Options):
     seeds: list[int] | None = Field(None, description="training seeds of every point")
     max_steps: int | None = Field(None, ge=1, description="training steps per point")
     max_minutes: float | None = Field(None, gt=0, description="minutes per point")
+    e0s: str | None = Field(None, description="energy reference (default: average for rmd17/md17 data, else lstsq)")
     workers: int = Field(1, ge=1, description="train points in N processes at once (one GPU each)")
     shard: str | None = Field(
         None, description="internal: train only shard k/n of the points", json_schema_extra={"hidden": True}
@@ -431,6 +432,8 @@ def build_sweep(opts: SweepOptions) -> SweepConfig:
         spec["max_steps"] = opts.max_steps
     if opts.max_minutes:
         spec["max_minutes"] = opts.max_minutes
+    if opts.e0s:
+        spec["e0s"] = opts.e0s
     spec = {k: v for k, v in spec.items() if v is not None}
     try:
         return SweepConfig.model_validate(spec)
