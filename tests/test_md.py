@@ -210,6 +210,18 @@ def test_bad_input(ethanol_run, tmp_path):
         invoke(["md", "--run", str(ethanol_run), "--structure", li, "--out", str(tmp_path / "o"), "--no-progress"])
 
 
+def test_a_far_too_large_system_is_refused_before_allocation(ethanol_run, ethanol):
+    from so3lib.md.memory import md_memory_bytes
+
+    pot, params = load_potential(ethanol_run)
+    big = ethanol.copy()
+    big.cell = [20.0, 20.0, 20.0]  # a lattice to repeat along; the result stays a free "molecule" (pbc False)
+    big = big.repeat((20, 20, 20))  # 72 000 atoms: 3·N² pair displacements = 62 GB
+    assert md_memory_bytes(len(big), None, pot.cutoff + 1.0, False, 4, 8, 1) > 6e10
+    with pytest.raises(MemoryError, match=r"72000 atoms need about 6\d\.\d GB for MD .* use a smaller --supercell"):
+        run_md(pot, params, big, MDConfig(steps=10), progress=False)
+
+
 def test_blow_up_stops_naming_the_step_and_nose_hoover_runs(ethanol_run, ethanol):
     from so3lib.md import MDBlowUp
 

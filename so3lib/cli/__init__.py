@@ -313,7 +313,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from so3lib.data.errors import DataError
 
-    return (UsageError, DataError, ValidationError, FileNotFoundError, FileExistsError, ValueError, KeyError)
+    return (
+        UsageError,
+        DataError,
+        ValidationError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        KeyError,
+        MemoryError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

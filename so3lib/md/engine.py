@@ -181,6 +181,8 @@ def run_md(
         ) from exc
     from tqdm.auto import tqdm
 
+    from so3lib.md.memory import check_md_memory
+
     numbers = np.asarray(atoms.numbers)
     pot.reference.check_species(numbers, f"structure {atoms.get_chemical_formula()}")
     periodic = bool(np.all(atoms.pbc))
@@ -207,13 +209,25 @@ def run_md(
         displacement, shift = space.free()
         box = jnp.asarray(100.0, dtype)
         R0 = jnp.asarray(atoms.positions, dtype)
+    cell_list = periodic and N >= 2000
+    model = pot.model
+    check_md_memory(
+        N,
+        abs(float(np.linalg.det(cell))) if periodic else None,
+        rc,
+        cell_list,
+        np.dtype(dtype).itemsize,
+        int(getattr(model, "n_atom_basis", getattr(model, "features", 64))),
+        int(getattr(model, "n_interactions", getattr(model, "layers", 3))),
+        f"structure {atoms.get_chemical_formula(mode='hill', empirical=False)[:40]}",
+    )
     neighbor_fn = partition.neighbor_list(
         displacement,
         box,
         rc,
         dr_threshold=cfg.skin_angstrom,
         capacity_multiplier=cfg.capacity_multiplier,
-        disable_cell_list=not periodic or N < 2000,
+        disable_cell_list=not cell_list,
         format=partition.Dense,
     )
     energy = energy_function(pot, params, numbers, cell, periodic)
