@@ -35,6 +35,7 @@ from so3lib.data.spice import MACE_OFF_ELEMENTS, filter_group, group_dataset, ne
 
 log = logging.getLogger(__name__)
 STORE_VERSION = 1
+STORE_MARKER = ".so3lib-store"
 _ATOM = {"numbers": (np.int8, ()), "positions": (np.float64, (3,)), "forces": (np.float64, (3,))}
 _FRAME = {"energy": (np.float64, ()), "molecule": (np.int32, ()), "frame": (np.int32, ())}
 
@@ -82,8 +83,16 @@ def convert_spice(
         changed = sorted(k for k in fp if old.get("fingerprint", {}).get(k) != fp[k])
         log.warning("store %s is stale (changed: %s): rebuilding it", store, ", ".join(changed))
     tmp = store.with_name(store.name + ".tmp")
+    for folder in (store, tmp):  # so3lib replaces only what it made: its own stores and their partial builds
+        if folder.exists() and not is_store(folder) and (not folder.is_dir() or any(folder.iterdir())):
+            raise DataError(
+                folder,
+                "exists and is not a so3lib store (no manifest.json or build marker written by so3lib): so3lib "
+                "replaces only its own stores; choose another --store",
+            )
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    (tmp / STORE_MARKER).write_text("a packed store being built by so3lib\n")
     with h5py.File(source, "r") as fh:
         names = list(fh.keys())
     allowed = set(int(z) for z in elements)
@@ -140,6 +149,17 @@ def convert_spice(
     os.replace(tmp, store)
     log.info("packed %d conformations of %d molecules into %s", n_frames, len(molecules), store)
     return store
+
+
+def is_store(folder: str | Path) -> bool:
+    """A folder so3lib wrote: a finished store (its manifest has a so3lib fingerprint) or a partial build."""
+    folder = Path(folder)
+    if (folder / STORE_MARKER).exists():
+        return True
+    try:
+        return "version" in json.loads((folder / "manifest.json").read_text()).get("fingerprint", {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_manifest(store: str | Path) -> dict:

@@ -259,7 +259,7 @@ def build_batch(
     has_stress = np.zeros(pg, dtype)
     if dataset.stress is not None:
         s = dataset.stress[frames]
-        ok = np.isfinite(s).all(axis=(1, 2))
+        ok = np.isfinite(s).all(axis=(1, 2)) & dataset.pbc[frames].all(axis=1)  # stress only where a cell exists
         stress[:G] = np.where(ok[:, None, None], s, 0.0)
         has_stress[:G] = ok
     cell = np.zeros((pg, 3, 3), dtype)
