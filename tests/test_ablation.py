@@ -153,3 +153,25 @@ def test_random_sampling_is_seeded_and_pareto_front():
     assert all(3.0 <= p["cutoff"] <= 6.0 and p["l_max"] in (1, 2, 3) for p in a)
     front = pareto_front(np.array([1.0, 2.0, 3.0, 1.5]), np.array([5.0, 3.0, 4.0, 6.0]))
     assert front.tolist() == [0, 1]
+
+
+def test_a_rerun_with_another_budget_or_data_retrains_the_points_and_keeps_the_old_ones(
+    tmp_path, sweep_file, full_sweep
+):
+    """Point names hold only the swept values: a re-run into the same folder with another budget must not pass
+    the old points off as finished. They are set aside (renamed, never deleted) and trained again."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(full_sweep, out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "so3lib", "sweep", str(sweep_file), "--out", str(out)]
+    same = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert same.returncode == 0 and same.stdout.count("finished earlier, skipped") == 2, same.stderr[-2000:]
+    longer = subprocess.run([*cmd, "--max-steps", "13"], env=env, capture_output=True, text=True, timeout=900)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert longer.stdout.count("trained with other data or options; moved to") == 2
+    assert "finished earlier" not in longer.stdout
+    stale = sorted(p.name for p in (out / "points").glob("*.stale-1"))
+    assert len(stale) == 2 and all((out / "points" / s / "results.json").exists() for s in stale)
+    assert {int(r["steps"]) for r in _rows(out / "sweep.csv")} == {13}

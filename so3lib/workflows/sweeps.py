@@ -214,28 +214,59 @@ def run_point(sweep: SweepConfig, params: dict, seed: int, out: Path, datasets, 
         training=train_opts,
         data=DataConfig(train=str(src), split="sweep", **reference_options(sweep)),
     )
-    res_file = out / "results.json"
-    if res_file.exists():
-        res = json.loads(res_file.read_text())
+    from so3lib.training import run_folder
+
+    # what the point computes, budget included: a re-run with other data or another budget is a new point
+    fp = run_folder.fingerprint(cfg, {"train": train_ds, "val": val_ds, "test": test}, resumable=frozenset())
+    stamp = out / "sweep_point.json"
+    if out.exists() and any(out.iterdir()) and not run_folder.matches(stamp, fp):
+        stale = _set_aside(out)
+        print(f"  {out.name}: trained with other data or options; moved to {stale.name}, training again")
+    if (out / "results.json").exists():
+        res = json.loads((out / "results.json").read_text())
         print(f"  {out.name}: finished earlier, skipped")
     else:
         resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
         print(f"  {out.name}: {'resuming' if resume else 'training'}")
+        run_folder.RunFolder(out).claim()
+        run_folder.write_json_atomic(stamp, fp)
         res = train(cfg, train_ds, val_ds, test, out_dir=out, resume=resume, progress=progress)
+    steps_per_s = res.get("steps_per_s")
     row = {
         **params,
         "seed": seed,
-        "energy_mae_mev": 1e3 * res["test"]["energy_mae_ev"],
-        "forces_mae_mev_per_a": 1e3 * res["test"]["forces_mae_ev_per_a"],
+        "energy_mae_mev": _mev(res["test"].get("energy_mae_ev")),
+        "forces_mae_mev_per_a": _mev(res["test"].get("forces_mae_ev_per_a")),
         "n_parameters": res["n_parameters"],
         "compile_time_s": res["compile_time_s"],
         "train_time_s": res["train_time_s"],
-        "time_per_step_ms": 1e3 / res["steps_per_s"] if res.get("steps_per_s") else float("nan"),
+        "time_per_step_ms": 1e3 / steps_per_s if steps_per_s else None,
         "inference_ms_per_structure": inference_ms_per_structure(out, test),
         "steps": res["steps"],
         "run": str(out),
     }
     return row
+
+
+def _cell(v) -> str:
+    return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _num(v) -> float:
+    """A table value for plotting: absent (None) is NaN there, and the plots leave it out."""
+    return float("nan") if v is None else v
+
+
+def _mev(ev: float | None) -> float | None:
+    return None if ev is None else 1e3 * ev
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a stale point folder to <name>.stale-<k> (nothing so3lib trained is deleted)."""
+    k = 1
+    while folder.with_name(f"{folder.name}.stale-{k}").exists():
+        k += 1
+    return folder.rename(folder.with_name(f"{folder.name}.stale-{k}"))
 
 
 def write_outputs(rows: list[dict], keys: list[str], out: Path) -> None:
@@ -244,7 +275,7 @@ def write_outputs(rows: list[dict], keys: list[str], out: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    best = sorted(rows, key=lambda r: r["forces_mae_mev_per_a"])
+    best = sorted(rows, key=lambda r: math.inf if r["forces_mae_mev_per_a"] is None else r["forces_mae_mev_per_a"])
     cols = keys + [
         "seed",
         "energy_mae_mev",
@@ -257,7 +288,7 @@ def write_outputs(rows: list[dict], keys: list[str], out: Path) -> None:
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in best:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
     (out / "sweep.md").write_text("# Sweep results, best force MAE first\n\n" + "\n".join(lines) + "\n")
     plot_sweep(rows, keys, out / "plots")
 
@@ -289,8 +320,8 @@ def plot_sweep(rows: list[dict], keys: list[str], out: Path) -> None:
     for j, k in enumerate(keys):
         values = sorted({r[k] for r in rows}, key=lambda v: (isinstance(v, str), v))
         for i, (m, label) in enumerate(metrics):
-            means = [np.nanmean([r[m] for r in rows if r[k] == v]) for v in values]
-            stds = [np.nanstd([r[m] for r in rows if r[k] == v]) for v in values]
+            means = [np.nanmean([_num(r[m]) for r in rows if r[k] == v]) for v in values]
+            stds = [np.nanstd([_num(r[m]) for r in rows if r[k] == v]) for v in values]
             x = np.arange(len(values)) if any(isinstance(v, str) for v in values) else np.array(values, float)
             axes[i, j].errorbar(x, means, yerr=stds, marker="o", capsize=3)
             if any(isinstance(v, str) for v in values):
@@ -303,8 +334,8 @@ def plot_sweep(rows: list[dict], keys: list[str], out: Path) -> None:
     fig.savefig(out / "metrics_vs_parameters.png", dpi=120)
     plt.close(fig)
 
-    cost = np.array([r["inference_ms_per_structure"] for r in rows])
-    err = np.array([r["forces_mae_mev_per_a"] for r in rows])
+    cost = np.array([_num(r["inference_ms_per_structure"]) for r in rows])
+    err = np.array([_num(r["forces_mae_mev_per_a"]) for r in rows])
     front = pareto_front(cost, err)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter(cost, err, c="C0", s=30, label="points")
