@@ -84,6 +84,23 @@ def _single_frame(atoms) -> Dataset:
     n = len(atoms)
     if n == 0:
         raise DataError("<atoms>", "empty structure")
+    finite = np.isfinite(atoms.positions).all(axis=1)
+    if not finite.all():
+        raise DataError("<atoms>", f"NaN or infinite position of atom {int(np.argmin(finite))}", "positions")
+    cell, pbc = np.asarray(atoms.cell.array, float), np.asarray(atoms.pbc, bool)
+    if not np.isfinite(cell).all():
+        raise DataError("<atoms>", "NaN or infinite cell", "cell")
+    if pbc.any():
+        lengths = np.linalg.norm(cell, axis=1)
+        flat = [int(i) for i in np.nonzero(pbc & (lengths < 1e-6))[0]]
+        if flat or abs(np.linalg.det(cell)) < 1e-6:
+            raise DataError(
+                "<atoms>",
+                f"pbc={pbc.tolist()} but the cell {np.round(cell, 4).tolist()} has zero volume"
+                + (f" (no lattice vector along periodic direction(s) {flat})" if flat else "")
+                + ": set atoms.cell, or pbc=False for a molecule",
+                "cell",
+            )
     return Dataset(
         np.asarray(atoms.numbers, np.int32),
         np.asarray(atoms.positions, np.float64),
