@@ -93,10 +93,10 @@ def _single_frame(atoms) -> Dataset:
     if pbc.any():
         lengths = np.linalg.norm(cell, axis=1)
         flat = [int(i) for i in np.nonzero(pbc & (lengths < 1e-6))[0]]
-        if flat or abs(np.linalg.det(cell)) < 1e-6:
+        if flat or (pbc.all() and abs(np.linalg.det(cell)) < 1e-6):
             raise DataError(
                 "<atoms>",
-                f"pbc={pbc.tolist()} but the cell {np.round(cell, 4).tolist()} has zero volume"
+                f"pbc={pbc.tolist()} but the cell {np.round(cell, 4).tolist()} is degenerate"
                 + (f" (no lattice vector along periodic direction(s) {flat})" if flat else "")
                 + ": set atoms.cell, or pbc=False for a molecule",
                 "cell",
