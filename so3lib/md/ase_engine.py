@@ -17,6 +17,11 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from tqdm.auto import tqdm
 
+    if len(atoms) < 2:
+        raise ValueError(
+            f"MD needs at least 2 atoms, the structure has {len(atoms)} (a single atom does not move once its "
+            "centre-of-mass velocity is removed)"
+        )
     atoms = atoms.copy()
     atoms.calc = calc
     calc.potential.reference.check_species(atoms.numbers, f"structure {atoms.get_chemical_formula()}")

@@ -184,6 +184,11 @@ def run_md(
     from so3lib.md.memory import check_md_memory
 
     numbers = np.asarray(atoms.numbers)
+    if len(numbers) < 2:
+        raise ValueError(
+            f"MD needs at least 2 atoms, the structure has {len(numbers)} (a single atom does not move once its "
+            "centre-of-mass velocity is removed)"
+        )
     pot.reference.check_species(numbers, f"structure {atoms.get_chemical_formula()}")
     periodic = bool(np.all(atoms.pbc))
     if np.any(atoms.pbc) and not periodic:
