@@ -91,6 +91,11 @@ class LabelOptions(RunOptions, LabelKeys):
             return {**out, "energy_reference": self.e0s}
         from so3lib.data.reference import load_isolated_atom_energies
 
+        if not Path(self.e0s).is_file():
+            raise ValueError(
+                f"--e0s '{self.e0s}': neither {', '.join(E0_METHODS[:-1])}, {E0_METHODS[-1]} nor an existing "
+                "YAML/JSON file of isolated-atom energies"
+            )
         return {
             **out,
             "energy_reference": "isolated_atoms",

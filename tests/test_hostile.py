@@ -1,0 +1,287 @@
+"""Hostile but realistic input, table-driven. Every case asserts the exact behaviour: at the command line a
+one-line error (`so3lib: error: ...`, exit status 2) with the words that name the file, key, frame or option,
+and the user's files untouched; in the library the error type and its words; or the correct result."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from conftest import ETHANOL_TRAIN
+from hostile_files import build
+
+from so3lib.cli import main
+
+
+@pytest.fixture(scope="module")
+def f(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained ethanol SchNet run folder (for md, predict and resume cases)."""
+    from so3lib import data
+    from so3lib.models import make_config
+    from so3lib.training import DataConfig, RunConfig, TrainingConfig, train
+
+    ds = data.read(ETHANOL_TRAIN).subset(np.arange(40))
+    out = tmp_path_factory.mktemp("hostile_run") / "run"
+    cfg = RunConfig(
+        model=make_config("schnet", n_atom_basis=8, n_interactions=1, n_rbf=8),
+        training=TrainingConfig(max_steps=4, max_epochs=None, batch_size=8, eval_every_steps=4),
+        data=DataConfig(energy_reference="average"),
+    )
+    train(cfg, ds.subset(np.arange(30)), ds.subset(np.arange(30, 40)), out_dir=out, progress=False)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    argv: tuple[str, ...]  # {name} is a file of `build`, {run} the trained run, {tmp} a fresh folder
+    words: str  # a regular expression the one error line must match (after 'so3lib: error: ')
+
+
+TRAIN = ("train", "--max-steps", "1", "--max-epochs", "none", "--no-progress")
+CASES = [
+    # ---- data files: each names the file, and the key and frame where there is one
+    Case("missing file", ("inspect", "{missing}"), r"nothing_here\.xyz: no such data file"),
+    Case("a directory", ("inspect", "{dir}"), r"hostile\d*: is a directory, expected a data file"),
+    Case("empty file", ("inspect", "{empty}"), r"empty\.xyz: cannot be read by ase\.io .*Empty file"),
+    Case("truncated npz", ("inspect", "{truncated}"), r"truncated\.npz: corrupted or truncated npz file"),
+    Case(
+        "npz of no known layout",
+        ("inspect", "{wrongkeys}"),
+        r"wrongkeys\.npz: npz file with keys \['a', 'b'\] is neither rMD17",
+    ),
+    Case(
+        "frame counts differ",
+        ("inspect", "{mismatch}"),
+        r"mismatch\.npz, key 'energies': 29 frames, but 'coords' has 30",
+    ),
+    Case(
+        "element 0",
+        ("inspect", "{z0}"),
+        r"z0\.npz, key 'nuclear_charges', frame 0: unknown element with atomic number 0",
+    ),
+    Case(
+        "element 200",
+        ("inspect", "{z200}"),
+        r"z200\.npz, key 'nuclear_charges', frame 0: unknown element with atomic number 200",
+    ),
+    Case(
+        "atoms on top of each other",
+        ("inspect", "{close}"),
+        r"close\.npz, key 'coords', frame 3: atoms 0 and 1 are 0\.01\d+ Å apart",
+    ),
+    Case(
+        "forces of the wrong shape",
+        ("inspect", "{sgdml_fshape}"),
+        r"sgdml_fshape\.npz, key 'F': shape \(30, 8, 3\) does not match positions",
+    ),
+    Case(
+        "MACE-style labels without keys",
+        ("inspect", "{mace}"),
+        r"mace\.extxyz, key 'energy': no energy label .* info keys \['REF_energy'.*--energy-key NAME",
+    ),
+    Case(
+        "a named key missing in one frame",
+        ("inspect", "{mace_gap}", "--energy-key", "REF_energy", "--forces-key", "REF_forces"),
+        r"mace_gap\.extxyz, key 'REF_energy', frame 2: no energy label 'REF_energy' in this frame",
+    ),
+    Case(
+        "periodic without a cell",
+        ("inspect", "{zero_cell}"),
+        r"zero_cell\.extxyz, key 'cell', frame 0: periodic frame .* zero-volume cell",
+    ),
+    Case(
+        "virial without a cell",
+        ("inspect", "{virial_nocell}"),
+        r"virial_nocell\.extxyz, key 'virial', frame 0: virial given for a frame without a periodic cell",
+    ),
+    Case("not an HDF5 file", ("inspect", "{garbage_h5}"), r"garbage\.h5: corrupted, truncated or not an HDF5 file"),
+    Case(
+        "keys for a format with fixed keys",
+        ("inspect", "{li}", "--energy-key", "E"),
+        r"mlearn files have fixed label keys",
+    ),
+    # ---- the energy reference
+    Case(
+        "undetermined reference",
+        (*TRAIN, "--train", "{ok}", "--out", "{tmp}/r"),
+        r"ok\.npz, key 'energy': per-element energy reference is not determined: .* rank 1 for 3 elements \(H, C, O\)",
+    ),
+    Case(
+        "E0s with an unknown element",
+        (*TRAIN, "--train", "{ok}", "--e0s", "{e0s_symbol}", "--out", "{tmp}/r"),
+        r"e0s_symbol\.yaml, key 'Xx': unknown element",
+    ),
+    Case(
+        "E0s that are not numbers",
+        (*TRAIN, "--train", "{ok}", "--e0s", "{e0s_text}", "--out", "{tmp}/r"),
+        r"e0s_text\.yaml, key 'C': isolated-atom energy 'low' is not a number",
+    ),
+    Case(
+        "E0s lacking elements",
+        (*TRAIN, "--train", "{ok}", "--e0s", "{e0s_missing}", "--out", "{tmp}/r"),
+        r"isolated-atom energies lack elements C, O",
+    ),
+    Case(
+        "E0s neither a method nor a file",
+        (*TRAIN, "--train", "{ok}", "--e0s", "lsq", "--out", "{tmp}/r"),
+        r"--e0s 'lsq': neither lstsq, lstsq\+intercept, average nor an existing YAML/JSON file",
+    ),
+    # ---- splits
+    Case(
+        "too few frames for a validation split",
+        (*TRAIN, "--train", "{ten}", "--e0s", "average", "--out", "{tmp}/r"),
+        r"ten\.npz: 10 frames × val_fraction 0\.05 leaves no validation frame",
+    ),
+    # ---- options, flags and config files
+    Case(
+        "misspelt boolean flag",
+        ("train", "--model", "bpnn", "--train", "{ok}", "--standardize", "flase"),
+        r"argument --standardize: invalid boolean 'flase' \(use true or false\)",
+    ),
+    Case(
+        "another model's flag",
+        ("train", "--train", "{ok}", "--l-max", "2"),
+        r"--l-max is an option of model so3krates, not of schnet",
+    ),
+    Case(
+        "unknown model",
+        ("train", "--model", "painn", "--train", "{ok}"),
+        r"unknown model 'painn'; registered models: bpnn, schnet, so3krates",
+    ),
+    Case("unknown command", ("fit", "--train", "{ok}"), r"unknown command 'fit'; commands: train, md17"),
+    Case("missing required option", ("train",), r"so3lib train: --train: missing"),
+    Case(
+        "fraction out of range",
+        ("train", "--train", "{ok}", "--val-fraction", "1.5"),
+        r"--val-fraction: Input should be less than 1",
+    ),
+    Case(
+        "not an integer",
+        ("train", "--train", "{ok}", "--batch-size", "many"),
+        r"argument --batch-size: invalid int value: 'many'",
+    ),
+    Case(
+        "invalid choice",
+        ("train", "--train", "{ok}", "--schedule", "weekly"),
+        r"argument --schedule: invalid choice 'weekly' \(choose from constant, exponential, plateau\)",
+    ),
+    Case(
+        "batch size zero",
+        ("train", "--train", "{ok}", "--batch-size", "0"),
+        r"training options: --batch-size: Input should be greater than or equal to 1",
+    ),
+    Case(
+        "no budget at all",
+        ("train", "--train", "{ok}", "--max-epochs", "none"),
+        r"set at least one of max_epochs, max_steps, max_minutes",
+    ),
+    Case("config file missing", ("train", "--config", "{tmp}/nope.yaml"), r"nope\.yaml: no such config file"),
+    Case("config not YAML", ("train", "--config", "{bad_yaml}"), r"bad\.yaml: not valid YAML"),
+    Case(
+        "config not a mapping",
+        ("train", "--config", "{list_yaml}"),
+        r"list\.yaml: a config file is a mapping of option names to values, not a list",
+    ),
+    Case("unknown flag", ("inspect", "{ok}", "--jsn"), r"unrecognized arguments: --jsn"),
+    # ---- files so3lib did not create are never deleted or overwritten
+    Case(
+        "a store path holding the user's files",
+        ("spice", "--store", "{foreign}", "--max-steps", "1"),
+        r"project: exists and is not a so3lib store .* choose another --store",
+    ),
+    # ---- MD
+    Case(
+        "MD without a run",
+        ("md", "--run", "{tmp}/none", "--structure", "{mace}", "--out", "{tmp}/md"),
+        r"none: no such run folder",
+    ),
+    Case(
+        "MD structure missing",
+        ("md", "--run", "{run}", "--structure", "{missing}", "--out", "{tmp}/md"),
+        r"nothing_here\.xyz: no such structure file",
+    ),
+    Case(
+        "MD with elements the model lacks",
+        ("md", "--run", "{run}", "--structure", "{li}", "--out", "{tmp}/md", "--no-progress"),
+        r"elements \[3\] have no energy reference \(the model knows \[1, 6, 8\]\)",
+    ),
+    Case(
+        "MD frame out of range",
+        ("md", "--run", "{run}", "--structure", "{ok}", "--frame", "99", "--out", "{tmp}/md"),
+        r"ok\.npz: frame 99 out of range \(30 frames\)",
+    ),
+    Case(
+        "MD of one atom (ASE)",
+        ("md", "--run", "{run}", "--structure", "{one_atom}", "--engine", "ase", "--out", "{tmp}/md"),
+        r"MD needs at least 2 atoms, the structure has 1",
+    ),
+    Case(
+        "MD of one atom (jax-md)",
+        ("md", "--run", "{run}", "--structure", "{one_atom}", "--out", "{tmp}/md"),
+        r"MD needs at least 2 atoms, the structure has 1",
+    ),
+    Case(
+        "MD of a far too large system",
+        (
+            "md",
+            "--run",
+            "{run}",
+            "--structure",
+            "{free_with_cell}",
+            "--supercell",
+            "40",
+            "40",
+            "40",
+            "--out",
+            "{tmp}/md",
+            "--no-progress",
+        ),
+        r"576000 atoms need about \d+(\.\d+)? TB for MD .*use a smaller --supercell",
+    ),
+    Case(
+        "MD time step negative",
+        ("md", "--run", "{run}", "--structure", "{ok}", "--dt", "-1", "--out", "{tmp}/md"),
+        r"--dt: Input should be greater than 0",
+    ),
+    # ---- predict
+    Case("predict without a run", ("predict", "{tmp}/none", "{ok}"), r"none: no such run folder"),
+    Case(
+        "predict a file of other elements",
+        ("predict", "{run}", "{li}", "--out", "{tmp}/p.extxyz"),
+        r"li_mlearn_test\.json, key 'numbers': elements \[3\] have no energy reference",
+    ),
+    Case("predict a missing file", ("predict", "{run}", "{missing}"), r"nothing_here\.xyz: no such data file"),
+    # ---- sweeps
+    Case(
+        "sweep --param without values",
+        ("sweep", "--model", "schnet", "--data", "rmd17:ethanol", "--param", "cutoff"),
+        r"--param 'cutoff': expected NAME=V1,V2,\.\.\.",
+    ),
+    Case(
+        "sweep over another model's option",
+        ("sweep", "--model", "schnet", "--data", "rmd17:ethanol", "--param", "l_max=1,2"),
+        r"invalid sweep: unknown parameter 'l_max' \('l_max' is not an option of model 'schnet'\)",
+    ),
+    Case("sweep file not YAML", ("sweep", "{bad_yaml}"), r"bad\.yaml: not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_command_line(case, f, run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.read_bytes() for p in f["foreign"].rglob("*") if p.is_file()}
+    argv = [a.format(**{k: str(v) for k, v in f.items()}, run=str(run), tmp=str(tmp_path)) for a in case.argv]
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("so3lib: error: "), err
+    assert re.search(case.words, err[0]), err[0]
+    assert {p: p.read_bytes() for p in f["foreign"].rglob("*") if p.is_file()} == before  # the user's files
