@@ -64,6 +64,7 @@ UNIT_MODULES = {
     "test_model_physics",
     "test_packaging",
     "test_readers",
+    "test_run_folder",
     "test_spice_preprocessing",
     "test_splits_reference",
 }
