@@ -3,13 +3,19 @@
 A `Dataset` keeps frames packed as flat arrays plus offsets (atoms of frame ``f`` are rows
 ``offsets[f]:offsets[f+1]``), in so3lib units: positions Å, energy eV, forces eV/Å, stress eV/Å³
 (ASE sign convention, stress = (1/V) ∂E/∂ε). It is validated once, at construction.
+
+Absent labels: inside a `Dataset`, NaN (the whole frame's energy, forces or stress) means "this frame has no such
+label". That only ever comes from the reader knowing the label is absent from the file (``labelled`` masks of
+`Dataset.from_arrays`, ``None`` labels of a `Structure`), never from a value read: a NaN or infinite value of a
+label the file has is a `DataError` naming the file, key and frame, or, with ``nonfinite="drop"``, drops the frame,
+counted in `Dataset.dropped_nonfinite`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,6 +31,22 @@ _DEFAULT_KEYS = {
     "stress": "stress",
     "cell": "cell",
 }
+LABELS = ("energy", "forces", "stress")
+NONFINITE = ("error", "drop")
+
+
+def no_drops() -> dict:
+    """An empty `Dataset.dropped_nonfinite` record."""
+    return {"count": 0, "frames": [], "keys": []}
+
+
+def merge_drops(records: Sequence[Mapping[str, Any]]) -> dict:
+    """One `Dataset.dropped_nonfinite` record from several, in order."""
+    return {
+        "count": sum(int(r["count"]) for r in records),
+        "frames": [f for r in records for f in r["frames"]],
+        "keys": [k for r in records for k in r["keys"]],
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +102,12 @@ class Dataset:
       offsets (F+1,) int64; cell (F, 3, 3) Å; pbc (F, 3) bool; energy (F,) eV (NaN where unlabelled);
       stress (F, 3, 3) eV/Å³ or None (NaN where unlabelled);
       meta: dict of per-frame arrays, always with ``source`` (file), ``name`` (molecule id) and ``frame``
-      (index of the frame in its source file).
+      (index of the frame in its source file);
+      dropped_nonfinite: the frames the reader dropped for a NaN or infinite label (``nonfinite="drop"``):
+      ``{"count": int, "frames": [frame index in the file, ...], "keys": [the file's key of the frame's first
+      non-finite label, ...]}`` (for SPICE the key names the group, ``'<group>/dft_total_gradient'``, and the
+      frame is the conformer's index in it). Empty (count 0) when nothing was dropped, and for subsets (the
+      record describes the read, not a split); `concatenate` joins the records.
     """
 
     def __init__(
@@ -94,6 +121,7 @@ class Dataset:
         forces=None,
         stress=None,
         meta: Mapping[str, np.ndarray] | None = None,
+        dropped_nonfinite: Mapping[str, Any] | None = None,
     ):
         self.numbers = numbers
         self.positions = positions
@@ -104,6 +132,7 @@ class Dataset:
         self.forces = forces
         self.stress = stress
         self.meta = dict(meta or {})
+        self.dropped_nonfinite = dict(dropped_nonfinite) if dropped_nonfinite else no_drops()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -123,12 +152,25 @@ class Dataset:
         keys: Mapping[str, str] | None = None,
         frame_index=None,
         check_distances: bool = True,
+        labelled: Mapping[str, Any] | None = None,
+        nonfinite: Literal["error", "drop"] = "error",
     ) -> Dataset:
         """Validate and pack. ``numbers``/``positions``/``forces`` are flat (A, ...) with ``offsets`` (F+1,),
         or per-frame stacked (F, n, ...) with ``numbers`` (n,) shared, in which case ``offsets`` is None.
-        ``keys`` maps field names to the file's key names for error messages; ``frame_index`` (F,) maps
-        rows to the frame numbers of the source file."""
+        ``keys`` maps field names to the file's key names for error messages (for a label, also an (F,) array
+        of key names, where the file's key differs by frame); ``frame_index`` (F,) maps rows to the frame
+        numbers of the source file.
+
+        ``labelled`` maps 'energy', 'forces', 'stress' to (F,) bool masks of the frames whose file has that label
+        (default: every frame of a label array given; none of a label given as None). The values of frames
+        without the label are ignored (stored as NaN: absent). A NaN or infinite value in a frame that has the
+        label is a `DataError` (``nonfinite="error"``: "NaN or infinite value", naming the file, the label's
+        key and the frame), or drops the frame (``nonfinite="drop"``), recorded in ``dropped_nonfinite``."""
+        if nonfinite not in NONFINITE:
+            raise DataError(source, f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         keys = {**_DEFAULT_KEYS, **(keys or {})}
+        frame_keys = {label: keys[label] for label in LABELS}  # a key name, or one per frame
+        keys = {k: v if isinstance(v, str) else "/".join(dict.fromkeys(map(str, v))) for k, v in keys.items()}
         positions = np.asarray(positions)
         if offsets is None:  # stacked molecular frames (F, n, 3), shared numbers (n,)
             if positions.ndim != 3 or positions.shape[-1] != 3:
@@ -180,6 +222,7 @@ class Dataset:
             pbc = np.broadcast_to(pbc, (n_frames, 3)).copy()
         if pbc.shape != (n_frames, 3):
             raise DataError(source, f"pbc shape {pbc.shape}, expected {(n_frames, 3)}", "pbc")
+        energy_given = energy is not None
         energy = np.full(n_frames, np.nan) if energy is None else np.asarray(energy, np.float64)
         if energy.shape != (n_frames,):
             if energy.shape == (n_frames, 1):
@@ -197,6 +240,18 @@ class Dataset:
             if stress.shape != (n_frames, 3, 3):
                 raise DataError(source, f"stress shape {stress.shape}, expected {(n_frames, 3, 3)}", keys["stress"])
         frame_index = np.arange(n_frames) if frame_index is None else np.asarray(frame_index)
+        if frame_index.shape != (n_frames,):
+            raise DataError(source, f"frame_index shape {frame_index.shape}, expected {(n_frames,)}")
+        given = {"energy": energy_given, "forces": forces is not None, "stress": stress is not None}
+        has = _labelled_masks(source, n_frames, labelled, given)
+        finite = finite_labels(offsets, energy, forces, stress)
+        bad = {label: has[label] & ~finite[label] for label in LABELS}  # there in the file, but NaN or infinite
+        atom_frame = np.repeat(np.arange(n_frames), np.diff(offsets))
+        energy = np.where(has["energy"], energy, np.nan)  # absent labels: NaN, whatever the reader passed
+        if forces is not None:
+            forces = np.where(has["forces"][atom_frame, None], forces, np.nan)
+        if stress is not None:
+            stress = np.where(has["stress"][:, None, None], stress, np.nan)
         meta = dict(meta or {})
         meta.setdefault("source", np.full(n_frames, str(source), dtype=object))
         meta.setdefault("name", np.full(n_frames, "", dtype=object))
@@ -208,17 +263,47 @@ class Dataset:
         ds = cls(
             numbers.astype(np.int32), positions.astype(np.float64), offsets, cell, pbc, energy, forces, stress, meta
         )
+        first_bad = np.full(n_frames, "", dtype=object)  # the file key of each frame's first non-finite label
+        for label in reversed(LABELS):
+            label_keys = np.broadcast_to(np.asarray(frame_keys[label], dtype=object), (n_frames,))
+            first_bad[bad[label]] = label_keys[bad[label]]
+        dropped = first_bad != ""
+        if dropped.any() and nonfinite == "error":
+            f = int(np.argmax(dropped))
+            raise DataError(source, "NaN or infinite value", first_bad[f], _frame(frame_index, f))
+        if dropped.any():
+            if dropped.all():
+                raise DataError(
+                    source,
+                    f"empty dataset: every one of the {n_frames} frames has a NaN or infinite label, and "
+                    f"nonfinite='drop' dropped them all (the first: key '{first_bad[0]}', frame "
+                    f"{_frame(frame_index, 0)})",
+                )
+            record = {
+                "count": int(dropped.sum()),
+                "frames": [int(f) for f in frame_index[dropped]],
+                "keys": [str(k) for k in first_bad[dropped]],
+            }
+            ds = ds.subset(np.nonzero(~dropped)[0])
+            ds.dropped_nonfinite = record
         ds.validate(source, keys, check_distances=check_distances)
         return ds
 
     @classmethod
     def from_structures(cls, structures: Sequence[Structure], source: str = "<structures>", **kw) -> Dataset:
+        """Pack `Structure` frames; a label that is None is absent (keyword arguments go to `from_arrays`, e.g.
+        ``keys``, ``nonfinite``)."""
         if len(structures) == 0:
             raise DataError(source, "empty dataset: no frames")
         n = np.array([len(s) for s in structures])
         offsets = np.concatenate([[0], np.cumsum(n)])
         has_f = any(s.forces is not None for s in structures)
         has_s = any(s.stress is not None for s in structures)
+        labelled = {  # a label is absent where the Structure has None, never where its value is NaN
+            "energy": np.array([s.energy is not None for s in structures]),
+            "forces": np.array([s.forces is not None for s in structures]),
+            "stress": np.array([s.stress is not None for s in structures]),
+        }
         nan3 = np.full((3, 3), np.nan)
         meta_keys = sorted({k for s in structures for k in s.info})
         meta = {k: np.array([s.info.get(k, "") for s in structures], dtype=object) for k in meta_keys}
@@ -237,13 +322,15 @@ class Dataset:
             else None,
             stress=np.stack([s.stress if s.stress is not None else nan3 for s in structures]) if has_s else None,
             meta=meta,
+            labelled=labelled,
             **kw,
         )
 
     # ------------------------------------------------------------------ validation
     def validate(self, source: str, keys: Mapping[str, str] | None = None, check_distances: bool = True) -> None:
-        """Raise `DataError` naming file, key and frame for NaN/inf values, unknown elements, zero-volume
-        periodic cells and atoms closer than 0.1 Å."""
+        """Raise `DataError` naming file, key and frame for NaN/inf positions or cells, labels that are neither
+        finite nor absent (NaN over the whole frame), unknown elements, zero-volume periodic cells and atoms
+        closer than 0.1 Å."""
         keys = {**_DEFAULT_KEYS, **(keys or {})}
         fidx = self.meta["frame"]
         atom_frame = self.atom_frame_index()
@@ -256,29 +343,18 @@ class Dataset:
                 keys["numbers"],
                 _frame(fidx, atom_frame[a]),
             )
-        for name, arr, per_atom in (
-            ("positions", self.positions, True),
-            ("forces", self.forces, True),
-            ("cell", self.cell, False),
-        ):
-            if arr is None:
-                continue
+        for name, arr, per_atom in (("positions", self.positions, True), ("cell", self.cell, False)):
             finite = np.isfinite(arr).reshape(len(arr), -1).all(axis=1)
-            if name == "forces":  # NaN forces mark unlabelled frames only when the whole frame is NaN
-                allnan = np.isnan(arr).all(axis=1)
-                frame_allnan = np.bitwise_and.reduceat(allnan, self.offsets[:-1]) if len(arr) else allnan
-                finite = finite | frame_allnan[atom_frame]
             if not finite.all():
                 r = int(np.argmin(finite))
                 f = atom_frame[r] if per_atom else r
                 raise DataError(source, "NaN or infinite value", keys[name], _frame(fidx, f))
-        if not np.all(np.isfinite(self.energy) | np.isnan(self.energy)):
-            f = int(np.argmax(np.isinf(self.energy)))
-            raise DataError(source, "infinite energy", keys["energy"], _frame(fidx, f))
-        if self.stress is not None:
-            ok = np.isfinite(self.stress).all(axis=(1, 2)) | np.isnan(self.stress).all(axis=(1, 2))
-            if not ok.all():
-                raise DataError(source, "NaN or infinite value", keys["stress"], _frame(fidx, int(np.argmin(ok))))
+        finite = finite_labels(self.offsets, self.energy, self.forces, self.stress)
+        for label, arr in (("energy", self.energy), ("forces", self.forces), ("stress", self.stress)):
+            absent = _per_frame(self.offsets, arr, np.isnan, label == "forces")  # NaN over the whole frame
+            bad = ~(finite[label] | absent)
+            if bad.any():
+                raise DataError(source, "NaN or infinite value", keys[label], _frame(fidx, int(np.argmax(bad))))
         periodic = self.pbc.any(axis=1)
         vol = np.abs(np.linalg.det(self.cell))
         zero = periodic & (vol < 1e-6)
@@ -426,6 +502,7 @@ class Dataset:
             if any_s
             else None,
             {k: np.concatenate([d.meta[k] for d in datasets]) for k in keys},
+            merge_drops([d.dropped_nonfinite for d in datasets]),
         )
 
     def summary(self) -> dict:
@@ -456,6 +533,53 @@ class Dataset:
         if self.stress is not None:
             out["frames_with_stress"] = int(np.isfinite(self.stress).all(axis=(1, 2)).sum())
         return out
+
+
+def finite_labels(offsets, energy=None, forces=None, stress=None) -> dict[str, np.ndarray]:
+    """Per label ('energy', 'forces', 'stress'), the (F,) mask of frames whose label values are all finite (all
+    True for a label that is None). ``offsets`` (F+1,) gives the atoms of each frame (forces are per atom)."""
+    return {
+        label: _per_frame(offsets, arr, np.isfinite, label == "forces")
+        for label, arr in (("energy", energy), ("forces", forces), ("stress", stress))
+    }
+
+
+def _per_frame(offsets, arr, test, per_atom: bool) -> np.ndarray:
+    """(F,) whether ``test`` holds for every value of each frame of ``arr`` (True where ``arr`` is None)."""
+    offsets = np.asarray(offsets)
+    n = len(offsets) - 1
+    if arr is None:
+        return np.ones(n, bool)
+    rows = test(np.asarray(arr).reshape(len(arr), -1)).all(axis=1)
+    if not per_atom:
+        return rows
+    out = np.ones(n, bool)
+    nonempty = np.diff(offsets) > 0
+    if nonempty.any():
+        out[nonempty] = np.logical_and.reduceat(rows, offsets[:-1][nonempty])
+    return out
+
+
+def _labelled_masks(source, n_frames: int, labelled, given: Mapping[str, bool]) -> dict[str, np.ndarray]:
+    """(F,) bool masks of the frames that have each label: ``labelled[label]`` where given, else every frame of a
+    label whose array is given (``given[label]``); none of a label not given."""
+    labelled = dict(labelled or {})
+    unknown = sorted(set(labelled) - set(LABELS))
+    if unknown:
+        raise DataError(source, f"labelled masks for unknown labels {unknown}; the labels are {LABELS}")
+    out = {}
+    for label in LABELS:
+        mask = labelled.get(label)
+        if mask is None:
+            out[label] = np.full(n_frames, bool(given[label]))
+            continue
+        mask = np.asarray(mask, bool)
+        if mask.shape == ():
+            mask = np.full(n_frames, bool(mask))
+        if mask.shape != (n_frames,):
+            raise DataError(source, f"labelled['{label}'] has shape {mask.shape}, expected {(n_frames,)}")
+        out[label] = mask & bool(given[label])
+    return out
 
 
 def _frame(frame_index, f) -> int:

@@ -9,23 +9,34 @@ Label keys: ``read(path, energy_key=..., forces_key=..., stress_key=...)`` names
 use the format's defaults (MACE-style extxyz: ``energy_key="REF_energy", forces_key="REF_forces"``). A key that
 is given must be there (in every frame); a file whose labels are only under other, label-like names fails
 loudly instead of loading unlabelled frames.
+
+Non-finite labels: a NaN or infinite energy, force or stress component that the file has is a `DataError`
+("NaN or infinite value", naming the file, the file's key and the frame index in the file). A frame is unlabelled
+(NaN in the `Dataset`) only where the file has no such label (an extxyz frame without an energy, an sGDML file
+without F, an mlearn entry without virial_stress). ``read(path, nonfinite="drop")`` drops the frames with a
+non-finite label instead: they are counted in ``Dataset.dropped_nonfinite`` and one warning (logger
+``so3lib.data``) names the file, the count and the first frames.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from so3lib import units
-from so3lib.data.dataset import Dataset
+from so3lib.data.dataset import NONFINITE, Dataset, finite_labels, merge_drops
 from so3lib.data.errors import DataError
 
 FORMATS = ("rmd17", "sgdml", "spice", "mlearn", "ase")
+log = logging.getLogger("so3lib.data")
+_SHOW_FRAMES = 10  # dropped frames named in the warning
 _READERS: dict[str, Callable[..., Dataset]] = {}
 
 
@@ -44,6 +55,7 @@ def read(
     energy_key: str | None = None,
     forces_key: str | None = None,
     stress_key: str | None = None,
+    nonfinite: Literal["error", "drop"] = "error",
     **kwargs,
 ) -> Dataset:
     """Read a data file into a validated `Dataset` (Å, eV, eV/Å, eV/Å³).
@@ -54,7 +66,15 @@ def read(
     'energy'/'forces'/'stress'; for npz files the array names; for SPICE the group's dataset names (a forces key
     ending in 'gradient' is a gradient, forces = −gradient). An explicit key missing in a frame is a
     `DataError` that lists the keys the frame has. Extra keyword arguments go to the format's reader (e.g.
-    ``groups=[...]`` for SPICE, ``index=':'`` for ASE)."""
+    ``groups=[...]`` for SPICE, ``index=':'`` for ASE).
+
+    ``nonfinite``: what a NaN or infinite label value of the file (energy, force or stress component) does.
+    ``"error"`` (default): a `DataError` "<file>, key '<key>', frame <i>: NaN or infinite value" (the key as the
+    file names it, the frame's index in the file; for SPICE '<group>/<key>' and the conformer's index in the
+    group). ``"drop"``: such frames are removed, recorded in the dataset's ``dropped_nonfinite`` ({"count",
+    "frames", "keys"}, see `Dataset`) and one warning is logged (logger ``so3lib.data``) naming the file, the
+    count and the first frames; a file whose every frame is dropped is a `DataError`. Labels absent from the file
+    are never an error: those frames load unlabelled."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -66,7 +86,28 @@ def read(
     for name, key in (("energy_key", energy_key), ("forces_key", forces_key), ("stress_key", stress_key)):
         if key is not None and (not isinstance(key, str) or not key):
             raise DataError(path, f"{name} must be a non-empty string, got {key!r}")
-    return _READERS[fmt](path, energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, **kwargs)
+    if nonfinite not in NONFINITE:
+        raise DataError(path, f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    ds = _READERS[fmt](
+        path, energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, nonfinite=nonfinite, **kwargs
+    )
+    warn_dropped(path, ds.dropped_nonfinite)
+    return ds
+
+
+def warn_dropped(path: str | os.PathLike, record: dict) -> None:
+    """Log the one warning for frames dropped with ``nonfinite="drop"`` (nothing when none were)."""
+    if not record["count"]:
+        return
+    shown = [f"{f} ('{k}')" for f, k in zip(record["frames"][:_SHOW_FRAMES], record["keys"][:_SHOW_FRAMES])]
+    more = f", ... ({record['count'] - _SHOW_FRAMES} more)" if record["count"] > _SHOW_FRAMES else ""
+    log.warning(
+        "%s: dropped %d frame(s) with NaN or infinite labels (nonfinite='drop'): frames %s%s",
+        path,
+        record["count"],
+        ", ".join(shown),
+        more,
+    )
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -166,6 +207,7 @@ def read_rmd17(
     energy_key: str | None = None,
     forces_key: str | None = None,
     stress_key: str | None = None,
+    nonfinite: Literal["error", "drop"] = "error",
 ) -> Dataset:
     """rMD17 npz (Christensen & von Lilienfeld 2020): coords Å, energies kcal/mol, forces kcal/mol/Å.
     ``indices`` selects frames (as the figshare split files do). ``energy_key``/``forces_key`` replace the
@@ -196,6 +238,7 @@ def read_rmd17(
         meta=meta,
         frame_index=frame,
         keys={"numbers": "nuclear_charges", "positions": "coords", "energy": ek, "forces": fk},
+        nonfinite=nonfinite,
     )
 
 
@@ -209,7 +252,11 @@ def _check_frames(path: Path, arrays: dict) -> None:
 
 @_reader("sgdml")
 def read_sgdml(
-    path: Path, energy_key: str | None = None, forces_key: str | None = None, stress_key: str | None = None
+    path: Path,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+    nonfinite: Literal["error", "drop"] = "error",
 ) -> Dataset:
     """sGDML / original MD17 npz: R (F, N, 3), z (N,), E (F,) or (F, 1), F (F, N, 3); optional lattice
     (periodic), r_unit and e_unit (default Å and kcal/mol, as in the MD17 files). ``energy_key``/``forces_key``
@@ -245,6 +292,7 @@ def read_sgdml(
         forces=None if f is None else f * ke / kr,
         meta={"name": np.full(len(r), name, dtype=object)},
         keys={"numbers": "z", "positions": "R", "energy": ek, "forces": fk, "cell": "lattice"},
+        nonfinite=nonfinite,
     )
 
 
@@ -327,51 +375,75 @@ def read_spice(
     energy_key: str | None = None,
     forces_key: str | None = None,
     stress_key: str | None = None,
+    nonfinite: Literal["error", "drop"] = "error",
 ) -> Dataset:
     """SPICE HDF5 (1.x / 2.x layout) into memory, group by group. For the full file use the packed store.
-    ``energy_key`` / ``forces_key``: the group's datasets (default dft_total_energy / dft_total_gradient)."""
+    ``energy_key`` / ``forces_key``: the group's datasets (default dft_total_energy / dft_total_gradient).
+    Frame indices (``meta['frame']``, errors, dropped frames) are conformer indices within their group."""
     _no_stress(path, "spice", stress_key)
     energy_key = energy_key or "dft_total_energy"
     forces_key = forces_key or "dft_total_gradient"
-    parts = []
+    parts, drops = [], []
     for name, a in iter_spice_groups(path, groups, energy_key, forces_key):
         c = len(a["positions"])
         if c == 0:
             continue
-        parts.append(
-            Dataset.from_arrays(
-                source=str(path),
-                numbers=a["numbers"],
-                positions=a["positions"],
-                energy=a["energy"],
-                forces=a["forces"],
-                meta={
-                    "name": np.full(c, name, dtype=object),
-                    "smiles": np.full(c, a["smiles"], dtype=object),
-                    "subset": np.full(c, a["subset"], dtype=object),
-                },
-                keys={
-                    "numbers": f"{name}/atomic_numbers",
-                    "positions": f"{name}/conformations",
-                    "energy": f"{name}/{energy_key}",
-                    "forces": f"{name}/{forces_key}",
-                },
-            )
+        keys = {
+            "numbers": f"{name}/atomic_numbers",
+            "positions": f"{name}/conformations",
+            "energy": f"{name}/{energy_key}",
+            "forces": f"{name}/{forces_key}",
+        }
+        if nonfinite == "drop":  # a group whose every conformer is dropped is no dataset: recorded here
+            fin = finite_labels(np.arange(c + 1) * len(a["numbers"]), a["energy"], a["forces"].reshape(-1, 3))
+            if not (fin["energy"] & fin["forces"]).any():
+                bad = [keys["energy"] if not e else keys["forces"] for e in fin["energy"]]
+                drops.append({"count": c, "frames": list(range(c)), "keys": bad})
+                continue
+        ds = Dataset.from_arrays(
+            source=str(path),
+            numbers=a["numbers"],
+            positions=a["positions"],
+            energy=a["energy"],
+            forces=a["forces"],
+            meta={
+                "name": np.full(c, name, dtype=object),
+                "smiles": np.full(c, a["smiles"], dtype=object),
+                "subset": np.full(c, a["subset"], dtype=object),
+            },
+            keys=keys,
+            nonfinite=nonfinite,
         )
+        parts.append(ds)
+        drops.append(ds.dropped_nonfinite)
     if not parts:
+        if drops:
+            n = sum(r["count"] for r in drops)
+            raise DataError(
+                path,
+                f"empty dataset: every one of the {n} conformers has a NaN or infinite label, and nonfinite='drop' "
+                f"dropped them all (the first: key '{drops[0]['keys'][0]}', frame {drops[0]['frames'][0]})",
+            )
         raise DataError(path, "empty dataset: no molecule group with conformations")
-    return Dataset.concatenate(parts)
+    ds = Dataset.concatenate(parts)
+    ds.dropped_nonfinite = merge_drops(drops)  # in file order, with the groups dropped whole
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------- mlearn
 @_reader("mlearn")
 def read_mlearn(
-    path: Path, energy_key: str | None = None, forces_key: str | None = None, stress_key: str | None = None
+    path: Path,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    stress_key: str | None = None,
+    nonfinite: Literal["error", "drop"] = "error",
 ) -> Dataset:
     """mlearn JSON (Zuo et al. 2020): a list of {structure: pymatgen dict, outputs: {energy eV, forces eV/Å,
     virial_stress (6,) kbar in VASP order xx yy zz xy yz zx}}. Parsed without pymatgen. Stress follows ASE's
-    VASP reader: stress = −virial_stress · 0.1 GPa. The label keys are fixed: label key arguments other than
-    None (or the fixed names themselves) are an error."""
+    VASP reader: stress = −virial_stress · 0.1 GPa; an entry without virial_stress (or with null) has no stress
+    label. JSON's NaN and Infinity are read as such, so they are non-finite labels. The label keys are fixed:
+    label key arguments other than None (or the fixed names themselves) are an error."""
     for given, fixed in (
         (energy_key, "outputs.energy"),
         (forces_key, "outputs.forces"),
@@ -393,7 +465,7 @@ def read_mlearn(
         raise DataError(path, "empty dataset: expected a non-empty JSON list of entries")
     from ase.data import atomic_numbers as z_of
 
-    numbers, positions, cells, energy, forces, stress, tags = [], [], [], [], [], [], []
+    numbers, positions, cells, energy, forces, stress, has_stress, tags = [], [], [], [], [], [], [], []
     for f, entry in enumerate(entries):
         try:
             st, out = entry["structure"], entry["outputs"]
@@ -415,8 +487,13 @@ def read_mlearn(
         energy.append(e)
         forces.append(fr)
         vs = out.get("virial_stress")
-        if vs is not None and len(vs) == 6:
-            xx, yy, zz, xy, yz, zx = (-float(v) * units.KBAR_EV_PER_ANGSTROM3 for v in vs)
+        has_stress.append(vs is not None)
+        if vs is not None:
+            vs = _to_array(path, vs, "outputs.virial_stress", f, "virial_stress")
+            if vs.shape != (6,):
+                msg = f"virial_stress has shape {vs.shape}, expected (6,) (xx yy zz xy yz zx)"
+                raise DataError(path, msg, "outputs.virial_stress", f)
+            xx, yy, zz, xy, yz, zx = -vs * units.KBAR_EV_PER_ANGSTROM3
             stress.append(np.array([[xx, xy, zx], [xy, yy, yz], [zx, yz, zz]]))
         else:
             stress.append(np.full((3, 3), np.nan))
@@ -441,6 +518,8 @@ def read_mlearn(
             "stress": "outputs.virial_stress",
             "cell": "structure.lattice",
         },
+        labelled={"stress": np.array(has_stress)},
+        nonfinite=nonfinite,
     )
 
 
@@ -482,6 +561,7 @@ def read_ase(
     energy_key: str | None = None,
     forces_key: str | None = None,
     stress_key: str | None = None,
+    nonfinite: Literal["error", "drop"] = "error",
 ) -> Dataset:
     """Anything ase.io reads. By default: energy from the calculator or info['energy']; forces from the
     calculator or arrays 'forces'/'force'; stress from the calculator, info['stress'] or info['virial']
@@ -489,7 +569,8 @@ def read_ase(
     ('REF_forces'), ``stress_key`` an info key (Voigt 6 or 3×3; a key containing 'virial' is a virial,
     stress = −virial/V); the calculator's results are used where the key names one of them ('energy',
     'forces', 'stress'). A named key must be in every frame. Without keys, a file whose frames have no energy
-    (or forces) under the defaults but energy-like info keys (or force-like arrays) is an error."""
+    (or forces) under the defaults but energy-like info keys (or force-like arrays) is an error. A frame without
+    a label (none of the default keys, no key given) has none: it loads unlabelled."""
     import ase.io
 
     try:
@@ -505,7 +586,7 @@ def read_ase(
     from so3lib.data.dataset import Structure
 
     ek, fk, sk = energy_key or "energy", forces_key or "forces", stress_key or "stress"
-    structures = []
+    structures, frame_fk, frame_sk = [], [], []  # the key each frame's forces and stress came from
     for f, atoms in enumerate(frames):
         res = dict(atoms.calc.results) if atoms.calc is not None else {}
         if energy_key is None:
@@ -517,22 +598,27 @@ def read_ase(
             if e.size != 1:
                 raise DataError(path, f"energy label has shape {e.shape}, expected a number", ek, f)
             e = float(e.reshape(()))
+        frame_fk.append(fk)
         if forces_key is None:
             forces = res.get("forces", atoms.arrays.get("forces", atoms.arrays.get("force")))
+            if "forces" not in res and "forces" not in atoms.arrays and "force" in atoms.arrays:
+                frame_fk[-1] = "force"
         else:
             forces = _ase_label(path, atoms, res, f, forces_key, "forces", atoms.arrays)
         if forces is not None:
-            forces = _to_array(path, forces, fk, f, "forces")
+            forces = _to_array(path, forces, frame_fk[-1], f, "forces")
+        frame_sk.append(sk)
         if stress_key is None:
             stress = res.get("stress", atoms.info.get("stress"))
             if stress is None and "virial" in atoms.info:
                 stress = _virial_to_stress(path, atoms, atoms.info["virial"], "virial", f)
+                frame_sk[-1] = "virial"
         else:
             stress = _ase_label(path, atoms, res, f, stress_key, "stress", atoms.info)
             if "virial" in stress_key.lower():
                 stress = _virial_to_stress(path, atoms, stress, stress_key, f)
         if stress is not None:
-            stress = _to_array(path, stress, sk, f, "stress")
+            stress = _to_array(path, stress, frame_sk[-1], f, "stress")
             if stress.shape == (6,):  # Voigt xx yy zz yz xz xy (ASE)
                 from ase.stress import voigt_6_to_full_3x3_stress
 
@@ -557,7 +643,12 @@ def read_ase(
     for f, s in enumerate(structures):
         if s.forces is not None and s.forces.shape != s.positions.shape:
             raise DataError(path, f"forces shape {s.forces.shape} for {len(s)} atoms", fk, f)
-    return Dataset.from_structures(structures, source=str(path), keys={"energy": ek, "forces": fk, "stress": sk})
+    keys = {
+        "energy": ek,
+        "forces": fk if set(frame_fk) == {fk} else np.array(frame_fk, dtype=object),
+        "stress": sk if set(frame_sk) == {sk} else np.array(frame_sk, dtype=object),
+    }
+    return Dataset.from_structures(structures, source=str(path), keys=keys, nonfinite=nonfinite)
 
 
 def _check_ase_unlabelled(path: Path, frames, structures, energy_key, forces_key) -> None:

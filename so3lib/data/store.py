@@ -25,23 +25,28 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from so3lib.data.dataset import Dataset
+from so3lib.data.dataset import NONFINITE, Dataset
 from so3lib.data.errors import DataError
 from so3lib.data.readers import iter_spice_groups
-from so3lib.data.spice import MACE_OFF_ELEMENTS, filter_group, group_dataset, new_report
+from so3lib.data.spice import MACE_OFF_ELEMENTS, filter_group, group_dataset, new_report, warn_nonfinite
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: the drop report has its own "nonfinite" reason; the fingerprint records the nonfinite option
 STORE_MARKER = ".so3lib-store"
 _ATOM = {"numbers": (np.int8, ()), "positions": (np.float64, (3,)), "forces": (np.float64, (3,))}
 _FRAME = {"energy": (np.float64, ()), "molecule": (np.int32, ()), "frame": (np.int32, ())}
 
 
 def fingerprint(
-    source: str | Path, elements: Sequence[int], neutral_only: bool, max_force_ev_per_a: float | None
+    source: str | Path,
+    elements: Sequence[int],
+    neutral_only: bool,
+    max_force_ev_per_a: float | None,
+    nonfinite: Literal["error", "drop"] = "error",
 ) -> dict:
     """What the store depends on: the source file (absolute path, size, mtime) and the filter options."""
     st = Path(source).stat()
@@ -53,6 +58,7 @@ def fingerprint(
         "elements": sorted(int(z) for z in elements),
         "neutral_only": bool(neutral_only),
         "max_force_ev_per_a": max_force_ev_per_a,
+        "nonfinite": nonfinite,
     }
 
 
@@ -64,16 +70,22 @@ def convert_spice(
     max_force_ev_per_a: float | None = None,
     progress: bool = True,
     rebuild: bool = False,
+    nonfinite: Literal["error", "drop"] = "error",
 ) -> Path:
     """Convert a SPICE HDF5 file into a packed store at ``store`` (reused when its fingerprint matches).
-    Returns the store path. Raises `DataError` when nothing survives the filters."""
+    Returns the store path. Raises `DataError` when nothing survives the filters. ``nonfinite``: a NaN or
+    infinite dft_total_energy/dft_total_gradient is a `DataError` naming the file, '<group>/<key>' and the
+    conformer ("error"), or drops the conformer, counted in the manifest's ``report["dropped"]["nonfinite"]``
+    and logged ("drop"); never a force-threshold drop."""
     import h5py
     from tqdm.auto import tqdm
 
     source, store = Path(source), Path(store)
     if not source.exists():
         raise DataError(source, "no such file")
-    fp = fingerprint(source, elements, neutral_only, max_force_ev_per_a)
+    if nonfinite not in NONFINITE:
+        raise DataError(source, f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    fp = fingerprint(source, elements, neutral_only, max_force_ev_per_a, nonfinite)
     man = store / "manifest.json"
     if man.exists() and not rebuild:
         old = json.loads(man.read_text())
@@ -106,7 +118,7 @@ def convert_spice(
     try:
         it = iter_spice_groups(source, names)
         for name, a in tqdm(it, total=len(names), desc=f"packing {source.name}", disable=not progress, unit="mol"):
-            keep = filter_group(name, a, report, allowed, neutral_only, max_force_ev_per_a)
+            keep = filter_group(name, a, report, allowed, neutral_only, max_force_ev_per_a, nonfinite)
             if keep is None:
                 continue
             ds = group_dataset(source, name, a, keep)  # validates: NaN/inf, close atoms, shapes
@@ -126,13 +138,14 @@ def convert_spice(
     finally:
         for fh in files.values():
             fh.close()
+    warn_nonfinite(source, report)
     if n_frames == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(
             source,
             f"empty dataset: no conformation survives the filters (elements {species}, "
-            f"neutral_only={neutral_only}, max force {max_force_ev_per_a} eV/Å); drop report: "
-            + json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "names"} for k, v in report["dropped"].items()}),
+            f"neutral_only={neutral_only}, max force {max_force_ev_per_a} eV/Å, nonfinite={nonfinite!r}); drop "
+            "report: " + json.dumps({k: _counts(v) for k, v in report["dropped"].items()}),
         )
     present = np.fromfile(tmp / "composition.bin", np.int16).reshape(n_frames, len(species)).any(axis=0)
     manifest = {
@@ -160,6 +173,10 @@ def is_store(folder: str | Path) -> bool:
         return "version" in json.loads((folder / "manifest.json").read_text()).get("fingerprint", {})
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _counts(reason: dict) -> dict:
+    return {k: v for k, v in reason.items() if k not in ("names", "frames")}
 
 
 def read_manifest(store: str | Path) -> dict:

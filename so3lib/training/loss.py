@@ -54,12 +54,13 @@ def loss_fn(pred: dict, graph: jraph.GraphsTuple, beta: float, stress_weight: fl
 
 
 def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict:
-    """Sums of absolute and squared errors for MAE/RMSE (energies per structure and per atom, force components)."""
+    """Sums of absolute and squared errors for MAE/RMSE (energies per structure and per atom, force components;
+    stress components when ``pred`` has a stress) and the counts of labelled values they are over."""
     gm, nm = masks(graph)
     n = jnp.maximum(graph.n_node.astype(gm.dtype), 1.0)
     de = pred["energy_residual"] - graph.globals["energy_residual"]
     df = pred["forces"] - graph.nodes["forces"]
-    return {
+    out = {
         "e_abs": jnp.sum(gm * jnp.abs(de)),
         "e_sq": jnp.sum(gm * de**2),
         "ea_abs": jnp.sum(gm * jnp.abs(de) / n),
@@ -69,19 +70,39 @@ def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict:
         "f_sq": jnp.sum(nm[:, None] * df**2),
         "n_f": 3.0 * jnp.sum(nm),
     }
+    if "stress" in pred:
+        sm = jraph.get_graph_padding_mask(graph).astype(gm.dtype) * graph.globals["has_stress"]
+        ds = jnp.where(sm[:, None, None] > 0, pred["stress"] - graph.globals["stress"], 0.0)
+        out.update(s_abs=jnp.sum(jnp.abs(ds)), s_sq=jnp.sum(ds**2), n_s=9.0 * jnp.sum(sm))
+    return out
 
 
 def metrics_from_sums(s: dict) -> dict:
-    """MAE/RMSE in eV and eV/Å from accumulated `error_sums`."""
+    """MAE/RMSE in eV, eV/Å (and eV/Å³ for stress, when the sums have it) from accumulated `error_sums`.
+
+    A metric over no labelled value is ``None`` (absent), never 0 or NaN: the energy metrics (per structure and per
+    atom) when no structure has an energy label, the force metrics when no atom has forces, the stress metrics
+    when no structure has a stress (stress metrics are there only when the sums include stress). ``n_structures``
+    counts the structures with an energy label."""
     import math
 
-    ne, nf = max(float(s["n_e"]), 1.0), max(float(s["n_f"]), 1.0)
-    return {
-        "energy_mae_ev": float(s["e_abs"]) / ne,
-        "energy_rmse_ev": math.sqrt(float(s["e_sq"]) / ne),
-        "energy_mae_per_atom_ev": float(s["ea_abs"]) / ne,
-        "energy_rmse_per_atom_ev": math.sqrt(float(s["ea_sq"]) / ne),
-        "forces_mae_ev_per_a": float(s["f_abs"]) / nf,
-        "forces_rmse_ev_per_a": math.sqrt(float(s["f_sq"]) / nf),
+    def mean(total: str, count: str, root: bool = False) -> float | None:
+        n = float(s[count])
+        if n <= 0:
+            return None
+        v = float(s[total]) / n
+        return math.sqrt(v) if root else v
+
+    out = {
+        "energy_mae_ev": mean("e_abs", "n_e"),
+        "energy_rmse_ev": mean("e_sq", "n_e", root=True),
+        "energy_mae_per_atom_ev": mean("ea_abs", "n_e"),
+        "energy_rmse_per_atom_ev": mean("ea_sq", "n_e", root=True),
+        "forces_mae_ev_per_a": mean("f_abs", "n_f"),
+        "forces_rmse_ev_per_a": mean("f_sq", "n_f", root=True),
         "n_structures": int(round(float(s["n_e"]))),
     }
+    if "n_s" in s:
+        out["stress_mae_ev_per_a3"] = mean("s_abs", "n_s")
+        out["stress_rmse_ev_per_a3"] = mean("s_sq", "n_s", root=True)
+    return out
