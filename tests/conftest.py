@@ -60,6 +60,7 @@ UNIT_MODULES = {
     "test_bad_input",
     "test_config",
     "test_graph",
+    "test_labels_nonfinite",
     "test_labels_reference",
     "test_model_physics",
     "test_packaging",

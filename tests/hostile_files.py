@@ -89,6 +89,16 @@ def build(d: Path) -> dict[str, Path]:
         g["dft_total_gradient"] = np.zeros((0, 12, 3))
         g["smiles"] = np.array([b"c1ccccc1"])
         g["subset"] = np.array([b"test"])
+    f["spice_only_empty"] = d / "spice_only_empty.hdf5"
+    with h5py.File(f["spice_only_empty"], "w") as h:
+        with h5py.File(f["spice_empty_group"]) as src:
+            src.copy(src["c1ccccc1"], h, name="c1ccccc1")
+    e = eth["energies"].copy()
+    e[4] = np.nan
+    f["nan_energy"] = _npz(d / "nan_energy.npz", **{**eth, "energies": e})
+    fo = eth["forces"].copy()
+    fo[7, 2, 1] = np.inf
+    f["inf_force"] = _npz(d / "inf_force.npz", **{**eth, "forces": fo})
     f["li"] = data("materials", "li_mlearn_test.json")
     f["e0s_symbol"] = d / "e0s_symbol.yaml"
     f["e0s_symbol"].write_text("H: -13.6\nC: -1029.0\nXx: -2041.0\n")

@@ -108,6 +108,37 @@ CASES = [
         ("inspect", "{li}", "--energy-key", "E"),
         r"mlearn files have fixed label keys",
     ),
+    Case(
+        "a SPICE file whose groups hold no conformation",
+        ("inspect", "{spice_only_empty}"),
+        r"spice_only_empty\.hdf5: empty dataset: no molecule group with conformations \(groups without any: c1ccccc1\)",
+    ),
+    Case(
+        "a NaN energy label",
+        ("inspect", "{nan_energy}"),
+        r"nan_energy\.npz, key 'energies', frame 4: NaN or infinite value",
+    ),
+    Case(
+        "an infinite force label",
+        ("inspect", "{inf_force}"),
+        r"inf_force\.npz, key 'forces', frame 7: NaN or infinite value",
+    ),
+    Case(
+        "NaN labels dropped when asked, then too few for a split",
+        (
+            *TRAIN,
+            "--train",
+            "{nan_energy}",
+            "--drop-nonfinite-labels",
+            "--e0s",
+            "average",
+            "--val-fraction",
+            "0.01",
+            "--out",
+            "{tmp}/r",
+        ),
+        r"nan_energy\.npz: 29 frames × val_fraction 0\.01 leaves no validation frame",
+    ),
     # ---- the energy reference
     Case(
         "undetermined reference",

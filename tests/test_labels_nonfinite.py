@@ -485,6 +485,7 @@ def test_spice_filter_drops_nonfinite_under_its_own_reason(tmp_path, caplog):
     m = read_manifest(store)
     assert m["report"] == json.loads(json.dumps(rep)) and m["frames"] == len(kept)
     assert m["fingerprint"]["nonfinite"] == "drop" and set(m["report"]["dropped"]) == {
+        "no_conformations",
         "element",
         "charged",
         "nonfinite",

@@ -19,3 +19,7 @@ class DataError(ValueError):
 class UndeterminedReferenceError(DataError):
     """The training set's compositions do not determine the per-element energy reference (least squares with
     fewer independent compositions than unknowns, e.g. a single molecule)."""
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A data file that does not exist: a `DataError` (as every bad input) and a `FileNotFoundError`."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from so3lib import units
 from so3lib.data.dataset import NONFINITE, Dataset, finite_labels, merge_drops
-from so3lib.data.errors import DataError
+from so3lib.data.errors import DataError, MissingFileError
 
 FORMATS = ("rmd17", "sgdml", "spice", "mlearn", "ase")
 log = logging.getLogger("so3lib.data")
@@ -77,7 +77,7 @@ def read(
     are never an error: those frames load unlabelled."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such data file")
+        raise MissingFileError(path, "no such data file")
     if path.is_dir():
         raise DataError(path, "is a directory, expected a data file")
     fmt = format or detect_format(path)
@@ -383,10 +383,11 @@ def read_spice(
     _no_stress(path, "spice", stress_key)
     energy_key = energy_key or "dft_total_energy"
     forces_key = forces_key or "dft_total_gradient"
-    parts, drops = [], []
+    parts, drops, empty = [], [], []
     for name, a in iter_spice_groups(path, groups, energy_key, forces_key):
         c = len(a["positions"])
         if c == 0:
+            empty.append(name)
             continue
         keys = {
             "numbers": f"{name}/atomic_numbers",
@@ -424,7 +425,18 @@ def read_spice(
                 f"empty dataset: every one of the {n} conformers has a NaN or infinite label, and nonfinite='drop' "
                 f"dropped them all (the first: key '{drops[0]['keys'][0]}', frame {drops[0]['frames'][0]})",
             )
-        raise DataError(path, "empty dataset: no molecule group with conformations")
+        raise DataError(
+            path,
+            "empty dataset: no molecule group with conformations"
+            + (f" (groups without any: {', '.join(empty[:10])})" if empty else ""),
+        )
+    if empty:
+        log.warning(
+            "%s: %d molecule group(s) without any conformation skipped: %s",
+            path,
+            len(empty),
+            ", ".join(empty[:10]) + (f", ... ({len(empty) - 10} more)" if len(empty) > 10 else ""),
+        )
     ds = Dataset.concatenate(parts)
     ds.dropped_nonfinite = merge_drops(drops)  # in file order, with the groups dropped whole
     return ds
@@ -562,6 +574,7 @@ def read_ase(
     forces_key: str | None = None,
     stress_key: str | None = None,
     nonfinite: Literal["error", "drop"] = "error",
+    unnamed_labels: Literal["error", "ignore"] = "error",
 ) -> Dataset:
     """Anything ase.io reads. By default: energy from the calculator or info['energy']; forces from the
     calculator or arrays 'forces'/'force'; stress from the calculator, info['stress'] or info['virial']
@@ -639,7 +652,8 @@ def read_ase(
                 info=info,
             )
         )
-    _check_ase_unlabelled(path, frames, structures, energy_key, forces_key)
+    if unnamed_labels == "error":  # "ignore": a structure file (MD), whose labels do not matter
+        _check_ase_unlabelled(path, frames, structures, energy_key, forces_key)
     for f, s in enumerate(structures):
         if s.forces is not None and s.forces.shape != s.positions.shape:
             raise DataError(path, f"forces shape {s.forces.shape} for {len(s)} atoms", fk, f)

@@ -44,7 +44,8 @@ def formal_charge(smiles: str) -> int:
 
 def new_report(max_force_ev_per_a: float | None) -> dict:
     """Empty drop report: counts of molecules and conformers kept and dropped, by reason. The reasons, in the order
-    they are applied: ``element`` (an element outside the allowed set) and ``charged`` (non-zero total formal
+    they are applied: ``no_conformations`` (a group without any conformation), ``element`` (an element outside
+    the allowed set) and ``charged`` (non-zero total formal
     charge) drop whole molecules; ``nonfinite`` (a NaN or infinite energy or gradient, only with
     ``nonfinite="drop"``; ``frames`` maps each molecule to the indices of its dropped conformers) and
     ``max_force`` (the largest force component of a finite conformer above the threshold) drop conformers. A
@@ -56,6 +57,7 @@ def new_report(max_force_ev_per_a: float | None) -> dict:
         "molecules_kept": 0,
         "conformers_kept": 0,
         "dropped": {
+            "no_conformations": {"molecules": 0, "conformers": 0, "names": []},
             "element": {"molecules": 0, "conformers": 0, "names": []},
             "charged": {"molecules": 0, "conformers": 0, "names": []},
             "nonfinite": {"molecules": 0, "conformers": 0, "names": [], "frames": {}},
@@ -84,6 +86,11 @@ def filter_group(
     n_conf = len(arrays["positions"])
     report["molecules_in"] += 1
     report["conformers_in"] += n_conf
+    if n_conf == 0:
+        d = report["dropped"]["no_conformations"]
+        d["molecules"] += 1
+        d["names"].append(name)
+        return None
     bad_z = sorted(set(np.unique(arrays["numbers"]).tolist()) - allowed)
     reason = "element" if bad_z else ("charged" if neutral_only and formal_charge(arrays["smiles"]) != 0 else None)
     if reason:

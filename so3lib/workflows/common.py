@@ -49,6 +49,9 @@ class LabelKeys(Options):
     energy_key: str | None = Field(None, description="energy label name (e.g. REF_energy; default: the format's)")
     forces_key: str | None = Field(None, description="forces label name (e.g. REF_forces; default: the format's)")
     stress_key: str | None = Field(None, description="stress label name (default: the format's)")
+    drop_nonfinite_labels: bool = Field(
+        False, description="drop frames with a NaN or infinite label (counted and reported) instead of refusing"
+    )
 
     def keys(self, spec: str | DataFile | None = None) -> dict[str, str]:
         """Label keys for reading ``spec``: the file's own keys over the command's."""
@@ -63,7 +66,8 @@ class LabelKeys(Options):
 
         path = spec.path if isinstance(spec, DataFile) else spec
         fmt = spec.format if isinstance(spec, DataFile) and spec.format else format
-        return data.read(path, fmt, **self.keys(spec), **kwargs)
+        nonfinite = "drop" if self.drop_nonfinite_labels else "error"
+        return data.read(path, fmt, **self.keys(spec), nonfinite=nonfinite, **kwargs)
 
 
 class LabelOptions(RunOptions, LabelKeys):

@@ -46,7 +46,8 @@ def load_structure(path: str, frame: int = 0, supercell=None):
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such structure file")
-    ds = data.read(p)
+    # a structure: labels do not matter, so label-like keys so3lib was not told about are no error here
+    ds = data.read(p, unnamed_labels="ignore") if data.detect_format(p) == "ase" else data.read(p)
     if not -len(ds) <= frame < len(ds):
         raise data.DataError(p, f"frame {frame} out of range ({len(ds)} frames)")
     atoms = ds[frame].to_ase()

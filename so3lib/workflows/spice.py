@@ -117,7 +117,7 @@ def per_subset(run_dir: Path, test_view, batch_size: int) -> list[dict]:
     """Test errors of the saved best model for each SPICE subset and overall (one padding ladder and one
     jitted evaluation for all subsets, so no subset recompiles)."""
     from so3lib.training import evaluate, load_potential, make_loader
-    from so3lib.training.trainer import make_eval_fn
+    from so3lib.training.evaluation import make_eval_fn
 
     pot, params = load_potential(run_dir)
     eval_fn = make_eval_fn(pot)
@@ -186,7 +186,14 @@ def run(opts: SpiceOptions, model, training) -> dict:
         )
     store = Path(opts.store or Path("data") / "stores" / path.stem)
     convert_spice(
-        path, store, opts.elements, neutral_only, opts.max_force, progress=opts.progress, rebuild=opts.rebuild_store
+        path,
+        store,
+        opts.elements,
+        neutral_only,
+        opts.max_force,
+        progress=opts.progress,
+        rebuild=opts.rebuild_store,
+        nonfinite="drop" if opts.drop_nonfinite_labels else "error",
     )
     manifest = read_manifest(store)
     view = open_store(store)
