@@ -59,6 +59,23 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n")
 
 
+def to_json(obj: Any) -> str:
+    """JSON of a results mapping, a value that could not be computed (NaN, inf) written as null (absent)."""
+    return json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
+def _finite(o):
+    if isinstance(o, float | np.floating):
+        return float(o) if np.isfinite(o) else None
+    if isinstance(o, Mapping):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    return o
+
+
 def _json_default(o):
     if isinstance(o, np.integer):
         return int(o)

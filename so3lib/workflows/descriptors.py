@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
+from so3lib.training.run_folder import to_json, write_atomic
 from so3lib.workflows.common import Options
 
 
@@ -37,5 +37,5 @@ def run(opts: DescriptorOptions) -> dict:
         model_opts["cutoff"] = opts.cutoff
     cfg = make_config("bpnn", **model_opts).fit(ds)
     res = descriptor_analysis(cfg, ds, opts.out)
-    Path(opts.out, "analysis.json").write_text(json.dumps(res, indent=2))
+    write_atomic(Path(opts.out, "analysis.json"), to_json(res))
     return {**res, "description": cfg.describe(), "out": opts.out}

@@ -14,7 +14,6 @@ the same reference energy as any other choice.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -23,6 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from so3lib import data
+from so3lib.training.run_folder import to_json, write_atomic
 from so3lib.workflows.common import LabelOptions, command_section
 from so3lib.workflows.presets import Preset, PresetTable
 
@@ -264,14 +264,15 @@ def run(opts: MD17Options, model, training) -> dict:
         raise FileNotFoundError("no molecule could be run: " + "; ".join(skipped.values()))
     table = results_table(rows, model.name)
     base.mkdir(parents=True, exist_ok=True)
-    (base / "results.md").write_text(
+    write_atomic(
+        base / "results.md",
         f"# {opts.dataset} split {opts.split}, model {model.name}{' (quick)' if opts.quick else ''}\n\n"
         + table
-        + "\nPublished values: MACE paper (NeurIPS 2022), Table 1.\n"
+        + "\nPublished values: MACE paper (NeurIPS 2022), Table 1.\n",
     )
     if len(rows) > 1:
         summary = [{k: r[k] for k in ("molecule", "test", "train_time_s", "n_parameters", "source")} for r in rows] + [
             {"molecule": m, "skipped": why} for m, why in skipped.items()
         ]
-        (base / "results.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(base / "results.json", to_json(summary))
     return {"rows": rows, "table": table, "out": str(base)}

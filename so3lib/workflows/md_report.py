@@ -6,7 +6,6 @@ plots (energy and temperature, the RDF over time, the RDF similarity)."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +13,7 @@ import numpy as np
 from pydantic import Field
 
 from so3lib import data
+from so3lib.training.run_folder import RunFolder, to_json, write_atomic
 from so3lib.workflows.common import Options, command_section
 
 
@@ -170,11 +170,14 @@ def write_trajectory(path: Path, atoms, res) -> None:
 
 
 def write_csv(path: Path, res) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["step", "time_fs", "potential_ev", "kinetic_ev", "total_ev", "temperature_k"])
-        for row in zip(res.step, res.time_fs, res.potential_ev, res.kinetic_ev, res.total_ev, res.temperature_k):
-            w.writerow([int(row[0])] + [f"{x:.8g}" for x in row[1:]])
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "time_fs", "potential_ev", "kinetic_ev", "total_ev", "temperature_k"])
+    for row in zip(res.step, res.time_fs, res.potential_ev, res.kinetic_ev, res.total_ev, res.temperature_k):
+        w.writerow([int(row[0])] + [f"{x:.8g}" for x in row[1:]])
+    write_atomic(path, buf.getvalue())
 
 
 def run(opts: MDOptions) -> dict:
@@ -206,11 +209,10 @@ def run(opts: MDOptions) -> dict:
         res = run_md_ase(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
     else:
         res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunFolder(opts.out, kind="MD").claim()
     import yaml
 
-    (out / "config.yaml").write_text(yaml.safe_dump({"command": command_section("md", opts)}, sort_keys=False))
+    write_atomic(out / "config.yaml", yaml.safe_dump({"command": command_section("md", opts)}, sort_keys=False))
     cell, pbc = np.asarray(atoms.cell.array), np.asarray(atoms.pbc)
     report, g = analyse(res, atoms.numbers, cell, pbc, cfg, opts.rdf_threshold, opts.rdf_rmax)
     report.update(
@@ -225,6 +227,6 @@ def run(opts: MDOptions) -> dict:
     write_csv(out / "md.csv", res)
     r = stability.rdf(res.positions[0], cell, pbc, opts.rdf_rmax)[0]
     plots(res, g, r, np.asarray(report["rdf_similarity"]), out, f"{atoms.get_chemical_formula()} {cfg.ensemble}")
-    (out / "md_results.json").write_text(json.dumps(report, indent=2, default=str))
+    write_atomic(out / "md_results.json", to_json(report))
     report["out"] = str(out)
     return report

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from so3lib.training.run_folder import to_json, write_atomic
 from so3lib.workflows.common import Format, LabelKeys
 
 
@@ -32,6 +33,14 @@ def errors(ref: np.ndarray, pred: np.ndarray) -> dict[str, float] | None:
     return {"mae": float(np.mean(np.abs(d))), "rmse": float(np.sqrt(np.mean(d**2))), "count": int(ok.sum())}
 
 
+def _ours(out: Path) -> bool:
+    """A predictions file so3lib wrote: its summary beside it names it."""
+    try:
+        return json.loads(out.with_suffix(".json").read_text()).get("predictions") == str(out)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(opts: PredictOptions) -> dict:
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -43,6 +52,9 @@ def run(opts: PredictOptions) -> dict:
     calc = load_calculator(opts.run)
     calc.potential.reference.check_species(np.asarray(ds.species), opts.file)
     out = Path(opts.out or f"{Path(opts.file).stem}_pred.extxyz")
+    if out.exists() and not _ours(out):
+        raise FileExistsError(f"{out}: exists and was not written by so3lib predict; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
     frames, e_ref, e_pred, n_atoms, f_ref, f_pred = [], [], [], [], [], []
     for i in tqdm(range(len(ds)), desc="predict", disable=not opts.progress):
         s = ds[i]
@@ -62,8 +74,9 @@ def run(opts: PredictOptions) -> dict:
         n_atoms.append(len(atoms))
         f_ref.append(np.full((len(atoms), 3), np.nan) if s.forces is None else np.asarray(s.forces, float))
         f_pred.append(res["forces"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(out, frames, format="extxyz")
+    tmp = out.with_name(f".{out.name}.tmp")
+    ase.io.write(tmp, frames, format="extxyz")
+    tmp.replace(out)
     e_ref, e_pred, n = np.asarray(e_ref, float), np.asarray(e_pred, float), np.asarray(n_atoms, float)
     metrics = {
         "frames": len(ds),
@@ -72,5 +85,5 @@ def run(opts: PredictOptions) -> dict:
         "forces_ev_per_a": errors(np.concatenate(f_ref).ravel(), np.concatenate(f_pred).ravel()),
     }
     summary = {"run": opts.run, "file": opts.file, "predictions": str(out), "metrics": metrics}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out.with_suffix(".json"), to_json(summary))
     return summary

@@ -11,7 +11,6 @@ reference is ``average``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ from pydantic import Field
 
 from so3lib import data
 from so3lib.data.spice import MACE_OFF_ELEMENTS
+from so3lib.training.run_folder import to_json, write_atomic
 from so3lib.workflows.common import LabelOptions, command_section
 from so3lib.workflows.presets import Preset, PresetTable
 
@@ -248,12 +248,13 @@ def run(opts: SpiceOptions, model, training) -> dict:
         "test_by_subset": rows,
         "anchors_forces_mae_mev_per_a": ANCHORS,
     }
-    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    write_atomic(out / "results.json", to_json(res))
     table = results_table(rows, model.name)
     ref = res["spice"]["energy_reference"]
-    (out / "results.md").write_text(
+    write_atomic(
+        out / "results.md",
         f"# SPICE ({path.name}), model {model.name}\n\nSplit {split_desc}. Energy reference "
         f"{ref['method']}: residual std {ref['residual_std_per_atom_mev']:.1f} meV/atom "
-        f"(raw {ref['raw_std_per_atom_mev']:.0f}).\n\n" + table
+        f"(raw {ref['raw_std_per_atom_mev']:.0f}).\n\n" + table,
     )
     return {**res, "table": table, "out": str(out)}

@@ -270,11 +270,15 @@ def _set_aside(folder: Path) -> Path:
 
 
 def write_outputs(rows: list[dict], keys: list[str], out: Path) -> None:
-    fields = list(rows[0])
-    with open(out / "sweep.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    import io
+
+    from so3lib.training.run_folder import write_atomic
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out / "sweep.csv", buf.getvalue())
     best = sorted(rows, key=lambda r: math.inf if r["forces_mae_mev_per_a"] is None else r["forces_mae_mev_per_a"])
     cols = keys + [
         "seed",
@@ -289,7 +293,7 @@ def write_outputs(rows: list[dict], keys: list[str], out: Path) -> None:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in best:
         lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
-    (out / "sweep.md").write_text("# Sweep results, best force MAE first\n\n" + "\n".join(lines) + "\n")
+    write_atomic(out / "sweep.md", "# Sweep results, best force MAE first\n\n" + "\n".join(lines) + "\n")
     plot_sweep(rows, keys, out / "plots")
 
 
@@ -357,9 +361,11 @@ def run_sweep(
 ) -> list[dict]:
     """Train every (point, seed) not finished yet, then write the tables and plots. With ``shard=(k, n)``
     only jobs k, k+n, ... are trained and nothing is written (a worker of ``--workers n``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(
-        yaml.safe_dump(sweep.model_dump(mode="json") | sweep.training_options(), sort_keys=False)
+    from so3lib.training.run_folder import RunFolder, write_atomic
+
+    RunFolder(out, kind="sweep").claim()
+    write_atomic(
+        out / "sweep.yaml", yaml.safe_dump(sweep.model_dump(mode="json") | sweep.training_options(), sort_keys=False)
     )
     datasets = resolve_data(sweep)
     jobs = [(p, s) for p in sweep.points() for s in sweep.seeds]
@@ -481,6 +487,9 @@ def run(opts: SweepOptions, argv: list[str] | None = None) -> dict:
     if opts.shard:
         k, n = (int(x) for x in opts.shard.split("/"))
         return {"rows": run_sweep(sweep, out, progress=opts.progress, shard=(k, n)), "out": str(out)}
-    if opts.workers > 1:
-        run_workers([*(argv or []), *([] if opts.out else ["--out", str(out)])], opts.workers)
-    return {"rows": run_sweep(sweep, out, progress=opts.progress), "out": str(out)}
+    from so3lib.training.run_folder import RunFolder
+
+    with RunFolder(out, kind="sweep").lock():  # one sweep per folder; its workers train the points inside it
+        if opts.workers > 1:
+            run_workers([*(argv or []), *([] if opts.out else ["--out", str(out)])], opts.workers)
+        return {"rows": run_sweep(sweep, out, progress=opts.progress), "out": str(out)}
