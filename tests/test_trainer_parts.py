@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import so3lib.training.evaluation as evaluation
 from so3lib.models import make_config
 from so3lib.training import CheckpointError, DataConfig, NonFiniteLossError, RunConfig, train
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, fmt, metric_row, validation_loss
@@ -191,22 +190,9 @@ def test_damaged_checkpoint_falls_back_with_one_warning_then_fails_naming_the_fo
     assert "Traceback" not in capfd.readouterr().err
 
 
-def _metrics_with_absent_labels(sums):
-    """`metrics_from_sums` with None for a label of zero count (what loss.py is changing to), whichever version
-    of loss.py is installed."""
-    m = dict(_real_metrics_from_sums(sums))
-    if float(sums["n_e"]) == 0:
-        m.update({k: None for k in m if k.startswith("energy_")})
-    if float(sums["n_f"]) == 0:
-        m.update({k: None for k in m if k.startswith("forces_")})
-    return m
-
-
-_real_metrics_from_sums = evaluation.metrics_from_sums
-
-
-def test_training_with_a_validation_set_without_forces(tmp_path, ethanol_train, monkeypatch, caplog):
-    monkeypatch.setattr(evaluation, "metrics_from_sums", _metrics_with_absent_labels)
+def test_training_with_a_validation_set_without_forces(tmp_path, ethanol_train, caplog):
+    """Forces absent from the validation and test sets: their metrics are None (`metrics_from_sums`), model
+    selection uses the energy term alone."""
     data = ethanol_train.subset(np.arange(16))
     val = ethanol_train.subset(np.arange(16, 24))
     val.forces = np.full_like(val.forces, np.nan)  # NaN: the frame has no force label
@@ -227,3 +213,12 @@ def test_training_with_a_validation_set_without_forces(tmp_path, ethanol_train, 
         assert float(r["val_loss"]) == pytest.approx(0.1 * e_rmse_ev**2, rel=1e-6)  # energy term only
     assert "forces MAE n/a meV/Å" in caplog.text
     assert (out / "plots" / "parity_energy.png").exists() and not (out / "plots" / "parity_forces.png").exists()
+
+
+def test_a_validation_set_without_labels_is_refused(tmp_path, ethanol_train):
+    data = ethanol_train.subset(np.arange(16))
+    val = ethanol_train.subset(np.arange(16, 20))
+    val.energy = np.full_like(val.energy, np.nan)
+    val.forces = np.full_like(val.forces, np.nan)
+    with pytest.raises(ValueError, match="neither energy nor force labels"):
+        train(_cfg(max_steps=2), data, val, out_dir=tmp_path / "run", progress=False)
