@@ -225,6 +225,7 @@ def run_md(
         int(getattr(model, "n_atom_basis", getattr(model, "features", 64))),
         int(getattr(model, "n_interactions", getattr(model, "layers", 3))),
         f"structure {atoms.get_chemical_formula(mode='hill', empirical=False)[:40]}",
+        positions=None if periodic else atoms.positions,
     )
     neighbor_fn = partition.neighbor_list(
         displacement,
