@@ -25,6 +25,9 @@ def build(d: Path) -> dict[str, Path]:
     eth = {k: raw[k][:30] if k != "nuclear_charges" else raw[k] for k in RMD17_KEYS}
     f: dict[str, Path] = {"dir": d, "missing": d / "nothing_here.xyz"}
     f["ok"] = _npz(d / "rmd17_ethanol_ok.npz", **eth)
+    f["ok40"] = _npz(
+        d / "rmd17_ethanol_ok40.npz", **{k: raw[k][:40] if k != "nuclear_charges" else raw[k] for k in RMD17_KEYS}
+    )
     f["ten"] = _npz(d / "rmd17_ethanol_ten.npz", **{k: v if k == "nuclear_charges" else v[:10] for k, v in eth.items()})
     f["truncated"] = d / "truncated.npz"
     f["truncated"].write_bytes(f["ok"].read_bytes()[:300])
@@ -113,4 +116,6 @@ def build(d: Path) -> dict[str, Path]:
     f["bad_yaml"].write_text("model: schnet\ntrain: [unclosed\n")
     f["list_yaml"] = d / "list.yaml"
     f["list_yaml"].write_text("- train\n- ok.npz\n")
+    f["afile"] = d / "afile.txt"
+    f["afile"].write_text("not a folder")
     return f

@@ -38,6 +38,15 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def clirun(f, tmp_path_factory):
+    """A run trained through the command line (its config.yaml is what --config reads back)."""
+    out = tmp_path_factory.mktemp("hostile_cli") / "run"
+    argv = ["train", "--train", str(f["ok"]), "--e0s", "average", "--n-atom-basis", "8", "--n-interactions", "1"]
+    assert main([*argv, "--max-steps", "4", "--eval-every-steps", "2", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     id: str
@@ -228,6 +237,53 @@ CASES = [
         ("spice", "--store", "{foreign}", "--max-steps", "1"),
         r"project: exists and is not a so3lib store .* choose another --store",
     ),
+    # ---- run folders: one writer, nothing overwritten, a resumed run is the same run
+    Case(
+        "--out holding the user's files",
+        (*TRAIN, "--train", "{ok}", "--e0s", "average", "--out", "{foreign}"),
+        r"project: holds files so3lib did not write \(thesis\.tex\); .* choose another output folder",
+    ),
+    Case(
+        "--out that is a file",
+        (*TRAIN, "--train", "{ok}", "--e0s", "average", "--out", "{afile}"),
+        r"afile\.txt: exists and is not a folder",
+    ),
+    Case(
+        "a finished run without --resume",
+        ("train", "--config", "{clirun}/config.yaml", "--out", "{clirun}"),
+        r"hostile_cli\d*/run already holds a run: pass resume=True \(--resume\)",
+    ),
+    Case(
+        "--resume with another learning rate",
+        ("train", "--config", "{clirun}/config.yaml", "--out", "{clirun}", "--resume", "--learning-rate", "0.01"),
+        r"--resume refuses a changed run \(config\.training\.learning_rate: 0\.001 → 0\.01\)",
+    ),
+    Case(
+        "--resume on other data",
+        ("train", "--config", "{clirun}/config.yaml", "--out", "{clirun}", "--resume", "--train", "{ok40}"),
+        r"--resume refuses a changed run \(data\.train: content changed \(28 → 38 frames\); data\.val: content changed",
+    ),
+    Case(
+        "--resume with another model width",
+        ("train", "--config", "{clirun}/config.yaml", "--out", "{clirun}", "--resume", "--n-atom-basis", "16"),
+        r"config\.model\.n_atom_basis: 8 → 16",
+    ),
+    # ---- checked before the first step
+    Case(
+        "a cutoff that leaves no edges",
+        (*TRAIN, "--train", "{ok}", "--e0s", "average", "--cutoff", "0.3", "--out", "{tmp}/r"),
+        r"ok\.npz: the cutoff 0\.3 Å leaves no neighbour pair in any training structure",
+    ),
+    Case(
+        "a test set with elements training never saw",
+        (*TRAIN, "--train", "{ok}", "--e0s", "average", "--test", "{li}", "--out", "{tmp}/r"),
+        r"test set \(.*li_mlearn_test\.json\), key 'numbers': elements \[3\] have no energy reference",
+    ),
+    Case(
+        "stress asked for, none in the data",
+        (*TRAIN, "--train", "{ok}", "--e0s", "average", "--stress-weight", "1", "--out", "{tmp}/r"),
+        r"ok\.npz, key 'stress': stress_weight 1 but no training frame has a stress label with a periodic cell",
+    ),
     # ---- MD
     Case(
         "MD without a run",
@@ -306,13 +362,43 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_command_line(case, f, run, tmp_path, capsys, monkeypatch):
+def test_command_line(case, f, run, clirun, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = {p: p.read_bytes() for p in f["foreign"].rglob("*") if p.is_file()}
-    argv = [a.format(**{k: str(v) for k, v in f.items()}, run=str(run), tmp=str(tmp_path)) for a in case.argv]
+    subs = {**{k: str(v) for k, v in f.items()}, "run": str(run), "clirun": str(clirun), "tmp": str(tmp_path)}
+    argv = [a.format(**subs) for a in case.argv]
     code = main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("so3lib: error: "), err
     assert re.search(case.words, err[0]), err[0]
     assert {p: p.read_bytes() for p in f["foreign"].rglob("*") if p.is_file()} == before  # the user's files
+    assert not (tmp_path / "r" / "checkpoints").exists()  # refused before the first step
+
+
+def test_the_refused_commands_left_the_trained_run_as_it_was(clirun):
+    import json
+
+    res = json.loads((clirun / "results.json").read_text())
+    assert res["steps"] == 4 and res["steps_per_s"] is None  # 3 timed steps: too few to measure, absent not 1e10
+    assert sorted(int(p.name) for p in (clirun / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
+
+
+def test_a_second_process_on_the_same_folder_is_refused_naming_the_first(f, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "busy"
+    code = (
+        "import time\nfrom so3lib.training.run_folder import RunFolder\n"
+        f"with RunFolder({str(out)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main([*TRAIN, "--train", str(f["ok"]), "--e0s", "average", "--out", str(out)]) == 2
+        (err,) = capsys.readouterr().err.strip().splitlines()
+        assert re.fullmatch(rf"so3lib: error: {out}: in use by pid {holder.pid} on .+; wait for it to finish .*", err)
+    finally:
+        holder.kill()
+        holder.wait()

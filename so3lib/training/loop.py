@@ -40,10 +40,14 @@ class MetricsWriter(Protocol):
     def write(self, row: dict) -> None: ...
 
 
+MIN_TIMED_STEPS = 5  # fewer timed steps than this give no steps_per_s
+
+
 @dataclasses.dataclass
 class LoopTiming:
     """train_time_s: training time summed over sessions (s); compile_time_s: the first step of this session,
-    compilation included; steps_per_s: the later steps of this session, evaluations and checkpoints excluded."""
+    compilation included; steps_per_s: the later steps of this session, evaluations and checkpoints excluded
+    (None when fewer than MIN_TIMED_STEPS were timed)."""
 
     train_time_s: float
     compile_time_s: float | None
@@ -140,7 +144,10 @@ class TrainingLoop:
         timing = LoopTiming(
             train_time_s=self._elapsed0 + (t_end - self._t_loop),
             compile_time_s=self._compile_time_s,
-            steps_per_s=self._steps_timed / max(timed_s, 1e-9) if self._timed_from and self._steps_timed else None,
+            # absent when too few steps were timed to measure (a short run), never a division by almost zero
+            steps_per_s=self._steps_timed / timed_s
+            if self._timed_from and self._steps_timed >= MIN_TIMED_STEPS and timed_s > 0
+            else None,
         )
         return self.state, p, timing
 

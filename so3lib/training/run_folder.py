@@ -27,8 +27,20 @@ import numpy as np
 MARKER = ".so3lib-run"
 LOCK = ".so3lib.lock"
 FINGERPRINT = "fingerprint.json"
-# options that change how long or how verbosely a run goes, not what it computes: a resumed run may change them
-RESUMABLE = frozenset({"max_steps", "max_epochs", "max_minutes", "log_every_steps", "checkpoint_every_steps"})
+# options a resumed run may change: how long and how verbosely it goes, and how its batches are spread (a new
+# batch size continues from the saved position, starting the next epoch if that position is past its end)
+RESUMABLE = frozenset(
+    {
+        "max_steps",
+        "max_epochs",
+        "max_minutes",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "batch_size",
+        "eval_batch_size",
+        "n_devices",
+    }
+)
 
 
 class RunFolderError(ValueError):

@@ -10,7 +10,6 @@ metrics.csv), `loop` (only the loop), `checkpoint` (orbax).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,9 +21,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from so3lib.data.dataset import Dataset
+from so3lib.data.errors import DataError
 from so3lib.data.reference import fit_energy_reference
 from so3lib.graph.batching import BudgetLadder, GraphLoader
 from so3lib.potential import Potential, fit_scale_shift
+from so3lib.training import run_folder
 from so3lib.training.checkpoint import Checkpointer
 from so3lib.training.config import DataConfig, RunConfig
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, evaluate, fmt, make_eval_fn, to_mev
@@ -142,31 +143,47 @@ def train(
     t_setup = time.perf_counter()
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
-    if out.exists() and (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and not resume:
-        raise FileExistsError(
-            f"{out} already holds a run: pass resume=True (--resume) to continue it, or choose another output folder"
-        )
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("so3lib")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        return _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup)
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+    with run_folder.RunFolder(out).lock():  # refuses a folder of foreign files, and a second writer
+        if (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and not resume:
+            raise FileExistsError(
+                f"{out} already holds a run: pass resume=True (--resume) to continue it, or choose another output "
+                "folder"
+            )
+        (out / "plots").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("so3lib")
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            return _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup)
+        finally:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup):
     tc = cfg.training
+    _check_splits(train_ds, val_ds, tc)
     pot = build_potential(cfg, train_ds)  # fits the reference, scale/shift and data-dependent model constants
     cfg = cfg.model_copy(update={"model": pot.model})
+    for name, ds in (("validation", val_ds), ("test", test_ds)):  # before the first step, not after training
+        if ds is not None:
+            pot.reference.check_species(np.asarray(ds.species), f"{name} set ({_source(ds)})")
+    fingerprint = run_folder.fingerprint(cfg, {"train": train_ds, "val": val_ds, "test": test_ds})
+    if resume:
+        run_folder.check_resume(out, fingerprint)  # the same run, or a refusal listing what changed
+    run_folder.save_fingerprint(out, fingerprint)
     _write_run_config(cfg, out, resume, splits)
     _log_reference(pot)
     mesh = data_mesh(tc.n_devices)
     train_loader = make_loader(train_ds, pot, tc.batch_size, True, tc.seed, "training", mesh)
+    if isinstance(train_ds, Dataset) and int(train_loader.table.offsets[-1]) == 0:
+        raise DataError(
+            _source(train_ds),
+            f"the cutoff {pot.cutoff:g} Å leaves no neighbour pair in any training structure: the model would see "
+            "isolated atoms only; raise the cutoff",
+        )
     eval_batch_size = tc.eval_batch_size or max(tc.batch_size, 64)
     val_loader = make_loader(val_ds, pot, eval_batch_size, False, 0, "validation")
     steps_per_epoch = len(train_loader)
@@ -265,8 +282,33 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         results["test"] = _test(pot, best, test_loader, eval_fn, out / "plots", cfg.name)
     # data, neighbour lists, evaluation, plots
     results["overhead_time_s"] = time.perf_counter() - t_setup - timing.train_time_s
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    run_folder.write_atomic(out / "results.json", run_folder.to_json(results))
     return results
+
+
+def _source(ds) -> str:
+    return str(getattr(ds, "source", None) or ds.meta["source"][0])
+
+
+def _check_splits(train_ds, val_ds, tc) -> None:
+    """What must hold before the first step: frames to train and validate on, stress labels where asked for."""
+    for name, ds in (("training", train_ds), ("validation", val_ds)):
+        if ds is None or len(ds) == 0:
+            raise DataError(
+                "<splits>" if ds is None else _source(ds),
+                f"the {name} set is empty: give it frames (a --val file, or a larger --val-fraction)",
+            )
+    if tc.stress_weight > 0 and isinstance(train_ds, Dataset):
+        usable = train_ds.pbc.all(axis=1)
+        if train_ds.stress is not None:
+            usable &= np.isfinite(train_ds.stress).all(axis=(1, 2))
+        if train_ds.stress is None or not usable.any():
+            raise DataError(
+                _source(train_ds),
+                f"stress_weight {tc.stress_weight:g} but no training frame has a stress label with a periodic cell "
+                "(stress is only defined for periodic frames)",
+                "stress",
+            )
 
 
 def _start_or_resume(
@@ -313,7 +355,7 @@ def _write_run_config(cfg: RunConfig, out: Path, resume: bool, splits: dict | No
                 f"{out}/config.yaml has model {saved.model.config_view()}, the resumed run asks for "
                 f"{cfg.model.config_view()}: a resumed run must keep its model"
             )
-    cfg.to_yaml(out / "config.yaml")
+    run_folder.write_atomic(out / "config.yaml", cfg.to_yaml())
     if splits:
         from so3lib.data.splits import save_splits
 
