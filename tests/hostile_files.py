@@ -53,6 +53,17 @@ def build(d: Path) -> dict[str, Path]:
         a.info["REF_energy"] = float(eth["energies"][i]) * 0.0433641
         a.arrays["REF_forces"] = eth["forces"][i] * 0.0433641
         frames.append(a)
+    f["forces_only"], f["energy_only"] = d / "forces_only.extxyz", d / "energy_only.extxyz"
+    fo_frames, en_frames = [], []
+    for a in frames[:6]:
+        b = Atoms(numbers=a.numbers, positions=a.positions)
+        b.arrays["forces"] = a.arrays["REF_forces"]
+        fo_frames.append(b)
+        c = Atoms(numbers=a.numbers, positions=a.positions)
+        c.info["energy"] = a.info["REF_energy"]
+        en_frames.append(c)
+    ase.io.write(f["forces_only"], fo_frames)
+    ase.io.write(f["energy_only"], en_frames)
     f["mace"] = d / "mace.extxyz"
     ase.io.write(f["mace"], frames)
     gap = [a.copy() for a in frames]

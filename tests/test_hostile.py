@@ -402,3 +402,20 @@ def test_a_second_process_on_the_same_folder_is_refused_naming_the_first(f, tmp_
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_metric_that_cannot_be_computed_is_absent_and_its_plot_skipped(f, clirun, tmp_path):
+    """A test file without energies, a file without forces: the missing metric is null (never 0), the plot of
+    what is absent is not drawn, everything else is written."""
+    import json
+
+    out = tmp_path / "r"
+    argv = [*TRAIN, "--train", str(f["ok"]), "--e0s", "average", "--n-atom-basis", "8", "--n-interactions", "1"]
+    assert main([*argv, "--test", str(f["forces_only"]), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["test"]["forces_mae_ev_per_a"] > 0
+    assert res["test"]["energy_mae_ev"] is None and res["test"]["energy_mae_per_atom_ev"] is None
+    assert (out / "plots" / "parity_forces.png").exists() and not (out / "plots" / "parity_energy.png").exists()
+    assert main(["predict", str(clirun), str(f["energy_only"]), "--out", str(tmp_path / "p.extxyz")]) == 0
+    m = json.loads((tmp_path / "p.json").read_text())["metrics"]
+    assert m["forces_ev_per_a"] is None and m["energy_ev"]["count"] == 6 and m["energy_ev"]["mae"] > 0
