@@ -7,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import numpy as np
 import pytest
-from conftest import ETHANOL_TRAIN
 from hostile_files import build
 
 from so3lib.cli import main
@@ -18,24 +16,6 @@ from so3lib.cli import main
 @pytest.fixture(scope="module")
 def f(tmp_path_factory):
     return build(tmp_path_factory.mktemp("hostile"))
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny trained ethanol SchNet run folder (for md, predict and resume cases)."""
-    from so3lib import data
-    from so3lib.models import make_config
-    from so3lib.training import DataConfig, RunConfig, TrainingConfig, train
-
-    ds = data.read(ETHANOL_TRAIN).subset(np.arange(40))
-    out = tmp_path_factory.mktemp("hostile_run") / "run"
-    cfg = RunConfig(
-        model=make_config("schnet", n_atom_basis=8, n_interactions=1, n_rbf=8),
-        training=TrainingConfig(max_steps=4, max_epochs=None, batch_size=8, eval_every_steps=4),
-        data=DataConfig(energy_reference="average"),
-    )
-    train(cfg, ds.subset(np.arange(30)), ds.subset(np.arange(30, 40)), out_dir=out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +30,7 @@ def clirun(f, tmp_path_factory):
 @dataclasses.dataclass(frozen=True)
 class Case:
     id: str
-    argv: tuple[str, ...]  # {name} is a file of `build`, {run} the trained run, {tmp} a fresh folder
+    argv: tuple[str, ...]  # {name}: a file of `build`; {run}, {clirun}: the trained run; {tmp}: a fresh folder
     words: str  # a regular expression the one error line must match (after 'so3lib: error: ')
 
 
@@ -362,10 +342,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_command_line(case, f, run, clirun, tmp_path, capsys, monkeypatch):
+def test_command_line(case, f, clirun, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = {p: p.read_bytes() for p in f["foreign"].rglob("*") if p.is_file()}
-    subs = {**{k: str(v) for k, v in f.items()}, "run": str(run), "clirun": str(clirun), "tmp": str(tmp_path)}
+    subs = {**{k: str(v) for k, v in f.items()}, "run": str(clirun), "clirun": str(clirun), "tmp": str(tmp_path)}
     argv = [a.format(**subs) for a in case.argv]
     code = main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
