@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +133,19 @@ def build(d: Path) -> dict[str, Path]:
     f["afile"] = d / "afile.txt"
     f["afile"].write_text("not a folder")
     return f
+
+
+@contextlib.contextmanager
+def holding_lock(folder: Path):
+    """Another process holding ``folder``'s run-folder lock; yields its pid."""
+    code = (
+        "import time\nfrom so3lib.training.run_folder import RunFolder\n"
+        f"with RunFolder({str(folder)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

@@ -8,7 +8,7 @@ import dataclasses
 import re
 
 import pytest
-from hostile_files import build
+from hostile_files import build, holding_lock
 
 from so3lib.cli import main
 
@@ -365,23 +365,11 @@ def test_the_refused_commands_left_the_trained_run_as_it_was(clirun):
 
 
 def test_a_second_process_on_the_same_folder_is_refused_naming_the_first(f, tmp_path, capsys):
-    import subprocess
-    import sys
-
     out = tmp_path / "busy"
-    code = (
-        "import time\nfrom so3lib.training.run_folder import RunFolder\n"
-        f"with RunFolder({str(out)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(60)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with holding_lock(out) as pid:
         assert main([*TRAIN, "--train", str(f["ok"]), "--e0s", "average", "--out", str(out)]) == 2
         (err,) = capsys.readouterr().err.strip().splitlines()
-        assert re.fullmatch(rf"so3lib: error: {out}: in use by pid {holder.pid} on .+; wait for it to finish .*", err)
-    finally:
-        holder.kill()
-        holder.wait()
+        assert re.fullmatch(rf"so3lib: error: {out}: in use by pid {pid} on .+; wait for it to finish .*", err)
 
 
 def test_a_metric_that_cannot_be_computed_is_absent_and_its_plot_skipped(f, clirun, tmp_path):

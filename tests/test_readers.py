@@ -8,6 +8,7 @@ import pytest
 from conftest import ETHANOL_TEST, SPICE_SAMPLE, data, shared
 
 import so3lib.data as d
+from so3lib.workflows.md17 import MOLECULES
 
 KCAL = 0.0433641  # eV per kcal/mol (data README)
 HARTREE = 27.211386  # eV
@@ -27,21 +28,7 @@ def test_rmd17_units_by_hand():
     assert not ds.pbc.any()
 
 
-@pytest.mark.parametrize(
-    "mol",
-    [
-        "aspirin",
-        "azobenzene",
-        "benzene",
-        "ethanol",
-        "malonaldehyde",
-        "naphthalene",
-        "paracetamol",
-        "salicylic",
-        "toluene",
-        "uracil",
-    ],
-)
+@pytest.mark.parametrize("mol", MOLECULES)
 def test_all_rmd17_molecules_load(mol):
     for part in ("train", "test"):
         ds = d.read(data("rmd17", f"rmd17_{mol}_{part}_01.npz"))

@@ -1,13 +1,12 @@
 """The run-folder contract: atomic writes, folders claimed with a marker (foreign files refused), one writer at
 a time (a second process is refused at once, naming the holder), fingerprints that tell a changed run apart."""
 
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from conftest import ETHANOL_TEST
+from hostile_files import holding_lock
 
 from so3lib import data
 from so3lib.models import make_config
@@ -48,21 +47,12 @@ def test_claim_refuses_folders_with_files_so3lib_did_not_write(tmp_path):
 
 def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path):
     folder = tmp_path / "run"
-    code = (
-        "import sys, time\nfrom so3lib.training.run_folder import RunFolder\n"
-        f"with RunFolder({str(folder)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(60)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with holding_lock(folder) as pid:
         t0 = time.perf_counter()
-        with pytest.raises(rf.RunFolderBusy, match=rf"run: in use by pid {holder.pid} on .* since .*; wait for it"):
+        with pytest.raises(rf.RunFolderBusy, match=rf"run: in use by pid {pid} on .* since .*; wait for it"):
             with rf.RunFolder(folder).lock():
                 pass
         assert time.perf_counter() - t0 < 2.0  # refused at once, not after a wait
-    finally:
-        holder.kill()
-        holder.wait()
     with rf.RunFolder(folder).lock():  # released when the holder dies
         assert (folder / rf.LOCK).read_text().startswith("pid ")
 
