@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 import pytest
+from conftest import ETHANOL_TRAIN
 from hostile_files import build, holding_lock
 
 from so3lib.cli import main
@@ -387,3 +389,52 @@ def test_a_metric_that_cannot_be_computed_is_absent_and_its_plot_skipped(f, clir
     assert main(["predict", str(clirun), str(f["energy_only"]), "--out", str(tmp_path / "p.extxyz")]) == 0
     m = json.loads((tmp_path / "p.json").read_text())["metrics"]
     assert m["forces_ev_per_a"] is None and m["energy_ev"]["count"] == 6 and m["energy_ev"]["mae"] > 0
+
+
+CALCULATOR_CASES = [  # (id, atoms, the error's words; None: a correct result)
+    (
+        "NaN position",
+        lambda a: a.positions.__setitem__((1, 2), np.nan),
+        r"<atoms>, key 'positions': NaN or infinite position of atom 1",
+    ),
+    ("infinite position", lambda a: a.positions.__setitem__((0, 0), np.inf), r"NaN or infinite position of atom 0"),
+    (
+        "periodic without a cell",
+        lambda a: a.set_pbc(True),
+        r"key 'cell': pbc=\[True, True, True\] but the cell .* is degenerate \(no lattice vector along periodic "
+        r"direction\(s\) \[0, 1, 2\]\)",
+    ),
+    (
+        "periodic along z without a z vector",
+        lambda a: (a.set_cell([10.0, 10.0, 0.0]), a.set_pbc([False, False, True])),
+        r"no lattice vector along periodic direction\(s\) \[2\]",
+    ),
+    (
+        "an element the model lacks",
+        lambda a: a.numbers.__setitem__(0, 3),
+        r"elements \[3\] have no energy reference \(the model knows \[1, 6, 8\]\)",
+    ),
+    (
+        "a slab without a vector along its open direction",
+        lambda a: (a.set_cell([10.0, 10.0, 0.0]), a.set_pbc([True, True, False])),
+        None,
+    ),
+    ("one atom", lambda a: a.__delitem__(slice(1, None)), None),
+]
+
+
+@pytest.mark.parametrize("case", CALCULATOR_CASES, ids=lambda c: c[0])
+def test_calculator_inputs(case, clirun):
+    import so3lib
+    from so3lib import data
+
+    _, change, words = case
+    atoms = data.read(ETHANOL_TRAIN)[0].to_ase()
+    atoms.calc = None
+    change(atoms)
+    atoms.calc = so3lib.load_calculator(clirun)
+    if words is None:
+        assert np.isfinite(atoms.get_potential_energy()) and np.isfinite(atoms.get_forces()).all()
+        return
+    with pytest.raises(data.DataError, match=words):
+        atoms.get_potential_energy()
