@@ -39,18 +39,7 @@ def test_all_rmd17_molecules_load(mol):
 def test_full_reference_files_load():
     """The full files the slices come from (../shared/data): every rMD17 split 01 file, MD17 ethanol, Li, TiAl;
     and each committed slice equals the first frames of its source."""
-    for mol in (
-        "aspirin",
-        "azobenzene",
-        "benzene",
-        "ethanol",
-        "malonaldehyde",
-        "naphthalene",
-        "paracetamol",
-        "salicylic",
-        "toluene",
-        "uracil",
-    ):
+    for mol in MOLECULES:
         for part in ("train", "test"):
             full = d.read(shared("rmd17", f"rmd17_{mol}_{part}_01.npz"))
             assert len(full) == 1000 and np.isfinite(full.energy).all() and np.isfinite(full.forces).all()

@@ -433,13 +433,3 @@ def _cache_size(fn) -> int | None:
         return int(fn._cache_size())
     except Exception:  # private API; absent in some jax versions
         return None
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray, tuple, set)):
-        return list(o)
-    return str(o)
