@@ -17,7 +17,9 @@ class ExportOptions(Options):
     run: str = Field(..., description="a trained so3lib run folder")
     out: str = Field(..., description="export folder (new, empty, or one so3lib export wrote)")
     platforms: list[str] = Field(
-        ["cpu", "cuda"], min_length=1, description="platforms to lower for: cpu, cuda, rocm (no such device needed)"
+        ["cpu", "cuda"],
+        min_length=1,
+        description="a platform to lower for: cpu, cuda or rocm (repeat the flag; no such device needed)",
     )
 
     @field_validator("platforms")
