@@ -183,14 +183,3 @@ def test_bad_input_is_one_line_and_nothing_foreign_is_overwritten(runs, tmp_path
     # its own folder is refreshed in place
     assert main(["export", str(run), "--out", str(exp), "--platforms", "cpu"]) == 0
     assert json.loads((exp / "export.json").read_text())["platforms"] == ["cpu"]
-
-
-def test_the_guide_command_lines_parse():
-    from test_readme import command_lines
-
-    from so3lib.cli import parse
-
-    lines = command_lines((ROOT / "docs" / "export.md").read_text())
-    assert len(lines) == 2
-    for argv in lines:
-        assert parse(argv).command.name == "export"
