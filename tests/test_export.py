@@ -183,3 +183,15 @@ def test_bad_input_is_one_line_and_nothing_foreign_is_overwritten(runs, tmp_path
     # its own folder is refreshed in place
     assert main(["export", str(run), "--out", str(exp), "--platforms", "cpu"]) == 0
     assert json.loads((exp / "export.json").read_text())["platforms"] == ["cpu"]
+
+
+def test_an_angular_bpnn_is_refused_with_the_reason():
+    from so3lib.data.reference import EnergyReference
+    from so3lib.potential import Potential
+    from so3lib.potential_export import export_potential
+
+    pot = Potential(make_config("bpnn"), EnergyReference(species=(1, 8), energies_ev=(-13.6, -2040.0)))
+    with pytest.raises(
+        ValueError, match=r"model bpnn with angular symmetry functions needs triplets built on the host"
+    ):
+        export_potential(pot, {})
