@@ -25,7 +25,7 @@ from so3lib.data.errors import DataError
 from so3lib.data.reference import fit_energy_reference
 from so3lib.graph.batching import BudgetLadder, GraphLoader
 from so3lib.potential import Potential, fit_scale_shift
-from so3lib.training import run_folder
+from so3lib.training import finetune, run_folder
 from so3lib.training.checkpoint import Checkpointer
 from so3lib.training.config import DataConfig, RunConfig
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, evaluate, fmt, make_eval_fn, to_mev
@@ -165,12 +165,18 @@ def train(
 def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup):
     tc = cfg.training
     _check_splits(train_ds, val_ds, tc)
-    pot = build_potential(cfg, train_ds)  # fits the reference, scale/shift and data-dependent model constants
+    if tc.init_from:  # fine-tuning: the run's model, scale and shift; the reference as init_reference says
+        pot, init_params, init_summary = finetune.start(cfg, train_ds)
+    else:  # fits the reference, scale/shift and data-dependent model constants
+        pot, init_params, init_summary = build_potential(cfg, train_ds), None, None
     cfg = cfg.model_copy(update={"model": pot.model})
     for name, ds in (("validation", val_ds), ("test", test_ds)):  # before the first step, not after training
         if ds is not None:
             pot.reference.check_species(np.asarray(ds.species), f"{name} set ({_source(ds)})")
     fingerprint = run_folder.fingerprint(cfg, {"train": train_ds, "val": val_ds, "test": test_ds})
+    if tc.init_from:  # the content of the run it starts from, not its path
+        fingerprint["config"]["training"].pop("init_from", None)
+        fingerprint["init_from"] = finetune.init_fingerprint(tc.init_from)
     if resume:
         run_folder.check_resume(out, fingerprint)  # the same run, or a refusal listing what changed
     run_folder.save_fingerprint(out, fingerprint)
@@ -191,7 +197,12 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
 
     first = next(val_loader.epoch(0))  # one unsharded batch for the parameter shapes
     params = pot.init(jax.random.PRNGKey(tc.seed), first)
-    opt = make_optimizer(tc, steps_per_eval)
+    freeze = None
+    if init_params is not None:
+        finetune.check_params(pot, init_params, params, tc.init_from)
+        params = jax.tree_util.tree_map(lambda t, x: jnp.asarray(x, t.dtype), params, init_params)
+        freeze = finetune.freeze_labels(pot.model, params, tc.freeze)
+    opt = make_optimizer(tc, steps_per_eval, freeze)
     ckpt = Checkpointer(ckpt_dir)
     state, run_progress = _start_or_resume(init_state(params, opt.init(params)), ckpt, resume, out / "metrics.csv")
     if mesh is not None:  # parameters and optimiser state replicated over the mesh
@@ -269,6 +280,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         "scale_ev": pot.scale,
         "shift_ev_per_atom": pot.shift,
     }
+    if init_summary is not None:
+        results["init"] = init_summary
     if results["steps_per_s"]:
         results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
     results["val"] = _without_mse(evaluate(pot, best, val_loader, eval_fn))
