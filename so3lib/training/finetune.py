@@ -8,9 +8,11 @@ What is carried over and what is new:
   options that contradict it (another model family, another cutoff, another width) are refused, never mixed in;
 - **scale and shift**: the run's, so at step 0 the potential is exactly the trained one
   (E = Σ_i [scale·e_i + shift] + Σ_i e_ref(Z_i));
-- **energy reference** e_ref (``init_reference``): ``keep`` the run's (an element new to it is an error),
-  ``refit`` it on the new training set as training from scratch would, or ``refit-new``: keep the known elements'
-  e_Z and fit only the new ones by least squares on the residual, E − Σ_{Z known} n_Z e_Z ≈ Σ_{Z new} n_Z e_Z;
+- **energy reference** e_ref (``init_reference``): ``keep`` the run's (an element new to it is an error);
+  ``refit``: fit it (with the run's ``energy_reference`` method) to what the starting model leaves unexplained,
+  E − E_θ where E_θ = Σ_i [scale·e_i + shift] is the starting model's residual energy, so the fine-tuning starts
+  without a constant energy offset on the new data; ``refit-new``: keep the known elements' e_Z and fit only the
+  new ones the same way, E − E_θ − Σ_{Z known} n_Z e_Z ≈ Σ_{Z new} n_Z e_Z;
 - **optimiser**: fresh (new Adam moments, the warm-up and decay schedule from step 0);
 - **freeze** = ``representation``: the gradient of every parameter outside the model's readout
   (`ModelConfig.readout_params`) is set to zero (`optax.multi_transform` with `optax.set_to_zero`).
@@ -141,8 +143,29 @@ def refit_new_elements(ref: EnergyReference, train_ds) -> EnergyReference:
     )
 
 
+FIT_SAMPLE = 2000  # frames of a streamed training set the starting model is evaluated on to refit the reference
+
+
+def unexplained(pot: Potential, params, train_ds):
+    """The training set (a sample of a store's view) with energies E − E_θ: what the starting model's residual
+    energy E_θ leaves to the reference."""
+    import copy
+
+    from so3lib.data.dataset import Dataset
+    from so3lib.prediction import predict_dataset
+
+    ds = train_ds if isinstance(train_ds, Dataset) else train_ds.sample(FIT_SAMPLE)
+    species = tuple(int(z) for z in np.asarray(ds.species))
+    zero = EnergyReference(species=species, energies_ev=(0.0,) * len(species))
+    e_model = predict_dataset(Potential(pot.model, zero, pot.scale, pot.shift), params, ds, 64)["energy_ev"]
+    out = copy.copy(ds)
+    out.energy = np.asarray(ds.energy, np.float64) - e_model
+    return out
+
+
 def energy_reference(ref: EnergyReference, train_ds, mode: str, data_cfg, run: str | Path) -> EnergyReference:
-    """The fine-tuned run's reference: ``keep``, ``refit`` (as `build_potential`) or ``refit-new``."""
+    """The fine-tuned run's reference: ``keep``, ``refit`` (as `build_potential`) or ``refit-new``; for the
+    last two ``train_ds`` holds the energies the reference is fitted to (`unexplained`)."""
     if mode == "refit":
         return fit_energy_reference(
             train_ds,
@@ -205,9 +228,10 @@ def start(cfg, train_ds) -> tuple[Potential, Any, dict[str, Any]]:
     check_model(init_pot.model, cfg.model, run)
     check_elements(init_pot.model, train_ds, run)
     data_cfg = cfg.data if cfg.data is not None else DataConfig()
-    ref = energy_reference(init_pot.reference, train_ds, tc.init_reference, data_cfg, run)
-    pot = Potential(init_pot.model, ref, init_pot.scale, init_pot.shift)
     params = jax.tree_util.tree_map(np.asarray, params)
+    fit_ds = train_ds if tc.init_reference == "keep" else unexplained(init_pot, params, train_ds)
+    ref = energy_reference(init_pot.reference, fit_ds, tc.init_reference, data_cfg, run)
+    pot = Potential(init_pot.model, ref, init_pot.scale, init_pot.shift)
     summary = {
         "from": str(run),
         "reference": tc.init_reference,

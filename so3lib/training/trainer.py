@@ -292,7 +292,9 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     plotting.learning_curve(out / "metrics.csv", out / "plots" / "learning_curve.png", f"{cfg.name}: {cfg.model.name}")
     if test_ds is not None:
         test_loader = make_loader(test_ds, pot, eval_batch_size, False, 0, "test")
-        results["test"] = _test(pot, best, test_loader, eval_fn, out / "plots", cfg.name)
+        test_eval = make_eval_fn(pot, True) if _has_stress(test_ds) and tc.stress_weight == 0 else eval_fn
+        results["test"] = _test(pot, best, test_loader, test_eval, out / "plots", cfg.name)
+        _save_test_predictions(pot, best, test_ds, out / "test_predictions.extxyz", eval_batch_size)
     # data, neighbour lists, evaluation, plots
     results["overhead_time_s"] = time.perf_counter() - t_setup - timing.train_time_s
     run_folder.write_atomic(out / "results.json", run_folder.to_json(results))
@@ -350,13 +352,37 @@ def _test(pot: Potential, params, loader: GraphLoader, eval_fn, plots: Path, nam
     m = evaluate(pot, params, loader, eval_fn, collect=True)
     _parity_plots(m.pop("predictions"), plots, name)
     log.info(
-        "test: energy MAE %s meV (%s meV/atom), forces MAE %s meV/Å on %d structures",
+        "test: energy MAE %s meV (%s meV/atom), forces MAE %s meV/Å on %d structures%s",
         fmt(to_mev(m["energy_mae_ev"])),
         fmt(to_mev(m["energy_mae_per_atom_ev"])),
         fmt(to_mev(m["forces_mae_ev_per_a"])),
         m["n_structures"],
+        f", stress MAE {fmt(to_mev(m['stress_mae_ev_per_a3']))} meV/Å³" if "stress_mae_ev_per_a3" in m else "",
     )
     return _without_mse(m)
+
+
+def _has_stress(ds) -> bool:
+    """Some frame of an in-memory set has a finite stress label and a full periodic cell."""
+    if not isinstance(ds, Dataset) or ds.stress is None:
+        return False
+    return bool((np.isfinite(ds.stress).all(axis=(1, 2)) & ds.pbc.all(axis=1)).any())
+
+
+TEST_PREDICTIONS_MAX_FRAMES = 20_000  # a streamed test set larger than this is not written out frame by frame
+
+
+def _save_test_predictions(pot: Potential, params, test_ds, path: Path, batch_size: int) -> None:
+    """Every test structure's predictions beside its labels (`so3lib.prediction.write_predictions`)."""
+    from so3lib.prediction import predict_dataset, write_predictions
+
+    if not isinstance(test_ds, Dataset):
+        if len(test_ds) > TEST_PREDICTIONS_MAX_FRAMES:
+            log.info("test set of %d frames: per-structure predictions not written", len(test_ds))
+            return
+        test_ds = test_ds.materialize(np.arange(len(test_ds)))
+    write_predictions(path, test_ds, predict_dataset(pot, params, test_ds, batch_size))
+    log.info("test predictions: %s", path)
 
 
 def _write_run_config(cfg: RunConfig, out: Path, resume: bool, splits: dict | None) -> None:
