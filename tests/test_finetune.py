@@ -181,11 +181,14 @@ def test_freeze_without_init_from_is_refused(tmp_path, capsys):
     assert "freeze=representation apply to fine-tuning: give init_from" in capsys.readouterr().err
 
 
+MD17_ETHANOL = data("md17", "md17_ethanol_first1050.npz")  # original MD17: another DFT setup, a 500 K trajectory
+
+
 @pytest.mark.slow
 def test_fine_tuning_beats_scratch(tmp_path, ethanol):
-    """Pre-train on rMD17 ethanol (400 frames); then 20 frames of rMD17 malonaldehyde (same elements, another
-    molecule), the same number of steps from the ethanol weights and from scratch: the fine-tuned model has the
-    lower test error on 50 other malonaldehyde frames."""
+    """Pre-train on 400 frames of rMD17 ethanol (PBE/def2-SVP); then 20 frames of original MD17 ethanol (another
+    level of theory, another energy zero): the same 150 steps from the rMD17 weights (reference refitted) and
+    from scratch. The fine-tuned model has the lower energy and force errors on 113 other MD17 frames."""
     model = {"n_atom_basis": 32, "n_interactions": 2, "n_rbf": 16}
     train(
         _cfg(model, max_steps=600, eval_every_steps=200, learning_rate=3e-3),
@@ -194,8 +197,8 @@ def test_fine_tuning_beats_scratch(tmp_path, ethanol):
         out_dir=tmp_path / "pre",
         progress=False,
     )
-    malon, test = d.read(MALON_TRAIN), d.read(MALON_TEST)
-    tr, va = malon.subset(np.arange(20)), malon.subset(np.arange(20, 30))
+    md17 = d.read(MD17_ETHANOL)
+    tr, va, test = (md17.subset(np.arange(a, b, k)) for a, b, k in ((0, 500, 25), (500, 600, 10), (600, 1050, 4)))
     steps = {"max_steps": 150, "eval_every_steps": 25, "learning_rate": 1e-3}
     ft = train(
         _cfg(model, **steps, init_from=str(tmp_path / "pre"), init_reference="refit"),
@@ -208,7 +211,7 @@ def test_fine_tuning_beats_scratch(tmp_path, ethanol):
     scratch = train(_cfg(model, **steps), tr, va, test, out_dir=tmp_path / "scratch", progress=False)
     f_ft, f_sc = ft["test"]["forces_mae_ev_per_a"], scratch["test"]["forces_mae_ev_per_a"]
     e_ft, e_sc = ft["test"]["energy_mae_ev"], scratch["test"]["energy_mae_ev"]
-    print(f"forces MAE meV/Å: fine-tuned {1e3 * f_ft:.1f}, scratch {1e3 * f_sc:.1f}")
+    print(f"{len(test)} MD17 test frames, forces MAE meV/Å: fine-tuned {1e3 * f_ft:.1f}, scratch {1e3 * f_sc:.1f}")
     print(f"energy MAE meV: fine-tuned {1e3 * e_ft:.1f}, scratch {1e3 * e_sc:.1f}")
-    assert f_ft < 0.8 * f_sc
-    assert e_ft < e_sc
+    assert f_ft < 0.7 * f_sc
+    assert e_ft < 0.7 * e_sc
