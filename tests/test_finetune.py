@@ -117,6 +117,28 @@ def test_bpnn_cannot_take_new_elements():
         finetune.check_elements(model, d.read(URACIL), "runs/x")
 
 
+@pytest.mark.parametrize(
+    "name, opts, readout",
+    [
+        ("schnet", {"n_atom_basis": 8, "n_interactions": 2, "n_rbf": 8}, {"Dense_10", "Dense_11"}),
+        ("so3krates", {"features": 8, "layers": 1, "heads": 2, "l_max": 1, "n_rbf": 8}, {"LayerNorm_0", "MLP_0"}),
+        ("bpnn", {"hidden": (8, 8), "n_radial": 4, "n_angular": 2}, {"W2", "b2"}),
+    ],
+)
+def test_each_model_names_its_readout(name, opts, readout, ethanol):
+    """freeze=representation trains exactly the readout's parameters of every model, and freezes the rest."""
+    from physics import make_potential
+
+    pot, params = make_potential(name, opts, ethanol.subset(np.arange(3)))
+    labels = finetune.freeze_labels(pot.model, params, "representation")
+    trained = {
+        jax.tree_util.keystr(p[1:2]) for p, lab in jax.tree_util.tree_leaves_with_path(labels) if lab == "trained"
+    }
+    assert trained == {f"['{k}']" for k in readout}
+    assert any(lab == "frozen" for lab in jax.tree_util.tree_leaves(labels))
+    assert finetune.freeze_labels(pot.model, params, "none") is None
+
+
 def test_frozen_representation_stays_and_readout_trains(pre, tmp_path):
     ds = d.read(MALON_TRAIN)
     cfg = _cfg(
@@ -129,7 +151,7 @@ def test_frozen_representation_stays_and_readout_trains(pre, tmp_path):
     assert set(before) == set(after)
     for k in before:
         if any(r in k for r in readout):
-            assert np.max(np.abs(after[k] - before[k])) > 1e-4, k
+            assert np.max(np.abs(after[k] - before[k])) > 1e-6, k  # trained: far beyond rounding
         else:  # zero updates; the EMA (its weight is float32) of an unchanged value is that value up to rounding
             np.testing.assert_allclose(after[k], before[k], rtol=1e-7, atol=1e-12, err_msg=k)
 
