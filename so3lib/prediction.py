@@ -38,25 +38,38 @@ def periodic_frames(dataset) -> np.ndarray:
 
 
 def predict_dataset(
-    potential: Potential, params, dataset, batch_size: int = 32, progress: bool = False
+    potential: Potential,
+    params,
+    dataset,
+    batch_size: int = 32,
+    progress: bool = False,
+    loader: GraphLoader | None = None,
+    fn=None,
 ) -> dict[str, np.ndarray]:
     """Energies, per-atom energies, forces and (for periodic frames) stress of every frame of ``dataset`` (a
-    `Dataset`), in batches padded to a small ladder of shapes (one compilation per shape)."""
+    `Dataset`), in batches padded to a small ladder of shapes (one compilation per shape).
+
+    ``loader`` (unshuffled, over ``dataset``) and ``fn`` (``(params, graph) -> potential outputs``, jitted) reuse
+    what a caller has built and compiled already (the trainer's test loader and evaluation); stress is then
+    returned when ``fn`` computes it."""
     from tqdm.auto import tqdm
 
     potential.reference.check_species(np.asarray(dataset.species), str(dataset.meta["source"][0]))
-    dtype = np.float64 if potential.model.dtype == "float64" else np.float32
-    loader = GraphLoader(
-        dataset,
-        potential.cutoff,
-        batch_size,
-        shuffle=False,
-        dtype=dtype,
-        triplet_cutoff=potential.model.triplet_cutoff,
-    )
+    if loader is None:
+        loader = GraphLoader(
+            dataset,
+            potential.cutoff,
+            batch_size,
+            shuffle=False,
+            dtype=np.float64 if potential.model.dtype == "float64" else np.float32,
+            triplet_cutoff=potential.model.triplet_cutoff,
+        )
+    if loader.shuffle or loader.n_shards != 1 or len(loader.dataset) != len(dataset):
+        raise ValueError("predict_dataset needs an unshuffled, unsharded loader over the dataset")
+    batch_size = loader.batch_size
     periodic = periodic_frames(dataset)
-    stress = bool(periodic.any())
-    fn = _jitted(potential, stress)
+    fn = fn or _jitted(potential, bool(periodic.any()))
+    stress = False
     n_atoms = np.asarray(dataset.n_atoms)
     resid_e, resid_atoms, forces, sigma = [], [], [], []
     batches = tqdm(loader.epoch(0), total=len(loader), desc="predict", disable=not progress, unit="batch")
@@ -67,7 +80,8 @@ def predict_dataset(
         resid_e.append(np.asarray(out["energy_residual"], np.float64)[:n_graph])
         resid_atoms.append(np.asarray(out["atomic_energy_residual"], np.float64)[:n_node])
         forces.append(np.asarray(out["forces"], np.float64)[:n_node])
-        if stress:
+        if "stress" in out:
+            stress = True
             sigma.append(np.asarray(out["stress"], np.float64)[:n_graph])
     table = potential.reference.table()
     atomic = np.concatenate(resid_atoms) + table[np.asarray(dataset.numbers)]
@@ -78,7 +92,7 @@ def predict_dataset(
     }
     if potential.reference.intercept_ev:  # a per-structure constant: shared out over the atoms
         pred["atomic_energies_ev"] = atomic + np.repeat(potential.reference.intercept_ev / n_atoms, n_atoms)
-    if stress:
+    if stress and periodic.any():
         pred["stress"] = np.where(periodic[:, None, None], np.concatenate(sigma), np.nan)
     return pred
 

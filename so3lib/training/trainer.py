@@ -294,7 +294,7 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         test_loader = make_loader(test_ds, pot, eval_batch_size, False, 0, "test")
         test_eval = make_eval_fn(pot, True) if _has_stress(test_ds) and tc.stress_weight == 0 else eval_fn
         results["test"] = _test(pot, best, test_loader, test_eval, out / "plots", cfg.name)
-        _save_test_predictions(pot, best, test_ds, out / "test_predictions.extxyz", eval_batch_size)
+        _save_test_predictions(pot, best, test_ds, test_loader, test_eval, out / "test_predictions.extxyz")
     # data, neighbour lists, evaluation, plots
     results["overhead_time_s"] = time.perf_counter() - t_setup - timing.train_time_s
     run_folder.write_atomic(out / "results.json", run_folder.to_json(results))
@@ -372,16 +372,19 @@ def _has_stress(ds) -> bool:
 TEST_PREDICTIONS_MAX_FRAMES = 20_000  # a streamed test set larger than this is not written out frame by frame
 
 
-def _save_test_predictions(pot: Potential, params, test_ds, path: Path, batch_size: int) -> None:
-    """Every test structure's predictions beside its labels (`so3lib.prediction.write_predictions`)."""
+def _save_test_predictions(pot: Potential, params, test_ds, loader: GraphLoader, eval_fn, path: Path) -> None:
+    """Every test structure's predictions beside its labels (`so3lib.prediction.write_predictions`), from the
+    test loader and the compiled evaluation (no new compilation)."""
     from so3lib.prediction import predict_dataset, write_predictions
 
     if not isinstance(test_ds, Dataset):
         if len(test_ds) > TEST_PREDICTIONS_MAX_FRAMES:
             log.info("test set of %d frames: per-structure predictions not written", len(test_ds))
             return
-        test_ds = test_ds.materialize(np.arange(len(test_ds)))
-    write_predictions(path, test_ds, predict_dataset(pot, params, test_ds, batch_size))
+        test_ds, loader = test_ds.materialize(np.arange(len(test_ds))), None
+    fn = lambda p, g: eval_fn(p, g)[1]  # noqa: E731  (error sums, predictions)
+    pred = predict_dataset(pot, params, test_ds, loader.batch_size if loader else 64, loader=loader, fn=fn)
+    write_predictions(path, test_ds, pred)
     log.info("test predictions: %s", path)
 
 
