@@ -59,6 +59,7 @@ def test_batches_equal_the_calculator(name, tial):
             pred["forces_ev_per_angstrom"][off[i] : off[i + 1]], calc.results["forces"], atol=1e-9
         )
         assert np.sum(pred["atomic_energies_ev"][off[i] : off[i + 1]]) == pytest.approx(pred["energy_ev"][i], abs=1e-9)
+        np.testing.assert_allclose(pred["atomic_energies_ev"][off[i] : off[i + 1]], calc.results["energies"], atol=1e-9)
         if name == "tial":
             from ase.stress import full_3x3_to_voigt_6_stress
 
