@@ -74,6 +74,12 @@ class So3libCalculator(Calculator):
         e = float(np.asarray(out["energy_residual"], np.float64)[0]) + float(self.potential.reference.energy(ds)[0])
         self.results["energy"] = self.results["free_energy"] = e
         self.results["forces"] = np.asarray(out["forces"], np.float64)[: len(atoms)]
+        ref = self.potential.reference  # per-atom energies: the model's contributions plus e_ref(Z_i); Σ = energy
+        self.results["energies"] = (
+            np.asarray(out["atomic_energy_residual"], np.float64)[: len(atoms)]
+            + ref.table()[atoms.numbers]
+            + ref.intercept_ev / len(atoms)
+        )
         if stress:
             from ase.stress import full_3x3_to_voigt_6_stress
 

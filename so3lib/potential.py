@@ -60,11 +60,18 @@ class Potential:
         )
 
     # ------------------------------------------------------------------ energies
+    def atomic_residual_energies(self, params: Params, graph: jraph.GraphsTuple) -> jax.Array:
+        """(N,) scale · e_i + shift per atom, eV (0 on padding atoms); adding e_ref(Z_i) gives the per-atom
+        energies, which sum to the energy."""
+        e_atom = self.module.apply(params, graph)
+        return jnp.where(graph.nodes["species"] > 0, self.scale * e_atom + self.shift, 0.0)
+
     def residual_energy(self, params: Params, graph: jraph.GraphsTuple) -> jax.Array:
         """(G,) E − E_ref per graph, eV (padding graph gives 0)."""
-        e_atom = self.module.apply(params, graph)
-        mask = graph.nodes["species"] > 0
-        e_atom = jnp.where(mask, self.scale * e_atom + self.shift, 0.0)
+        return self._graph_sum(self.atomic_residual_energies(params, graph), graph)
+
+    @staticmethod
+    def _graph_sum(e_atom: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
         return jax.ops.segment_sum(e_atom, node_graph_index(graph), num_segments=graph.n_node.shape[0])
 
     def reference_energy(self, graph: jraph.GraphsTuple) -> jax.Array:
@@ -75,17 +82,19 @@ class Potential:
         )
 
     def __call__(self, params: Params, graph: jraph.GraphsTuple, compute_stress: bool = False) -> dict[str, jax.Array]:
-        """{energy_residual (G,), energy (G,), forces (N, 3), [stress (G, 3, 3)]} in eV, eV/Å, eV/Å³."""
+        """{energy_residual (G,), energy (G,), forces (N, 3), atomic_energy_residual (N,), [stress (G, 3, 3)]}
+        in eV, eV/Å, eV/Å³ (atomic_energy_residual: `atomic_residual_energies`, summing to energy_residual)."""
         graph = self._cast(graph)
         pos = graph.nodes["positions"]
         if not compute_stress:
 
             def total(p):
-                e = self.residual_energy(params, graph._replace(nodes={**graph.nodes, "positions": p}))
-                return jnp.sum(e), e
+                e_atom = self.atomic_residual_energies(params, graph._replace(nodes={**graph.nodes, "positions": p}))
+                e = self._graph_sum(e_atom, graph)
+                return jnp.sum(e), (e, e_atom)
 
-            (_, e), grad_pos = jax.value_and_grad(total, has_aux=True)(pos)
-            out = {"energy_residual": e, "forces": -grad_pos}
+            (_, (e, e_atom)), grad_pos = jax.value_and_grad(total, has_aux=True)(pos)
+            out = {"energy_residual": e, "forces": -grad_pos, "atomic_energy_residual": e_atom}
         else:
             n_graph = graph.n_node.shape[0]
             strain0 = jnp.zeros((n_graph, 3, 3), self.dtype)
@@ -97,14 +106,17 @@ class Potential:
                 p_s = p + jnp.einsum("ni,nij->nj", p, sym[gidx])
                 cell_s = cell + jnp.einsum("gij,gjk->gik", cell, sym)
                 g = graph._replace(nodes={**graph.nodes, "positions": p_s}, globals={**graph.globals, "cell": cell_s})
-                e = self.residual_energy(params, g)
-                return jnp.sum(e), e
+                e_atom = self.atomic_residual_energies(params, g)
+                e = self._graph_sum(e_atom, g)
+                return jnp.sum(e), (e, e_atom)
 
-            (_, e), (grad_pos, grad_strain) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(pos, strain0)
+            (_, (e, e_atom)), (grad_pos, grad_strain) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
+                pos, strain0
+            )
             vol = jnp.abs(jnp.linalg.det(cell))
             periodic = jnp.any(graph.globals["pbc"], axis=1) & (vol > 0)
             stress = jnp.where(periodic[:, None, None], grad_strain / jnp.where(periodic, vol, 1.0)[:, None, None], 0.0)
-            out = {"energy_residual": e, "forces": -grad_pos, "stress": stress}
+            out = {"energy_residual": e, "forces": -grad_pos, "stress": stress, "atomic_energy_residual": e_atom}
         out["energy"] = out["energy_residual"] + self.reference_energy(graph)
         return out
 

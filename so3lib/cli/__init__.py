@@ -146,6 +146,7 @@ def parse(argv: Sequence[str]) -> Parsed:
     pre.add_argument("--config", default=None)
     if cmd.trains:
         pre.add_argument("--model", default=None)
+        pre.add_argument("--init-from", dest="init_from", default=None)
     pre.add_argument("--debug", action="store_true")
     add_group(pre, "", "command", opt_cls.model_fields, {}, cmd.positional, lenient=True)
     pre_ns, _ = pre.parse_known_args(rest)
@@ -183,13 +184,22 @@ def parse(argv: Sequence[str]) -> Parsed:
     defaults_cmd = dict(from_file["command"])
     fields = opt_cls.model_fields
     if cmd.trains:
-        model = pre_ns.model or name_in_file or "schnet"
+        init_from = pre_ns.init_from or from_file["training"].get("init_from")
+        init_model = None
+        if init_from:  # fine-tuning: the run's model is the default; a contradicting option is refused later
+            from so3lib.training.finetune import init_model as _init_model
+
+            init_model = _init_model(init_from)
+        model = pre_ns.model or name_in_file or (init_model.name if init_model else "schnet")
         if model not in model_fields:
             raise UsageError(f"unknown model '{model}'; registered models: {', '.join(sorted(model_fields))}")
         known_cmd = {**from_file["command"], **given(pre_ns, cmd.positional)["command"]}
         preset = module.preset(model, known_cmd)
         defaults_cmd = {**preset.options, **from_file["command"]}
         defaults_model = {**preset.model, **from_file["model"]}
+        if init_model is not None and init_model.name == model:
+            view = {k: v for k, v in init_model.config_view().items() if k != "name"}
+            defaults_model = {**preset.model, **view, **from_file["model"]}
         defaults_training = {**preset.training, **from_file["training"]}
         add_group(parser, f"{cmd.name} options", "command", fields, defaults_cmd, cmd.positional, owner=opt_cls)
         parser.add_argument(

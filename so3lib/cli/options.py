@@ -30,6 +30,7 @@ _PATHS = {
     "download_dir",
     "config",
     "e0s",
+    "init_from",
 }
 
 

@@ -172,6 +172,12 @@ class BPNNConfig(ModelConfig):
     def config_view(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k not in ("descriptor_mean", "descriptor_std")}
 
+    def readout_params(self) -> tuple[str, ...]:
+        """The last layer of every element network (the symmetry functions have no parameters: the hidden
+        layers are the learned representation)."""
+        n = len(self.hidden)
+        return (f"W{n}", f"b{n}")
+
     def describe(self) -> str:
         rows = [
             f"{i:3d} {s.kind:3s} eta={s.eta:.4g}/Å² rs={s.rs:.3f} Å kappa={s.kappa:.3g}/Å zeta={s.zeta:g} "

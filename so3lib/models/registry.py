@@ -43,6 +43,11 @@ class ModelConfig(BaseModel):
         """Cutoff (Å) for the angular triplets a model needs in its batches; None: no triplets."""
         return None
 
+    def readout_params(self) -> tuple[str, ...] | None:
+        """Names of the top-level parameter collections that form the readout (what fine-tuning with a frozen
+        representation still trains); None: the model does not say (freezing is refused)."""
+        return None
+
     def config_view(self) -> dict[str, Any]:
         """What goes into a run's config.yaml (large fitted arrays are kept in model/potential.yaml only)."""
         return self.to_dict()

@@ -30,6 +30,11 @@ class SchNetConfig(ModelConfig):
     def build(self) -> nn.Module:
         return SchNet(self)
 
+    def readout_params(self) -> tuple[str, ...]:
+        """The atom-wise output MLP: the two Dense layers after the T interactions (5 Dense layers each)."""
+        t = 5 * self.n_interactions
+        return (f"Dense_{t}", f"Dense_{t + 1}")
+
 
 class SchNet(nn.Module):
     """GraphsTuple (positions Å, species Z) → per-atom energies (N,) in units of the potential's scale."""

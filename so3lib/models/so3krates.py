@@ -55,6 +55,10 @@ class SO3kratesConfig(ModelConfig):
     def build(self) -> nn.Module:
         return SO3krates(self)
 
+    def readout_params(self) -> tuple[str, ...]:
+        """The final layer norm and the output MLP."""
+        return ("LayerNorm_0", "MLP_0")
+
     def fit(self, dataset) -> SO3kratesConfig:
         """⟨N⟩ = mean neighbour count within the cutoff on (up to 500 frames of) the training set."""
         if self.avg_num_neighbors is not None:

@@ -46,11 +46,29 @@ class TrainingConfig(_Strict):
         "the batch split across them, the parameters replicated",
     )
     eval_batch_size: int | None = Field(None, ge=1)
+    init_from: str | None = Field(
+        None,
+        description="fine-tune: start from the weights of this trained run (its model, scale and shift; a fresh "
+        "optimiser and schedule)",
+    )
+    init_reference: Literal["keep", "refit", "refit-new"] = Field(
+        "keep",
+        description="fine-tune: the energy reference: keep the run's, refit it on the new data, or refit-new "
+        "(fit only the elements new to the model, keep the others)",
+    )
+    freeze: Literal["none", "representation"] = Field(
+        "none", description="fine-tune: train only the readout (representation: embedding and interactions fixed)"
+    )
 
     @model_validator(mode="after")
     def _budget(self):
         if self.max_epochs is None and self.max_steps is None and self.max_minutes is None:
             raise ValueError("set at least one of max_epochs, max_steps, max_minutes")
+        if self.init_from is None and (self.init_reference != "keep" or self.freeze != "none"):
+            raise ValueError(
+                f"init_reference={self.init_reference}, freeze={self.freeze} apply to fine-tuning: give init_from "
+                "(--init-from RUN)"
+            )
         return self
 
 

@@ -17,9 +17,11 @@ def learning_rate_schedule(cfg: TrainingConfig) -> optax.Schedule:
     return optax.join_schedules([warm, after], [cfg.warmup_steps]) if cfg.warmup_steps else after
 
 
-def make_optimizer(cfg: TrainingConfig, steps_per_eval: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainingConfig, steps_per_eval: int, freeze_labels=None) -> optax.GradientTransformation:
     """With schedule='plateau' the chain ends in optax.contrib.reduce_on_plateau, fed the training loss
-    averaged over one evaluation interval (``steps_per_eval`` updates)."""
+    averaged over one evaluation interval (``steps_per_eval`` updates). ``freeze_labels`` (a tree like the
+    parameters of 'trained'/'frozen', see `so3lib.training.finetune.freeze_labels`): the chain acts on the
+    trained parameters only (clipping included), the frozen ones get a zero update (`optax.set_to_zero`)."""
     sched = learning_rate_schedule(cfg)
     opt = optax.adam(sched) if cfg.optimizer == "adam" else optax.amsgrad(sched)
     parts = ([optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []) + [opt]
@@ -29,7 +31,10 @@ def make_optimizer(cfg: TrainingConfig, steps_per_eval: int) -> optax.GradientTr
                 factor=cfg.plateau_factor, patience=cfg.plateau_patience, accumulation_size=max(steps_per_eval, 1)
             )
         )
-    return optax.chain(*parts)
+    chain = optax.chain(*parts)
+    if freeze_labels is None:
+        return chain
+    return optax.multi_transform({"trained": chain, "frozen": optax.set_to_zero()}, freeze_labels)
 
 
 def plateau_scale(opt_state) -> float:

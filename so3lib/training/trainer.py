@@ -25,7 +25,7 @@ from so3lib.data.errors import DataError
 from so3lib.data.reference import fit_energy_reference
 from so3lib.graph.batching import BudgetLadder, GraphLoader
 from so3lib.potential import Potential, fit_scale_shift
-from so3lib.training import run_folder
+from so3lib.training import finetune, run_folder
 from so3lib.training.checkpoint import Checkpointer
 from so3lib.training.config import DataConfig, RunConfig
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, evaluate, fmt, make_eval_fn, to_mev
@@ -168,12 +168,18 @@ def train(
 def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup):
     tc = cfg.training
     _check_splits(train_ds, val_ds, tc)
-    pot = build_potential(cfg, train_ds)  # fits the reference, scale/shift and data-dependent model constants
+    if tc.init_from:  # fine-tuning: the run's model, scale and shift; the reference as init_reference says
+        pot, init_params, init_summary = finetune.start(cfg, train_ds)
+    else:  # fits the reference, scale/shift and data-dependent model constants
+        pot, init_params, init_summary = build_potential(cfg, train_ds), None, None
     cfg = cfg.model_copy(update={"model": pot.model})
     for name, ds in (("validation", val_ds), ("test", test_ds)):  # before the first step, not after training
         if ds is not None:
             pot.reference.check_species(np.asarray(ds.species), f"{name} set ({_source(ds)})")
     fingerprint = run_folder.fingerprint(cfg, {"train": train_ds, "val": val_ds, "test": test_ds})
+    if tc.init_from:  # the content of the run it starts from, not its path
+        fingerprint["config"]["training"].pop("init_from", None)
+        fingerprint["init_from"] = finetune.init_fingerprint(tc.init_from)
     if resume:
         run_folder.check_resume(out, fingerprint)  # the same run, or a refusal listing what changed
     run_folder.save_fingerprint(out, fingerprint)
@@ -194,7 +200,12 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
 
     first = next(val_loader.epoch(0))  # one unsharded batch for the parameter shapes
     params = pot.init(jax.random.PRNGKey(tc.seed), first)
-    opt = make_optimizer(tc, steps_per_eval)
+    freeze = None
+    if init_params is not None:
+        finetune.check_params(pot, init_params, params, tc.init_from)
+        params = jax.tree_util.tree_map(lambda t, x: jnp.asarray(x, t.dtype), params, init_params)
+        freeze = finetune.freeze_labels(pot.model, params, tc.freeze)
+    opt = make_optimizer(tc, steps_per_eval, freeze)
     ckpt = Checkpointer(ckpt_dir)
     state, run_progress = _start_or_resume(init_state(params, opt.init(params)), ckpt, resume, out / "metrics.csv")
     if mesh is not None:  # parameters and optimiser state replicated over the mesh
@@ -272,6 +283,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         "scale_ev": pot.scale,
         "shift_ev_per_atom": pot.shift,
     }
+    if init_summary is not None:
+        results["init"] = init_summary
     if results["steps_per_s"]:
         results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
     results["val"] = _without_mse(evaluate(pot, best, val_loader, eval_fn))
@@ -282,7 +295,9 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     plotting.learning_curve(out / "metrics.csv", out / "plots" / "learning_curve.png", f"{cfg.name}: {cfg.model.name}")
     if test_ds is not None:
         test_loader = make_loader(test_ds, pot, eval_batch_size, False, 0, "test")
-        results["test"] = _test(pot, best, test_loader, eval_fn, out / "plots", cfg.name)
+        test_eval = make_eval_fn(pot, True) if _has_stress(test_ds) and tc.stress_weight == 0 else eval_fn
+        results["test"] = _test(pot, best, test_loader, test_eval, out / "plots", cfg.name)
+        _save_test_predictions(pot, best, test_ds, test_loader, test_eval, out / "test_predictions.extxyz")
     # data, neighbour lists, evaluation, plots
     results["overhead_time_s"] = time.perf_counter() - t_setup - timing.train_time_s
     run_folder.write_atomic(out / "results.json", run_folder.to_json(results))
@@ -340,13 +355,40 @@ def _test(pot: Potential, params, loader: GraphLoader, eval_fn, plots: Path, nam
     m = evaluate(pot, params, loader, eval_fn, collect=True)
     _parity_plots(m.pop("predictions"), plots, name)
     log.info(
-        "test: energy MAE %s meV (%s meV/atom), forces MAE %s meV/Å on %d structures",
+        "test: energy MAE %s meV (%s meV/atom), forces MAE %s meV/Å on %d structures%s",
         fmt(to_mev(m["energy_mae_ev"])),
         fmt(to_mev(m["energy_mae_per_atom_ev"])),
         fmt(to_mev(m["forces_mae_ev_per_a"])),
         m["n_structures"],
+        f", stress MAE {fmt(to_mev(m['stress_mae_ev_per_a3']))} meV/Å³" if "stress_mae_ev_per_a3" in m else "",
     )
     return _without_mse(m)
+
+
+def _has_stress(ds) -> bool:
+    """Some frame of an in-memory set has a finite stress label and a full periodic cell."""
+    if not isinstance(ds, Dataset) or ds.stress is None:
+        return False
+    return bool((np.isfinite(ds.stress).all(axis=(1, 2)) & ds.pbc.all(axis=1)).any())
+
+
+TEST_PREDICTIONS_MAX_FRAMES = 20_000  # a streamed test set larger than this is not written out frame by frame
+
+
+def _save_test_predictions(pot: Potential, params, test_ds, loader: GraphLoader, eval_fn, path: Path) -> None:
+    """Every test structure's predictions beside its labels (`so3lib.prediction.write_predictions`), from the
+    test loader and the compiled evaluation (no new compilation)."""
+    from so3lib.prediction import predict_dataset, write_predictions
+
+    if not isinstance(test_ds, Dataset):
+        if len(test_ds) > TEST_PREDICTIONS_MAX_FRAMES:
+            log.info("test set of %d frames: per-structure predictions not written", len(test_ds))
+            return
+        test_ds, loader = test_ds.materialize(np.arange(len(test_ds))), None
+    fn = lambda p, g: eval_fn(p, g)[1]  # noqa: E731  (error sums, predictions)
+    pred = predict_dataset(pot, params, test_ds, loader.batch_size if loader else 64, loader=loader, fn=fn)
+    write_predictions(path, test_ds, pred)
+    log.info("test predictions: %s", path)
 
 
 def _write_run_config(cfg: RunConfig, out: Path, resume: bool, splits: dict | None) -> None:

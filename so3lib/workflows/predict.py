@@ -1,6 +1,8 @@
-"""A trained run evaluated on a file: predicted energy, forces (and stress for periodic frames) of every
-frame, written as extxyz that ASE reads back (``energy``/``forces`` through the single-point calculator, the
-file's own labels kept as ``REF_energy``/``REF_forces``), and the errors where the file has labels."""
+"""A trained run evaluated on a file, in batches: predicted energy, per-atom energies, forces (and stress for
+periodic frames) of every frame, written as extxyz that ASE reads back (``energy``/``forces``/``energies``/
+``stress`` through the single-point calculator, the file's own labels kept as ``REF_energy``/``REF_forces``/
+``REF_stress``, an ensemble's spreads as ``energy_std`` in info and ``forces_std`` in arrays), and where the file
+has labels their errors (``<out>.json``) and parity plots (``<out stem>_parity_{energy,forces}.png``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from so3lib.prediction import errors, label_errors  # noqa: F401  (errors: kept importable from here)
 from so3lib.training.run_folder import to_json, write_atomic
 from so3lib.workflows.common import Format, LabelKeys
 
@@ -21,69 +24,72 @@ class PredictOptions(LabelKeys):
     file: str = Field(..., description="structures to predict (any format so3lib reads)")
     format: Format | None = Field(None, description="file format (default: detected)")
     out: str | None = Field(None, description="predictions file (default <file stem>_pred.extxyz in the cwd)")
+    batch_size: int = Field(32, ge=1, description="structures per batch")
+    plots: bool = Field(True, description="parity plots of the labelled energies and forces")
     progress: bool = Field(True, description="progress bar")
 
 
-def errors(ref: np.ndarray, pred: np.ndarray) -> dict[str, float] | None:
-    """MAE and RMSE over the finite reference values; None when there is none."""
-    ok = np.isfinite(ref)
-    if not ok.any():
-        return None
-    d = pred[ok] - ref[ok]
-    return {"mae": float(np.mean(np.abs(d))), "rmse": float(np.sqrt(np.mean(d**2))), "count": int(ok.sum())}
-
-
-def _ours(out: Path) -> bool:
-    """A predictions file so3lib wrote: its summary beside it names it."""
+def _ours(out: Path, path: Path) -> bool:
+    """A file so3lib predict wrote: the summary beside the predictions names it."""
     try:
-        return json.loads(out.with_suffix(".json").read_text()).get("predictions") == str(out)
-    except (OSError, ValueError, AttributeError):
+        summary = json.loads(out.with_suffix(".json").read_text())
+    except (OSError, ValueError):
         return False
+    if not isinstance(summary, dict):
+        return False
+    if summary.get("predictions") != str(out):
+        return False
+    return path in (out, out.with_suffix(".json")) or str(path) in (summary.get("plots") or {}).values()
+
+
+def load_model(run: str):
+    """(Potential, params) of a run folder. (An ensemble run would return its members here.)"""
+    from so3lib.training.saving import load_potential
+
+    return load_potential(run)
 
 
 def run(opts: PredictOptions) -> dict:
-    import ase.io
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from tqdm.auto import tqdm
-
-    from so3lib.calculator import load_calculator
+    from so3lib.prediction import predict_dataset, write_predictions
 
     ds = opts.read(opts.file, opts.format)
-    calc = load_calculator(opts.run)
-    calc.potential.reference.check_species(np.asarray(ds.species), opts.file)
+    pot, params = load_model(opts.run)
+    pot.reference.check_species(np.asarray(ds.species), opts.file)
     out = Path(opts.out or f"{Path(opts.file).stem}_pred.extxyz")
-    if out.exists() and not _ours(out):
-        raise FileExistsError(f"{out}: exists and was not written by so3lib predict; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frames, e_ref, e_pred, n_atoms, f_ref, f_pred = [], [], [], [], [], []
-    for i in tqdm(range(len(ds)), desc="predict", disable=not opts.progress):
-        s = ds[i]
-        atoms = s.to_ase()
-        atoms.calc = None
-        props = ["energy", "forces"] + (["stress"] if atoms.pbc.all() else [])
-        calc.calculate(atoms, props)
-        res = dict(calc.results)
-        if s.energy is not None and np.isfinite(s.energy):
-            atoms.info["REF_energy"] = float(s.energy)
-        if s.forces is not None:
-            atoms.arrays["REF_forces"] = np.asarray(s.forces, float)
-        atoms.calc = SinglePointCalculator(atoms, **{k: res[k] for k in props})
-        frames.append(atoms)
-        e_ref.append(np.nan if s.energy is None else s.energy)
-        e_pred.append(res["energy"])
-        n_atoms.append(len(atoms))
-        f_ref.append(np.full((len(atoms), 3), np.nan) if s.forces is None else np.asarray(s.forces, float))
-        f_pred.append(res["forces"])
-    tmp = out.with_name(f".{out.name}.tmp")
-    ase.io.write(tmp, frames, format="extxyz")
-    tmp.replace(out)
-    e_ref, e_pred, n = np.asarray(e_ref, float), np.asarray(e_pred, float), np.asarray(n_atoms, float)
-    metrics = {
-        "frames": len(ds),
-        "energy_ev": errors(e_ref, e_pred),
-        "energy_per_atom_ev": errors(e_ref / n, e_pred / n),
-        "forces_ev_per_a": errors(np.concatenate(f_ref).ravel(), np.concatenate(f_pred).ravel()),
+    plots = {k: out.with_name(f"{out.stem}_parity_{k}.png") for k in ("energy", "forces")} if opts.plots else {}
+    for path in (out, out.with_suffix(".json"), *plots.values()):
+        if path.exists() and not _ours(out, path):
+            raise FileExistsError(f"{path}: exists and was not written by so3lib predict; choose another --out")
+    pred = predict_dataset(pot, params, ds, opts.batch_size, progress=opts.progress)
+    write_predictions(out, ds, pred)
+    metrics = {"frames": len(ds), **label_errors(ds, pred)}
+    drawn = _parity(ds, pred, plots, Path(opts.file).name)
+    summary = {
+        "run": opts.run,
+        "file": opts.file,
+        "predictions": str(out),
+        "plots": {k: str(v) for k, v in drawn.items()},
+        "metrics": metrics,
     }
-    summary = {"run": opts.run, "file": opts.file, "predictions": str(out), "metrics": metrics}
     write_atomic(out.with_suffix(".json"), to_json(summary))
     return summary
+
+
+def _parity(ds, pred: dict, plots: dict[str, Path], name: str) -> dict[str, Path]:
+    """The parity plots of what is labelled (an absent label draws nothing)."""
+    if not plots:
+        return {}
+    from so3lib import plotting
+
+    n = np.asarray(ds.n_atoms, float)
+    drawn = {}
+    e = plotting.parity(
+        np.asarray(ds.energy, float) / n, pred["energy_ev"] / n, plots["energy"], "energy per atom", "eV/atom", name
+    )
+    if e is not None:
+        drawn["energy"] = e
+    if ds.forces is not None:
+        f = plotting.parity(ds.forces, pred["forces_ev_per_angstrom"], plots["forces"], "force component", "eV/Å", name)
+        if f is not None:
+            drawn["forces"] = f
+    return drawn
