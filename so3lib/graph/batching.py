@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import jraph
@@ -393,6 +394,7 @@ class GraphLoader:
         self.prefetch, self.dtype, self.device_put, self.sharding = prefetch, dtype, device_put, sharding
         self.workers = workers or (min(4, os.cpu_count() or 1) if self.streaming else 2)
         self.shapes_seen: set[tuple[int, int, int]] = set()
+        self.wait_s = 0.0  # time the consumer waited for a batch, the first batch of each epoch() call excluded
         self.energy_offset = energy_offset
         self.local_shards = list(range(n_shards))
         self.global_sizes = None  # several processes: (n_node, n_edge, n_triplet) per frame, the same everywhere
@@ -514,7 +516,10 @@ class GraphLoader:
         with cf.ThreadPoolExecutor(max_workers=self.workers) as pool:
             futures = [pool.submit(self._make, c) for c in chunks[: self.prefetch]]
             for k in range(len(chunks)):
+                t_wait = time.perf_counter()
                 g = futures[k].result()
+                if k:
+                    self.wait_s += time.perf_counter() - t_wait
                 if k + self.prefetch < len(chunks):
                     futures.append(pool.submit(self._make, chunks[k + self.prefetch]))
                 key = budget_key(g)

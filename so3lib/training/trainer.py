@@ -339,7 +339,12 @@ def _finish(
     """Process 0: the best model, the final errors, plots and results.json. Other processes: their step count."""
     tc = cfg.training
     if not writer:
-        return {"process_id": distributed.process_index(), "steps": run_progress.step, "out": None}
+        return {
+            "process_id": distributed.process_index(),
+            "steps": run_progress.step,
+            "input_wait_s": train_loader.wait_s,
+            "out": None,
+        }
     best = local(state.best)
     save_potential(out / "model", pot, best)
     results: dict[str, Any] = {
@@ -353,6 +358,7 @@ def _finish(
         "compile_time_s": timing.compile_time_s,
         "overhead_time_s": None,
         "steps_per_s": timing.steps_per_s,
+        "input_wait_s": train_loader.wait_s,  # the step waiting for its batch (this session, first batch excluded)
         "n_train": len(train_ds),
         "n_val": len(val_ds),
         "batch_size": tc.batch_size,
