@@ -168,9 +168,12 @@ def train(
                 handler = logging.FileHandler(out / "train.log")
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
                 root = logging.getLogger("so3lib")
+                handler.setLevel(logging.INFO)
+                level = root.level
                 root.addHandler(handler)
-                root.setLevel(logging.INFO)
+                root.setLevel(min(logging.INFO, level or logging.INFO))  # train.log: INFO; the caller's level returns
                 stack.callback(handler.close)
+                stack.callback(root.setLevel, level)
                 stack.callback(root.removeHandler, handler)
         return _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup)
 
