@@ -182,3 +182,41 @@ def test_store_missing_on_one_process(store, tmp_path):
         assert f"{missing}: no packed store on process 1" in lines[0]
     assert error_lines(err0)[0].startswith("so3lib: error: process 1 of 2 stopped while opening the store")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--coordinator", "127.0.0.1:1"], "--coordinator, --num-processes and --process-id need --distributed"),
+        (
+            ["--distributed"],
+            "--distributed: no --coordinator (or JAX_COORDINATOR_ADDRESS), --num-processes (or JAX_NUM_PROCESSES), "
+            "--process-id (or JAX_PROCESS_ID) given and no cluster scheduler (SLURM) detected",
+        ),
+        (
+            ["--distributed", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+            "--distributed: process id 2 is not in 0..1",
+        ),
+        (
+            ["--distributed", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "1"],
+            "--coordinator 'localhost': expected HOST:PORT",
+        ),
+    ],
+)
+def test_incomplete_distributed_options(argv, words, store, tmp_path, capsys, monkeypatch):
+    """Options that cannot start a multi-process run: one line before anything starts (no scheduler here)."""
+    from so3lib.cli import main
+
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "SLURM_JOB_ID",
+        "OMPI_MCA_orte_hnp_uri",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main(["spice", "--store", str(store), "--out", str(tmp_path / "r"), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"so3lib: error: {words}"]
+    assert not (tmp_path / "r").exists()
