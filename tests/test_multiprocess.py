@@ -218,5 +218,5 @@ def test_incomplete_distributed_options(argv, words, store, tmp_path, capsys, mo
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["spice", "--store", str(store), "--out", str(tmp_path / "r"), *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"so3lib: error: {words}"]
+    assert len(lines) == 1 and lines[0].startswith(f"so3lib: error: {words}"), lines
     assert not (tmp_path / "r").exists()
