@@ -13,6 +13,7 @@ from so3lib.cli import parse
 
 README = (ROOT / "README.md").read_text()
 GUIDE = (ROOT / "docs" / "commands.md").read_text()
+CLUSTER = (ROOT / "docs" / "cluster.md").read_text()
 
 
 def blocks(text: str, lang: str) -> list[str]:
@@ -23,7 +24,7 @@ def command_lines(text: str) -> list[list[str]]:
     """Every `so3lib ...` line of the bash blocks, without its comment (and without a leading `srun`)."""
     out = []
     for block in blocks(text, "bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
             line = line.split("  #")[0].strip().removeprefix("srun ")
             if line.startswith("so3lib "):
                 out.append(shlex.split(line)[1:])
@@ -37,7 +38,9 @@ def test_readme_opens_with_the_two_set_up_commands():
     assert first[1].startswith('pip install -e ".[test]" && python -m pytest')
 
 
-@pytest.mark.parametrize("argv", command_lines(README) + command_lines(GUIDE), ids=lambda a: " ".join(a[:3]))
+@pytest.mark.parametrize(
+    "argv", command_lines(README) + command_lines(GUIDE) + command_lines(CLUSTER), ids=lambda a: " ".join(a[:3])
+)
 def test_every_documented_command_line_parses(argv):
     p = parse(argv)
     assert p.command.name == argv[0]

@@ -276,6 +276,8 @@ def report(name: str, res: dict) -> None:
     elif name == "md17":
         print(res["table"])
         print(f"results: {res['out']}/results.md")
+    elif name in ("spice", "train") and res.get("process_id"):  # a process of a multi-process run other than 0
+        print(f"process {res['process_id']}: {res['steps']} steps done; process 0 wrote the run folder (its --out)")
     elif name == "spice":
         print(res["table"])
         print(f"results: {res['out']}/results.json, {res['out']}/results.md")
@@ -336,10 +338,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from so3lib.data.errors import DataError
+    from so3lib.training.distributed import DistributedError
 
     return (
         UsageError,
         DataError,
+        DistributedError,
         ValidationError,
         FileNotFoundError,
         FileExistsError,
@@ -352,6 +356,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: exit status 0 on success, 2 on a user error (one line on stderr), 1 otherwise."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    code = _main(argv)
+    if code and "jax" in sys.modules:
+        from so3lib.training import distributed
+
+        if distributed.started():  # one of several processes: stop now, so the others see it go at once
+            distributed.exit_now(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     try:
         invoke(argv)

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import jraph
@@ -310,24 +311,34 @@ def budget_key(graph: jraph.GraphsTuple) -> tuple[int, ...]:
     return key
 
 
-def ladder_from_sample(
-    view, cutoff: float, batch_size: int, triplet_cutoff: float | None = None, sample_size: int = 1000, seed: int = 0
-) -> BudgetLadder:
-    """Padding ladder for a streamed dataset (a store's `DatasetView`): neighbour and triplet counts per atom
-    are measured on a sample of frames and extrapolated (99th percentile + 5 %) to every frame from its atom
-    count, which is known without reading the frame. A batch that still overflows gets a new rung, logged."""
+def frame_estimates(
+    view, cutoff: float, triplet_cutoff: float | None = None, sample_size: int = 1000, seed: int = 0, quantile=0.99
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(edges, triplets or None) per frame of a streamed dataset, estimated without reading the frames:
+    neighbour and triplet counts per atom measured on a sample of frames, their ``quantile`` + 5 % times each
+    frame's atom count (bounded by the atom pairs for free molecules). Deterministic for a (view, seed)."""
     sample = view.sample(sample_size, seed)
     t = NeighbourTable.build(sample, cutoff, triplet_cutoff=triplet_cutoff)
     n = np.asarray(view.n_atoms, np.int64)
     periodic = bool(np.asarray(sample.pbc).any())
 
     def estimate(counts, cap):
-        ratio = float(np.quantile(counts / sample.n_atoms, 0.99)) * 1.05
+        ratio = float(np.quantile(counts / sample.n_atoms, quantile)) * 1.05
         est = np.ceil(ratio * n).astype(np.int64)
         return est if periodic else np.minimum(est, cap)  # free molecules: bounded by the atom pairs
 
     n_trip = estimate(t.n_triplets, n * (n - 1) * (n - 2) // 2) if triplet_cutoff is not None else None
-    return BudgetLadder.from_counts(n, estimate(t.n_edges, n * (n - 1)), batch_size, n_triplets=n_trip)
+    return estimate(t.n_edges, n * (n - 1)), n_trip
+
+
+def ladder_from_sample(
+    view, cutoff: float, batch_size: int, triplet_cutoff: float | None = None, sample_size: int = 1000, seed: int = 0
+) -> BudgetLadder:
+    """Padding ladder for a streamed dataset (a store's `DatasetView`): neighbour and triplet counts per atom
+    are measured on a sample of frames and extrapolated (99th percentile + 5 %) to every frame from its atom
+    count, which is known without reading the frame. A batch that still overflows gets a new rung, logged."""
+    n_edge, n_trip = frame_estimates(view, cutoff, triplet_cutoff, sample_size, seed)
+    return BudgetLadder.from_counts(np.asarray(view.n_atoms, np.int64), n_edge, batch_size, n_triplets=n_trip)
 
 
 class GraphLoader:
@@ -383,14 +394,30 @@ class GraphLoader:
         self.prefetch, self.dtype, self.device_put, self.sharding = prefetch, dtype, device_put, sharding
         self.workers = workers or (min(4, os.cpu_count() or 1) if self.streaming else 2)
         self.shapes_seen: set[tuple[int, int, int]] = set()
+        self.wait_s = 0.0  # time the consumer waited for a batch, the first batch of each epoch() call excluded
         self.energy_offset = energy_offset
         self.local_shards = list(range(n_shards))
-        if n_shards > 1 and sharding is not None:  # multi-host: this process builds only its devices' shards
+        self.global_sizes = None  # several processes: (n_node, n_edge, n_triplet) per frame, the same everywhere
+        if n_shards > 1 and sharding is not None:  # several processes: this one builds only its devices' shards
             import jax
 
             if jax.process_count() > 1:
-                per = n_shards // jax.process_count()
-                self.local_shards = list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
+                me = jax.process_index()
+                self.local_shards = [i for i, d in enumerate(sharding.mesh.devices.flat) if d.process_index == me]
+                self.global_sizes = self._global_sizes(shard_size)
+
+    def _global_sizes(self, shard_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Per frame (atoms, edges, triplets) that every process knows without reading other processes' frames:
+        exact for an in-memory dataset; for a streamed one the atoms are exact and the edges and triplets the
+        largest per-atom counts of a sample (+ 5 %) times the atoms, so all processes pick the same padding."""
+        n_atoms = np.asarray(self.dataset.n_atoms, np.int64)
+        if not self.streaming:
+            return n_atoms, np.asarray(self.table.n_edges), self.table.n_triplets
+        n_edge, n_trip = frame_estimates(self.dataset, self.cutoff, self.triplet_cutoff, quantile=1.0)
+        top = BudgetLadder.from_counts(n_atoms, n_edge, shard_size, n_triplets=n_trip).rungs[-1]
+        if not any(r.n_edge >= top.n_edge and r.n_node >= top.n_node for r in self.ladder.rungs):
+            self.ladder = BudgetLadder(self.ladder.rungs + (top,))
+        return n_atoms, n_edge, n_trip
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
@@ -437,6 +464,12 @@ class GraphLoader:
 
     def _make(self, frames: np.ndarray):
         parts = np.array_split(frames, self.n_shards) if self.n_shards > 1 else [frames]
+        agreed = None
+        if self.global_sizes is not None:  # the budget every process computes alike, from every shard
+            n_at, n_ed, n_tr = self.global_sizes
+            agreed = np.array(
+                [[n_at[p].sum(), n_ed[p].sum(), len(p), n_tr[p].sum() if n_tr is not None else 0] for p in parts]
+            ).max(axis=0)
         parts = [parts[i] for i in self.local_shards]
         prepared = [self._prepare(p) for p in parts]
         filler = next(x for x in prepared if x is not None)
@@ -452,7 +485,18 @@ class GraphLoader:
                 for ds, tab, f, _ in prepared
             ]
         )
-        budget = self._select(*[int(x) for x in sizes.max(axis=0)])
+        if agreed is None:
+            budget = self._select(*[int(x) for x in sizes.max(axis=0)])
+        else:
+            budget = self.ladder.select(*[int(x) for x in agreed])
+            local = sizes.max(axis=0)
+            if not budget.fits(*[int(x) for x in local]):
+                raise ValueError(
+                    f"a sub-batch of this process ({local[2]} graphs, {local[0]} atoms, {local[1]} edges, {local[3]} "
+                    f"triplets) exceeds the padding budget {budget} that all processes derived from a sample of "
+                    "the data: a multi-process run cannot add a padding rung on one process alone; train with a "
+                    "larger batch per device (the estimate is a sum over its frames) or report the data"
+                )
         graphs = [build_batch(ds, tab, f, budget, self.dtype, off) for ds, tab, f, off in prepared]
         g = graphs[0] if self.n_shards == 1 else jax_tree_stack(graphs)
         if self.device_put:
@@ -472,7 +516,10 @@ class GraphLoader:
         with cf.ThreadPoolExecutor(max_workers=self.workers) as pool:
             futures = [pool.submit(self._make, c) for c in chunks[: self.prefetch]]
             for k in range(len(chunks)):
+                t_wait = time.perf_counter()
                 g = futures[k].result()
+                if k:
+                    self.wait_s += time.perf_counter() - t_wait
                 if k + self.prefetch < len(chunks):
                     futures.append(pool.submit(self._make, chunks[k + self.prefetch]))
                 key = budget_key(g)

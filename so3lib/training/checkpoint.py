@@ -64,12 +64,20 @@ def _quiet_abandoned_reads() -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int = 2):
+    """``single_writer``: in a run of several processes, only this process (process 0) writes and reads: the
+    state is saved from its own copy of the replicated arrays and orbax synchronises with no other process."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 2, single_writer: bool = False):
         self.directory = Path(directory).absolute()
+        self.single_writer = single_writer
+        extra = {}
+        if single_writer:
+            self.directory.mkdir(parents=True, exist_ok=True)  # orbax refuses create=True with active_processes
+            extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+                max_to_keep=max_to_keep, create=not single_writer, enable_async_checkpointing=False, **extra
             ),
         )
 
@@ -83,6 +91,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Write ``state`` (a pytree) and ``meta`` (JSON) at ``step``. Checkpoints at ``step`` or later are
         replaced: they are a second save at the same step, or ahead of a run resumed from an earlier one."""
+        if self.single_writer:
+            from so3lib.training.distributed import to_host
+
+            state = to_host(state)
         for s in self.steps():
             if s >= step:
                 self.manager.delete(s)
@@ -133,3 +145,19 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class NoCheckpointer:
+    """What processes other than process 0 of a multi-process run hold: they write no checkpoint."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+
+    def latest_step(self) -> int | None:
+        return None
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -73,6 +73,9 @@ class TrainingLoop:
         checkpointer: where checkpoints go (``save(step, tree, json)``, ``latest_step()``).
         metrics: receives one row per evaluation (``write(row)``).
         pbar: a progress bar (``update(n)``, ``set_postfix(**values, refresh=False)``, e.g. tqdm) or None.
+        agree: in a run of several processes, ``agree(over_time) -> bool`` gives every process process 0's
+            answer to "is the time budget spent?" (wall clocks differ; a collective, so it is asked only every
+            ``log_every_steps`` steps). None: asked of the local clock at every step.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class TrainingLoop:
         checkpointer: Checkpointer,
         metrics: MetricsWriter,
         pbar: Any = None,
+        agree: Callable[[bool], bool] | None = None,
     ):
         self.cfg = cfg
         self.train_step = train_step
@@ -98,6 +102,7 @@ class TrainingLoop:
         self.checkpointer = checkpointer
         self.metrics = metrics
         self.pbar = pbar
+        self.agree = agree
 
     def run(self, state: TrainState, progress: Progress) -> tuple[TrainState, Progress, LoopTiming]:
         """Train until a stop; returns the final state (``best`` holds the selected parameters), the progress
@@ -176,8 +181,12 @@ class TrainingLoop:
             self._evaluate()
         if self.budget_steps is not None and p.step >= self.budget_steps:
             p.stopped = p.stopped or "max_steps"
-        if cfg.max_minutes and self._elapsed() > 60 * cfg.max_minutes:
-            p.stopped = p.stopped or "max_minutes"
+        if cfg.max_minutes and (self.agree is None or p.step % cfg.log_every_steps == 0):
+            over = self._elapsed() > 60 * cfg.max_minutes
+            if self.agree is not None:
+                over = self.agree(over)
+            if over:
+                p.stopped = p.stopped or "max_minutes"
         if p.step % cfg.checkpoint_every_steps == 0 or p.stopped:
             self._save()
 

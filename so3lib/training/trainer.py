@@ -10,6 +10,7 @@ metrics.csv), `loop` (only the loop), `checkpoint` (orbax).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -25,8 +26,8 @@ from so3lib.data.errors import DataError
 from so3lib.data.reference import fit_energy_reference
 from so3lib.graph.batching import BudgetLadder, GraphLoader
 from so3lib.potential import Potential, fit_scale_shift
-from so3lib.training import finetune, run_folder
-from so3lib.training.checkpoint import Checkpointer
+from so3lib.training import distributed, finetune, run_folder
+from so3lib.training.checkpoint import Checkpointer, NoCheckpointer
 from so3lib.training.config import DataConfig, RunConfig
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, evaluate, fmt, make_eval_fn, to_mev
 from so3lib.training.loop import NonFiniteLossError, TrainingLoop, step_budget
@@ -119,7 +120,14 @@ def make_loader(
 
 
 def data_mesh(n_devices: int):
-    """A 1-D `jax.sharding.Mesh` named 'data' over the first ``n_devices`` devices (None for 1)."""
+    """A 1-D `jax.sharding.Mesh` named 'data' over the first ``n_devices`` devices (None for 1). In a run of
+    several processes it spans every device of every process (each process holds its own devices' shards)."""
+    if jax.process_count() > 1 and n_devices != jax.device_count():
+        raise ValueError(
+            f"n_devices={n_devices} but the {jax.process_count()} processes hold {jax.device_count()} devices in all "
+            f"({jax.local_device_count()} on this one): a multi-process run trains on all of them, pass "
+            f"--n-devices {jax.device_count()}"
+        )
     if n_devices <= 1:
         return None
     devices = jax.devices()
@@ -139,75 +147,89 @@ def train(
     splits: dict | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg.model`` on ``train_ds``, validate on ``val_ds`` (EMA parameters), test the best model on
-    ``test_ds``. Writes config.yaml, metrics.csv, checkpoints/, model/, results.json, plots/*.png, train.log."""
+    ``test_ds``. Writes config.yaml, metrics.csv, checkpoints/, model/, results.json, plots/*.png, train.log.
+
+    In a run of several processes (`so3lib.training.distributed`) every process calls this with the same
+    arguments; process 0 alone writes ``out_dir`` (the others may not even see it) and returns the results,
+    the others return ``{"process_id", "steps"}``."""
     t_setup = time.perf_counter()
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
-    with run_folder.RunFolder(out).lock():  # refuses a folder of foreign files, and a second writer
-        if (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and not resume:
-            raise FileExistsError(
-                f"{out} already holds a run: pass resume=True (--resume) to continue it, or choose another output "
-                "folder"
-            )
-        (out / "plots").mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(out / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger("so3lib")
-        handler.setLevel(logging.INFO)
-        level = root.level
-        root.addHandler(handler)
-        root.setLevel(min(logging.INFO, level or logging.INFO))  # train.log gets INFO; the caller's level comes back
-        try:
-            return _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup)
-        finally:
-            root.removeHandler(handler)
-            root.setLevel(level)
-            handler.close()
+    with contextlib.ExitStack() as stack:
+        with distributed.agreement(f"opening the run folder {out} on process 0"):
+            if distributed.is_writer():
+                stack.enter_context(run_folder.RunFolder(out).lock())  # refuses foreign files, a second writer
+                if (ckpt_dir.exists() and any(ckpt_dir.iterdir())) and not resume:
+                    raise FileExistsError(
+                        f"{out} already holds a run: pass resume=True (--resume) to continue it, or choose another "
+                        "output folder"
+                    )
+                (out / "plots").mkdir(parents=True, exist_ok=True)
+                handler = logging.FileHandler(out / "train.log")
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                root = logging.getLogger("so3lib")
+                handler.setLevel(logging.INFO)
+                level = root.level
+                root.addHandler(handler)
+                root.setLevel(min(logging.INFO, level or logging.INFO))  # train.log: INFO; the caller's level returns
+                stack.callback(handler.close)
+                stack.callback(root.setLevel, level)
+                stack.callback(root.removeHandler, handler)
+        return _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup)
 
 
 def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup):
     tc = cfg.training
-    _check_splits(train_ds, val_ds, tc)
-    if tc.init_from:  # fine-tuning: the run's model, scale and shift; the reference as init_reference says
-        pot, init_params, init_summary = finetune.start(cfg, train_ds)
-    else:  # fits the reference, scale/shift and data-dependent model constants
-        pot, init_params, init_summary = build_potential(cfg, train_ds), None, None
-    cfg = cfg.model_copy(update={"model": pot.model})
-    for name, ds in (("validation", val_ds), ("test", test_ds)):  # before the first step, not after training
-        if ds is not None:
-            pot.reference.check_species(np.asarray(ds.species), f"{name} set ({_source(ds)})")
-    fingerprint = run_folder.fingerprint(cfg, {"train": train_ds, "val": val_ds, "test": test_ds})
-    if tc.init_from:  # the content of the run it starts from, not its path
-        fingerprint["config"]["training"].pop("init_from", None)
-        fingerprint["init_from"] = finetune.init_fingerprint(tc.init_from)
-    if resume:
-        run_folder.check_resume(out, fingerprint)  # the same run, or a refusal listing what changed
-    run_folder.save_fingerprint(out, fingerprint)
-    _write_run_config(cfg, out, resume, splits)
-    _log_reference(pot)
-    mesh = data_mesh(tc.n_devices)
-    train_loader = make_loader(train_ds, pot, tc.batch_size, True, tc.seed, "training", mesh)
-    if isinstance(train_ds, Dataset) and int(train_loader.table.offsets[-1]) == 0:
-        raise DataError(
-            _source(train_ds),
-            f"the cutoff {pot.cutoff:g} Å leaves no neighbour pair in any training structure: the model would see "
-            "isolated atoms only; raise the cutoff",
-        )
-    eval_batch_size = tc.eval_batch_size or max(tc.batch_size, 64)
-    val_loader = make_loader(val_ds, pot, eval_batch_size, False, 0, "validation")
-    steps_per_epoch = len(train_loader)
-    steps_per_eval = tc.eval_every_steps or steps_per_epoch
+    multi, writer = distributed.active(), distributed.is_writer()
+    with distributed.agreement("preparing the training"):  # local work only: no collective inside
+        _check_splits(train_ds, val_ds, tc)
+        if tc.init_from:  # fine-tuning: the run's model, scale and shift; the reference as init_reference says
+            pot, init_params, init_summary = finetune.start(cfg, train_ds)
+        else:  # fits the reference, scale/shift and data-dependent model constants
+            pot, init_params, init_summary = build_potential(cfg, train_ds), None, None
+        cfg = cfg.model_copy(update={"model": pot.model})
+        for name, ds in (("validation", val_ds), ("test", test_ds)):  # before the first step, not after training
+            if ds is not None:
+                pot.reference.check_species(np.asarray(ds.species), f"{name} set ({_source(ds)})")
+        fingerprint = run_folder.fingerprint(cfg, {"train": train_ds, "val": val_ds, "test": test_ds})
+        if tc.init_from:  # the content of the run it starts from, not its path
+            fingerprint["config"]["training"].pop("init_from", None)
+            fingerprint["init_from"] = finetune.init_fingerprint(tc.init_from)
+        if writer:
+            if resume:
+                run_folder.check_resume(out, fingerprint)  # the same run, or a refusal listing what changed
+            run_folder.save_fingerprint(out, fingerprint)
+            _write_run_config(cfg, out, resume, splits)
+        _log_reference(pot)
+        mesh = data_mesh(tc.n_devices)
+        train_loader = make_loader(train_ds, pot, tc.batch_size, True, tc.seed, "training", mesh)
+        if isinstance(train_ds, Dataset) and int(train_loader.table.offsets[-1]) == 0:
+            raise DataError(
+                _source(train_ds),
+                f"the cutoff {pot.cutoff:g} Å leaves no neighbour pair in any training structure: the model would "
+                "see isolated atoms only; raise the cutoff",
+            )
+        eval_batch_size = tc.eval_batch_size or max(tc.batch_size, 64)
+        val_loader = make_loader(val_ds, pot, eval_batch_size, False, 0, "validation")
+        steps_per_epoch = len(train_loader)
+        steps_per_eval = tc.eval_every_steps or steps_per_epoch
 
-    first = next(val_loader.epoch(0))  # one unsharded batch for the parameter shapes
-    params = pot.init(jax.random.PRNGKey(tc.seed), first)
-    freeze = None
-    if init_params is not None:
-        finetune.check_params(pot, init_params, params, tc.init_from)
-        params = jax.tree_util.tree_map(lambda t, x: jnp.asarray(x, t.dtype), params, init_params)
-        freeze = finetune.freeze_labels(pot.model, params, tc.freeze)
-    opt = make_optimizer(tc, steps_per_eval, freeze)
-    ckpt = Checkpointer(ckpt_dir)
-    state, run_progress = _start_or_resume(init_state(params, opt.init(params)), ckpt, resume, out / "metrics.csv")
+        first = next(val_loader.epoch(0))  # one unsharded batch for the parameter shapes
+        params = pot.init(jax.random.PRNGKey(tc.seed), first)
+        freeze = None
+        if init_params is not None:
+            finetune.check_params(pot, init_params, params, tc.init_from)
+            params = jax.tree_util.tree_map(lambda t, x: jnp.asarray(x, t.dtype), params, init_params)
+            freeze = finetune.freeze_labels(pot.model, params, tc.freeze)
+        opt = make_optimizer(tc, steps_per_eval, freeze)
+        ckpt = Checkpointer(ckpt_dir, single_writer=multi) if writer else NoCheckpointer(ckpt_dir)
+        state = init_state(params, opt.init(params))
+        run_progress = Progress()
+        if writer:  # process 0 restores; the others receive its state below
+            state, run_progress = _start_or_resume(state, ckpt, resume, out / "metrics.csv")
+    if multi:  # every process starts from process 0's state (fresh or resumed)
+        state = TrainState.from_dict(distributed.broadcast_tree(distributed.to_host(state.to_dict())))
+        run_progress = Progress.from_dict(distributed.broadcast_json(run_progress.to_dict()))
     if mesh is not None:  # parameters and optimiser state replicated over the mesh
         from jax.sharding import NamedSharding, PartitionSpec
 
@@ -230,15 +252,23 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     )
 
     train_step = make_train_step(pot, opt, tc.beta, tc.stress_weight, tc.ema_decay, sharded=mesh is not None)
-    local = (lambda t: t) if mesh is None else (lambda t: jax.device_put(t, jax.local_devices()[0]))
+    if multi:  # each process's own copy of the replicated arrays
+        local = distributed.to_host
+    else:
+        local = (lambda t: t) if mesh is None else (lambda t: jax.device_put(t, jax.local_devices()[0]))
     eval_fn = make_eval_fn(pot, tc.stress_weight > 0)
     lr_schedule = learning_rate_schedule(tc)
-    metrics_csv = MetricsCSV(out / "metrics.csv")
+    metrics_csv = MetricsCSV(out / "metrics.csv") if writer else _NoMetrics()
+
+    def validate(ema):
+        m = evaluate(pot, local(ema), val_loader, eval_fn)
+        return distributed.broadcast_json(m) if multi else m  # model selection follows process 0 everywhere
+
     pbar = tqdm(
         total=step_budget(tc, steps_per_epoch),
         initial=run_progress.step,
         desc=f"train {cfg.model.name}",
-        disable=not progress,
+        disable=not (progress and writer),
         dynamic_ncols=True,
         unit="step",
     )
@@ -246,19 +276,91 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         tc,
         train_step,
         train_loader,
-        validate=lambda ema: evaluate(pot, local(ema), val_loader, eval_fn),
+        validate=validate,
         learning_rate=lambda step, opt_state: float(lr_schedule(step)) * plateau_scale(opt_state),
         checkpointer=ckpt,
         metrics=metrics_csv,
         pbar=pbar,
+        agree=(lambda over: bool(distributed.broadcast_json(over))) if multi else None,
     )
     try:
         state, run_progress, timing = loop.run(state, run_progress)
+    except Exception as e:
+        failure = distributed.collective_failure(e, run_progress.step, ckpt.latest_step()) if multi else None
+        if failure is not None:
+            raise failure from e
+        raise
     finally:
         pbar.close()
         metrics_csv.close()
         ckpt.close()
+    with distributed.agreement("writing the run folder on process 0"):
+        results = _finish(
+            writer,
+            cfg,
+            pot,
+            state,
+            local,
+            run_progress,
+            timing,
+            out,
+            n_params,
+            train_ds,
+            val_ds,
+            test_ds,
+            train_loader,
+            val_loader,
+            eval_fn,
+            eval_batch_size,
+            mesh,
+            train_step,
+            t_setup,
+            init_summary,
+        )
+    return results
 
+
+class _NoMetrics:
+    """The metrics writer of processes other than process 0: they write nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _finish(
+    writer,
+    cfg,
+    pot,
+    state,
+    local,
+    run_progress,
+    timing,
+    out,
+    n_params,
+    train_ds,
+    val_ds,
+    test_ds,
+    train_loader,
+    val_loader,
+    eval_fn,
+    eval_batch_size,
+    mesh,
+    train_step,
+    t_setup,
+    init_summary,
+) -> dict:
+    """Process 0: the best model, the final errors, plots and results.json. Other processes: their step count."""
+    tc = cfg.training
+    if not writer:
+        return {
+            "process_id": distributed.process_index(),
+            "steps": run_progress.step,
+            "input_wait_s": train_loader.wait_s,
+            "out": None,
+        }
     best = local(state.best)
     save_potential(out / "model", pot, best)
     results: dict[str, Any] = {
@@ -272,6 +374,7 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         "compile_time_s": timing.compile_time_s,
         "overhead_time_s": None,
         "steps_per_s": timing.steps_per_s,
+        "input_wait_s": train_loader.wait_s,  # the step waiting for its batch (this session, first batch excluded)
         "n_train": len(train_ds),
         "n_val": len(val_ds),
         "batch_size": tc.batch_size,
@@ -300,6 +403,8 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         _save_test_predictions(pot, best, test_ds, test_loader, test_eval, out / "test_predictions.extxyz")
     # data, neighbour lists, evaluation, plots
     results["overhead_time_s"] = time.perf_counter() - t_setup - timing.train_time_s
+    if distributed.active():
+        results["n_processes"] = jax.process_count()
     run_folder.write_atomic(out / "results.json", run_folder.to_json(results))
     return results
 

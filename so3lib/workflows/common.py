@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 E0_METHODS = ("lstsq", "lstsq+intercept", "average")
 Format = Literal["rmd17", "sgdml", "spice", "mlearn", "ase"]  # so3lib.data.FORMATS
-RUNTIME_OPTIONS = frozenset({"out", "resume", "progress"})  # how a run is executed, not what it computes
+# how a run is executed, not what it computes (the multi-process options: where and as which process it ran)
+RUNTIME_OPTIONS = frozenset(
+    {"out", "resume", "progress", "distributed", "coordinator", "num_processes", "process_id", "distributed_timeout_s"}
+)
 
 
 class Options(BaseModel):

@@ -83,7 +83,21 @@ class SpiceOptions(LabelOptions):
     val_fraction: float = Field(0.05, gt=0, lt=1, description="validation share")
     test_fraction: float = Field(0.05, gt=0, lt=1, description="test share")
     split_seed: int = Field(0, description="seed of the split")
-    distributed: bool = Field(False, description="multi-host: call jax.distributed.initialize() first")
+    distributed: bool = Field(False, description="one of several processes (hosts or GPUs): see docs/cluster.md")
+    coordinator: str | None = Field(
+        None, description="--distributed: HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS or SLURM's)"
+    )
+    num_processes: int | None = Field(
+        None, ge=1, description="--distributed: number of processes (default $JAX_NUM_PROCESSES or SLURM's)"
+    )
+    process_id: int | None = Field(
+        None,
+        ge=0,
+        description="--distributed: this process's id, 0 writes the run (default $JAX_PROCESS_ID or SLURM's)",
+    )
+    distributed_timeout_s: int = Field(
+        300, ge=1, description="--distributed: wait this long for every process to start, and for a silent one"
+    )
 
 
 def is_bundled(options: dict) -> bool:
@@ -163,45 +177,33 @@ def results_table(rows: list[dict], model: str) -> str:
 
 def run(opts: SpiceOptions, model, training) -> dict:
     """Convert (or reuse) the store, split, train, evaluate per subset; writes results.json and results.md."""
-    from so3lib.data.download import SPICE, download
-    from so3lib.data.store import convert_spice, open_store, read_manifest
-    from so3lib.training import DataConfig, RunConfig, train
+    from so3lib.data.store import open_store, read_manifest
+    from so3lib.training import DataConfig, RunConfig, distributed, train
 
     if opts.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        distributed.initialize(opts.coordinator, opts.num_processes, opts.process_id, opts.distributed_timeout_s)
+        training = _all_devices(training)
+    elif any(v is not None for v in (opts.coordinator, opts.num_processes, opts.process_id)):
+        raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
+    writer = distributed.is_writer()
     bundled = is_bundled(opts.model_dump())
-    if opts.download:
-        path = Path(download(SPICE[opts.download], opts.download_dir, progress=opts.progress))
-    else:
-        path = Path(opts.data) if opts.data else data.bundled_path(data.samples.SPICE_SAMPLE)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such SPICE file")
     neutral_only = not opts.keep_charged
-    if bundled and not neutral_only:
-        print(
-            "note: the bundled SPICE sample holds only charged molecules ([N+], [Na+]); the neutral-molecule "
-            "filter is off for it (pass --data for a real benchmark)"
-        )
-    store = Path(opts.store or Path("data") / "stores" / path.stem)
-    convert_spice(
-        path,
-        store,
-        opts.elements,
-        neutral_only,
-        opts.max_force,
-        progress=opts.progress,
-        rebuild=opts.rebuild_store,
-        nonfinite="drop" if opts.drop_nonfinite_labels else "error",
-    )
+    with distributed.agreement("preparing the store on process 0"):  # process 0 converts; the others wait
+        path, store = _source_and_store(opts, writer)
+        if writer:
+            _convert(opts, path, store, neutral_only, bundled)
+    if distributed.active():  # every process reads the store process 0 made (a shared folder, or a copy of it)
+        expected = distributed.broadcast_json(read_manifest(store)["fingerprint"] if writer else None)
+        with distributed.agreement("opening the store"):
+            _check_same_store(store, expected)
     manifest = read_manifest(store)
     view = open_store(store)
     rep = manifest["report"]
-    print(
-        f"[spice] {path}: kept {rep['conformers_kept']} of {rep['conformers_in']} conformations "
-        f"({rep['molecules_kept']} of {rep['molecules_in']} molecules); store {store}"
-    )
+    if writer:
+        print(
+            f"[spice] {path}: kept {rep['conformers_kept']} of {rep['conformers_in']} conformations "
+            f"({rep['molecules_kept']} of {rep['molecules_in']} molecules); store {store}"
+        )
     splits, split_desc = split_frames(view, opts.split, opts.val_fraction, opts.test_fraction, opts.split_seed)
     tr, va, te = (view.subset(splits[k]) for k in ("train", "val", "test"))
     name = opts.name or f"spice_{path.stem}_{model.name}"
@@ -221,8 +223,102 @@ def run(opts: SpiceOptions, model, training) -> dict:
         ),
         command=command_section("spice", opts),
     )
-    print(f"[spice] split {split_desc}: {len(tr)} train / {len(va)} val / {len(te)} test conformations")
+    if writer:
+        print(f"[spice] split {split_desc}: {len(tr)} train / {len(va)} val / {len(te)} test conformations")
     res = train(cfg, tr, va, te, out_dir=out, resume=opts.resume, progress=opts.progress, splits=splits)
+    with distributed.agreement("evaluating the test set on process 0"):
+        if writer:
+            return _results(
+                res,
+                opts,
+                out,
+                path,
+                store,
+                bundled,
+                neutral_only,
+                rep,
+                tr,
+                va,
+                te,
+                split_desc,
+                reference,
+                model,
+                training,
+            )
+    return {**res, "out": str(out)}
+
+
+def _all_devices(training):
+    """A multi-process run trains on every device of every process: --n-devices defaults to all of them."""
+    import jax
+
+    if training.n_devices == 1 and jax.device_count() > 1:
+        if jax.process_index() == 0:
+            n, d = jax.process_count(), jax.device_count()
+            print(f"note: --distributed over {n} processes: training on all {d} devices")
+        return training.model_copy(update={"n_devices": jax.device_count()})
+    return training
+
+
+def _source_and_store(opts: SpiceOptions, writer: bool) -> tuple[Path, Path]:
+    """The SPICE file (fetched with --download on process 0) and the store folder."""
+    from so3lib.data.download import SPICE, download
+
+    if opts.download:
+        path = Path(opts.download_dir) / SPICE[opts.download].filename  # fetched by process 0 only
+        if writer:
+            path = Path(download(SPICE[opts.download], opts.download_dir, progress=opts.progress))
+    else:
+        path = Path(opts.data) if opts.data else data.bundled_path(data.samples.SPICE_SAMPLE)
+    if writer and not path.exists():
+        raise FileNotFoundError(f"{path}: no such SPICE file")
+    return path, Path(opts.store or Path("data") / "stores" / path.stem)
+
+
+def _convert(opts: SpiceOptions, path: Path, store: Path, neutral_only: bool, bundled: bool) -> None:
+    from so3lib.data.store import convert_spice
+
+    if bundled and not neutral_only:
+        print(
+            "note: the bundled SPICE sample holds only charged molecules ([N+], [Na+]); the neutral-molecule "
+            "filter is off for it (pass --data for a real benchmark)"
+        )
+    convert_spice(
+        path,
+        store,
+        opts.elements,
+        neutral_only,
+        opts.max_force,
+        progress=opts.progress,
+        rebuild=opts.rebuild_store,
+        nonfinite="drop" if opts.drop_nonfinite_labels else "error",
+    )
+
+
+def _check_same_store(store: Path, expected: dict) -> None:
+    """This process sees the store process 0 converted (same source fingerprint), else a one-line error."""
+    import socket
+
+    from so3lib.data.store import read_manifest
+    from so3lib.training import distributed
+
+    where = f"process {distributed.process_index()} on {socket.gethostname()}"
+    if not (store / "manifest.json").exists():
+        raise FileNotFoundError(
+            f"{store}: no packed store on {where}: every process reads the store process 0 converted; put --store "
+            "on a file system all processes see, or copy the store folder to this path on every node"
+        )
+    if read_manifest(store)["fingerprint"] != expected:
+        raise ValueError(
+            f"{store} on {where} is not the store process 0 uses (another source file or filters): copy process 0's "
+            "store to this path"
+        )
+
+
+def _results(
+    res, opts, out, path, store, bundled, neutral_only, rep, tr, va, te, split_desc, reference, model, training
+) -> dict:
+    """Process 0: the test errors per subset, results.json and results.md."""
     rows = per_subset(out, te, training.eval_batch_size or max(training.batch_size, 64))
     res["spice"] = {
         "data": str(path),

@@ -1,0 +1,221 @@
+"""Peak memory per process of multi-process training against the number of conformations, and whether the
+streamed input keeps ahead of the step.
+
+The stores are SYNTHETIC, in SPICE's packed-store layout, built from REAL frames: the 50 conformations of the
+bundled SPICE 1.1.4 molecule (27 atoms, PubChem set) tiled to N conformations, positions + N(0, 0.005 Å)
+noise, the real labels kept (so physically inconsistent: used only to measure memory and speed). For each N
+two processes (one CPU device each, gloo collectives, coordinator on localhost) train a tiny SchNet for
+``--steps`` steps with global batch ``--batch-size`` through `so3lib.training.train` on a split of the
+memory-mapped store (validation: a fixed 256 conformations, so its cost does not grow with N). Each process
+samples /proc/self/status every 20 ms: the peak of RssAnon (its own heap: what must stay flat) and VmHWM (all
+resident memory, including file pages of the memory map, which the kernel may drop). ``input_wait_s``: the
+time the step waited for its batch (the loader's threads read the frames and build neighbour lists ahead).
+The stores are deleted at the end.
+
+usage: python benchmarks/multiprocess_memory.py [--sizes 10000 100000 1000000] [--steps 30] [--batch-size 32]
+           [--work /tmp/so3lib_mp_bench] [--out benchmarks/results/multiprocess_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import json, sys, threading, time
+peak = {"anon": 0}
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        k, v = line.split(":", 1)
+        if k in ("VmHWM", "RssAnon"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+def sample():
+    while True:
+        peak["anon"] = max(peak["anon"], status()["RssAnon"])
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+store, out, port, pid, steps, batch = sys.argv[1:7]
+from so3lib.training import distributed
+distributed.initialize(f"127.0.0.1:{port}", 2, int(pid), timeout_s=120)
+import numpy as np
+from so3lib.data.store import open_store
+from so3lib.models import make_config
+from so3lib.training import RunConfig, train
+t0 = time.perf_counter()
+view = open_store(store)
+idx = np.random.default_rng(0).permutation(len(view))
+va, tr = view.subset(np.sort(idx[:256])), view.subset(np.sort(idx[256:]))
+cfg = RunConfig(model=make_config("schnet", n_atom_basis=16, n_interactions=1),
+                training={"batch_size": int(batch), "max_steps": int(steps), "eval_every_steps": int(steps),
+                          "checkpoint_every_steps": int(steps), "n_devices": 2, "eval_batch_size": 64,
+                          "early_stopping_patience": None},
+                data={"energy_reference": "average"})
+res = train(cfg, tr, va, None, out_dir=out, progress=False)
+r = {"process_id": int(pid), "seconds": time.perf_counter() - t0, "input_wait_s": res["input_wait_s"],
+     "steps": res["steps"], "n_train": len(tr)}
+if int(pid) == 0:
+    r.update(train_time_s=res["train_time_s"], steps_per_s=res["steps_per_s"], compile_time_s=res["compile_time_s"])
+peak["anon"] = max(peak["anon"], status()["RssAnon"])
+r.update(peak_anon_mb=peak["anon"] / 2**20, peak_rss_mb=status()["VmHWM"] / 2**20)
+print("RESULT " + json.dumps(r), flush=True)
+"""
+
+
+def synthetic_store(n_conf: int, dest: Path, seed: int = 0) -> Path:
+    """A packed store of ``n_conf`` conformations tiled from the bundled SPICE sample's real frames."""
+    from so3lib.data import bundled_path
+    from so3lib.data.samples import SPICE_SAMPLE
+    from so3lib.data.store import convert_spice, read_manifest
+
+    real = convert_spice(bundled_path(SPICE_SAMPLE), dest.parent / "real", neutral_only=False, progress=False)
+    m = read_manifest(real)
+    f0, a0 = m["frames"], m["atoms"]
+    n_at = a0 // f0  # one molecule kept: every frame has the same atoms
+    pos = np.fromfile(real / "positions.bin").reshape(f0, n_at, 3)
+    frc = np.fromfile(real / "forces.bin").reshape(f0, n_at, 3)
+    num = np.fromfile(real / "numbers.bin", np.int8).reshape(f0, n_at)
+    energy = np.fromfile(real / "energy.bin")
+    comp = np.fromfile(real / "composition.bin", np.int16).reshape(f0, -1)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    names = ("numbers", "positions", "forces", "energy", "molecule", "frame", "composition")
+    files = {k: open(dest / f"{k}.bin", "wb") for k in names}
+    chunk = 20_000
+    try:
+        for start in range(0, n_conf, chunk):
+            k = np.arange(start, min(start + chunk, n_conf)) % f0
+            files["positions"].write((pos[k] + rng.normal(0, 0.005, pos[k].shape)).tobytes())
+            files["forces"].write(frc[k].tobytes())
+            files["numbers"].write(num[k].tobytes())
+            files["energy"].write(energy[k].tobytes())
+            files["molecule"].write(np.zeros(len(k), np.int32).tobytes())
+            files["frame"].write(k.astype(np.int32).tobytes())
+            files["composition"].write(comp[k].tobytes())
+    finally:
+        for fh in files.values():
+            fh.close()
+    (np.arange(n_conf + 1, dtype=np.int64) * n_at).tofile(dest / "offsets.bin")
+    m.update(frames=n_conf, atoms=n_conf * n_at)
+    m["molecules"][0]["conformers"] = n_conf
+    m["fingerprint"]["source"] = f"synthetic: {n_conf} conformations tiled from {m['fingerprint']['source']}"
+    (dest / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(real)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pair(store: Path, work: Path, steps: int, batch: int) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    port, out = free_port(), work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(store), str(out), str(port), str(i), str(steps), str(batch)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        o, e = p.communicate(timeout=1200)
+        line = next((x for x in o.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode or line is None:
+            raise RuntimeError(f"child failed ({p.returncode}):\n{o[-2000:]}\n{e[-4000:]}")
+        results.append(json.loads(line[7:]))
+    shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def main(argv=None) -> dict:
+    from tqdm.auto import tqdm
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/so3lib_mp_bench"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multiprocess_memory.json")
+    a = ap.parse_args(argv)
+    rows = []
+    try:
+        for n in tqdm(a.sizes, desc="sizes"):
+            t0 = time.perf_counter()
+            store = synthetic_store(n, a.work / "store")
+            build_s = time.perf_counter() - t0
+            size_mb = sum(f.stat().st_size for f in store.iterdir()) / 2**20
+            for r in run_pair(store, a.work, a.steps, a.batch_size):
+                rows.append({"conformations": n, "store_mb": size_mb, "store_build_s": build_s, **r})
+            shutil.rmtree(store)
+            print(json.dumps(rows[-2:]), flush=True)
+    finally:
+        shutil.rmtree(a.work, ignore_errors=True)  # the synthetic stores are this benchmark's own
+    anon = {n: max(r["peak_anon_mb"] for r in rows if r["conformations"] == n) for n in a.sizes}
+    lo, hi = min(a.sizes), max(a.sizes)
+    out = {
+        "command": "python benchmarks/multiprocess_memory.py " + " ".join(argv or sys.argv[1:]),
+        "what": "2 processes x 1 CPU device, streamed training on a synthetic SPICE-layout store tiled from the "
+        "bundled real SPICE 1.1.4 frames (27 atoms); peak memory per process",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]},
+        "steps": a.steps,
+        "global_batch_size": a.batch_size,
+        "rows": rows,
+        "peak_anon_growth_bytes_per_conformation": (anon[hi] - anon[lo]) * 2**20 / (hi - lo) if hi > lo else None,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+    plot(out, a.out.with_suffix(".png"))
+    return out
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for pid, mark in ((0, "o"), (1, "s")):
+        r = [x for x in out["rows"] if x["process_id"] == pid]
+        n = [x["conformations"] for x in r]
+        ax.plot(n, [x["peak_anon_mb"] for x in r], marker=mark, label=f"process {pid}: heap (peak RssAnon)")
+        ax.plot(n, [x["peak_rss_mb"] for x in r], marker=mark, ls="--", label=f"process {pid}: VmHWM (+ mapped pages)")
+        bx.plot(n, [x["input_wait_s"] for x in r], marker=mark, label=f"process {pid}")
+    r0 = [x for x in out["rows"] if x["process_id"] == 0]
+    bx.plot([x["conformations"] for x in r0], [x["train_time_s"] for x in r0], "k:", label="training time (process 0)")
+    for a_, t in ((ax, "peak memory per process (MiB)"), (bx, "step waiting for input (s)")):
+        a_.set_xscale("log")
+        a_.set_xlabel("conformations in the store")
+        a_.set_title(t)
+        a_.legend(fontsize=7)
+    ax.set_ylim(bottom=0)
+    bx.set_ylim(bottom=0)
+    fig.suptitle(f"2 processes, {out['steps']} steps, global batch {out['global_batch_size']} (synthetic store)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
