@@ -63,7 +63,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, nargs="+", default=[4, 6, 10, 16, 24, 37])
     ap.add_argument("--max-all-pairs", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "md_scaling.json")
+    ap.add_argument("--replot", action="store_true", help="recompute the slopes and the plot of --out, no runs")
     a = ap.parse_args(argv)
+    if a.replot:
+        out = write(a.out, json.loads(a.out.read_text())["rows"], json.loads(a.out.read_text()))
+        plot(out, a.out.with_suffix(".png"))
+        print(json.dumps(out["slopes"]))
+        return out
     from ase.build import bulk
     from tqdm.auto import tqdm
 
@@ -110,6 +116,7 @@ def main(argv=None) -> dict:
             "neighbour_reallocations": res.reallocations,
             "memory_estimate_gb": md_memory_bytes(n, atoms.get_volume(), pot.cutoff + 0.5, cl, 4, 16, 1) / 1e9,
             "total_energy_drift_mev_per_atom": float(1e3 * np.ptp(res.total_ev) / n),
+            "load_average_1min": os.getloadavg()[0],  # a shared machine: other processes slow the timings
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -121,25 +128,33 @@ def main(argv=None) -> dict:
     return out
 
 
-def slope(rows: list, search: str) -> dict | None:
-    """Least-squares slope of log(ms/step) against log(N) for one search, or None with fewer than 3 sizes."""
-    pts = [(r["n_atoms"], r["ms_per_step"]) for r in rows if r["search"] == search]
+def slope(rows: list, search: str, n_from: int = 0) -> dict | None:
+    """Least-squares slope of log(ms/step) against log(N) for one search (sizes ≥ ``n_from``), or None with fewer
+    than 3 sizes."""
+    pts = [(r["n_atoms"], r["ms_per_step"]) for r in rows if r["search"] == search and r["n_atoms"] >= n_from]
     if len(pts) < 3:
         return None
     n, ms = np.log(np.array(pts, float)).T
-    return {"slope": float(np.polyfit(n, ms, 1)[0]), "n_min": int(np.exp(n.min())), "n_max": int(np.exp(n.max()))}
+    return {"slope": float(np.polyfit(n, ms, 1)[0]), "n_min": round(np.exp(n.min())), "n_max": round(np.exp(n.max()))}
 
 
-def write(path: Path, rows: list) -> dict:
+def write(path: Path, rows: list, old: dict | None = None) -> dict:
     """Results so far (rewritten after every row, so a long run keeps what it measured)."""
+    from so3lib.md.engine import CELL_LIST_MIN_ATOMS
+
     out = {
-        "device": str(jax.devices()[0]),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "jax": jax.__version__,
+        "device": old["device"] if old else str(jax.devices()[0]),
+        "platform": old["platform"] if old else platform.platform(),
+        "cpus": old["cpus"] if old else os.cpu_count(),
+        "jax": old["jax"] if old else jax.__version__,
         "model": {"name": "schnet", **MODEL, "dtype": "float32"},
         "system": f"bcc Li, a = {LATTICE_A} Å, NVE 300 K, dt 1 fs, skin 0.5 Å",
-        "slopes": {s: slope(rows, s) for s in ("cell list", "all pairs")},
+        "slopes": {
+            **{s: slope(rows, s) for s in ("cell list", "all pairs")},
+            f"cell list, N ≥ {CELL_LIST_MIN_ATOMS} (the automatic range)": slope(
+                rows, "cell list", CELL_LIST_MIN_ATOMS
+            ),
+        },
         "rows": rows,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
