@@ -90,6 +90,9 @@ def build(d: Path) -> dict[str, Path]:
     # a lattice to repeat along, but no periodic boundaries
     f["free_with_cell"] = d / "free_with_cell.extxyz"
     ase.io.write(f["free_with_cell"], big)
+    small = Atoms(numbers=eth["nuclear_charges"], positions=eth["coords"][0], cell=[6.0, 6.0, 6.0], pbc=True)
+    f["small_box"] = d / "small_box.extxyz"  # periodic, but the cell is below twice the cutoff
+    ase.io.write(f["small_box"], small)
     f["empty"] = d / "empty.xyz"
     f["empty"].write_text("")
     f["garbage_h5"] = d / "garbage.h5"

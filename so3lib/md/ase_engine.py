@@ -12,7 +12,9 @@ from so3lib.md.engine import KB_EV_PER_K, MDBlowUp, MDConfig, MDResult
 
 def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True) -> MDResult:
     """MD of ``atoms`` with the ASE integrator matching ``cfg.ensemble`` (VelocityVerlet, Langevin,
-    NoseHooverChainNVT, NVTBerendsen with the target updated for a ramp)."""
+    NoseHooverChainNVT, NVTBerendsen with the target updated for a ramp, IsotropicMTKNPT: the isotropic
+    Martyna–Tuckerman–Klein barostat with Nosé–Hoover chains on the calculator's stress, as the on-device engine).
+    For a periodic cell the cell and the pressure P = −tr(σ)/3 with the ideal-gas term (bar) are recorded."""
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from tqdm.auto import tqdm
@@ -21,6 +23,12 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
         raise ValueError(
             f"MD needs at least 2 atoms, the structure has {len(atoms)} (a single atom does not move once its "
             "centre-of-mass velocity is removed)"
+        )
+    periodic = bool(np.all(atoms.pbc))
+    if cfg.ensemble == "npt" and not periodic:
+        raise ValueError(
+            f"NPT (--pressure {cfg.pressure_bar} bar) needs a cell periodic in all three directions; "
+            f"structure {atoms.get_chemical_formula()} has pbc={np.asarray(atoms.pbc).tolist()}"
         )
     atoms = atoms.copy()
     atoms.calc = calc
@@ -47,6 +55,17 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
         from ase.md.nose_hoover_chain import NoseHooverChainNVT
 
         dyn = NoseHooverChainNVT(atoms, dt, temperature_K=t0k, tdamp=cfg.tau_fs * units.fs)
+    elif cfg.ensemble == "npt":
+        from ase.md.nose_hoover_chain import IsotropicMTKNPT
+
+        dyn = IsotropicMTKNPT(
+            atoms,
+            dt,
+            temperature_K=t0k,
+            pressure_au=cfg.pressure_bar * units.bar,
+            tdamp=cfg.tau_fs * units.fs,
+            pdamp=cfg.barostat_tau_fs * units.fs,
+        )
     else:
         from ase.md.nvtberendsen import NVTBerendsen
 
@@ -54,12 +73,20 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
     n = len(atoms)
     dof = max(3 * n - 3, 1)  # as the on-device engine: centre-of-mass motion removed
     temperature = lambda: 2.0 * atoms.get_kinetic_energy() / (dof * KB_EV_PER_K)  # noqa: E731
+
+    def pressure_bar() -> float | None:
+        if not periodic:
+            return None
+        return float(-np.mean(atoms.get_stress(voigt=True, include_ideal_gas=True)[:3]) / units.bar)
+
     rec = {
         "step": [0],
         "pot": [atoms.get_potential_energy()],
         "kin": [atoms.get_kinetic_energy()],
         "T": [temperature()],
         "pos": [atoms.positions.copy()],
+        "cell": [atoms.cell.array.copy()],
+        "P": [pressure_bar()],
     }
     stopped, step = None, 0
     t_start = time.perf_counter()
@@ -86,6 +113,8 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
             rec["kin"].append(atoms.get_kinetic_energy())
             rec["T"].append(temp)
             rec["pos"].append(atoms.positions.copy())
+            rec["cell"].append(atoms.cell.array.copy())
+            rec["P"].append(pressure_bar())
             bar.update(k)
     if stopped and raise_on_blowup:
         raise MDBlowUp(stopped)
@@ -102,6 +131,8 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
         compile_s=0.0,
         reallocations=0,
         stopped=stopped,
+        cells=np.stack(rec["cell"]) if periodic else None,
+        pressure_bar=np.asarray(rec["P"], float) if periodic else None,
     )
 
 

@@ -1,14 +1,19 @@
 """Molecular dynamics on the device with jax-md, driven by a trained so3lib potential.
 
 Units: Å, eV, amu; time in fs at the interface (the internal unit is Å·sqrt(amu/eV) = 10.1805 fs), temperature
-in K (kT in eV inside). The neighbour list is jax-md's (Dense format, cutoff + skin, rebuilt when an atom moved
-more than skin/2); each chunk of ``save_every`` steps runs inside one compiled `lax.scan`. After every chunk the
-host checks, in this order: neighbour-list overflow (the list is reallocated with more capacity and the chunk is
-re-run from its start: nothing is dropped), non-finite values and a runaway temperature (`MDBlowUp`, naming the
-step).
+in K (kT in eV inside), pressure in bar (eV/Å³ inside). The neighbour list is jax-md's (Dense format, cutoff + skin,
+rebuilt when an atom moved more than skin/2). A periodic cell is simulated in fractional coordinates u ∈ [0, 1)³
+(x = u·cell, the cell turned to the lower-triangular standard form jax-md needs): that lets jax-md bin the atoms
+into a cell list, O(N) instead of the all-pairs O(N²) search, once the cell holds at least 4 list cutoffs per side
+(automatic above `CELL_LIST_MIN_ATOMS` atoms, or `MDConfig.cell_list`). Each chunk of ``save_every`` steps
+runs inside one compiled `lax.scan`. After every chunk the host checks, in this order: neighbour-list overflow
+(the list is reallocated with more capacity and the chunk is re-run from its start: nothing is dropped), an NPT
+cell shrunk below twice the cutoff, non-finite values and a runaway temperature (`MDBlowUp`, naming the step).
 
-Ensembles: NVE velocity Verlet, NVT Langevin and Nosé–Hoover chains (jax-md), and a Berendsen thermostat
-(velocity rescaling on top of jax-md's velocity Verlet) whose target can ramp linearly from T0 to T1.
+Ensembles: NVE velocity Verlet, NVT Langevin and Nosé–Hoover chains (jax-md), a Berendsen thermostat
+(velocity rescaling on top of jax-md's velocity Verlet) whose target can ramp linearly from T0 to T1, and NPT
+(jax-md's isotropic Martyna–Tuckerman–Klein barostat with Nosé–Hoover chains, `simulate.npt_nose_hoover`, on the
+model's virial −∂E/∂ε, periodic cells only).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from so3lib.potential import Potential
 log = logging.getLogger(__name__)
 KB_EV_PER_K = 8.617333262e-5
 FS_PER_TIME_UNIT = 10.180505710774743  # Å·sqrt(amu/eV) in fs
-Ensemble = Literal["nve", "nvt-langevin", "nvt-nose-hoover", "berendsen"]
+EV_PER_A3_PER_BAR = 6.241509125883258e-07  # 1 bar = 1e5 Pa in eV/Å³
+CELL_LIST_MIN_ATOMS = 2000  # automatic cell list from this size on (below it the all-pairs search is faster)
+Ensemble = Literal["nve", "nvt-langevin", "nvt-nose-hoover", "berendsen", "npt"]
 
 
 class MDBlowUp(RuntimeError):
@@ -48,6 +55,11 @@ class MDConfig(BaseModel):
     save_every: int = Field(10, ge=1, description="record energies and a frame every this many steps")
     friction_per_ps: float = Field(10.0, gt=0, description="Langevin friction γ (1/ps)")
     tau_fs: float = Field(100.0, gt=0, description="Berendsen / Nosé–Hoover time constant (fs)")
+    pressure_bar: float | None = Field(None, description="NPT target pressure (bar)")
+    barostat_tau_fs: float = Field(500.0, gt=0, description="NPT barostat time constant (fs)")
+    cell_list: bool | None = Field(
+        None, description=f"periodic cells: jax-md cell list (None: when ≥ {CELL_LIST_MIN_ATOMS} atoms and it fits)"
+    )
     skin_angstrom: float = Field(1.0, ge=0)
     capacity_multiplier: float = Field(1.25, ge=1.0)
     max_temperature_k: float = Field(10000.0, gt=0, description="stop the run above this temperature")
@@ -59,6 +71,10 @@ class MDConfig(BaseModel):
             raise ValueError(f"the time step must be positive, got dt_fs={self.dt_fs}")
         if self.ramp_k is not None and self.ensemble == "nve":
             raise ValueError("a temperature ramp needs a thermostat (berendsen, nvt-langevin or nvt-nose-hoover)")
+        if self.ensemble == "npt" and self.pressure_bar is None:
+            raise ValueError("the npt ensemble needs a target pressure (--pressure BAR)")
+        if self.ensemble != "npt" and self.pressure_bar is not None:
+            raise ValueError(f"a target pressure ({self.pressure_bar} bar) needs --ensemble npt, not {self.ensemble}")
         return self
 
     def target_k(self, step: np.ndarray) -> np.ndarray:
@@ -72,7 +88,8 @@ class MDConfig(BaseModel):
 class MDResult:
     """Per record (every ``save_every`` steps, including step 0): step, time_fs, potential/kinetic/total
     energy (eV, potential including the per-element reference), temperature (K) = 2·E_kin / (n_dof·k_B),
-    positions (Å)."""
+    positions (Å); for a periodic cell also the cell (Å, rows; it changes under NPT) and the instantaneous
+    pressure P = (2·E_kin − ∂E/∂ε) / (3V) (bar, the virial route)."""
 
     step: np.ndarray
     time_fs: np.ndarray
@@ -85,6 +102,12 @@ class MDResult:
     compile_s: float
     reallocations: int
     stopped: str | None = None
+    cells: np.ndarray | None = None  # (F, 3, 3) Å
+    pressure_bar: np.ndarray | None = None  # (F,)
+
+    @property
+    def volume_a3(self) -> np.ndarray | None:
+        return None if self.cells is None else np.abs(np.linalg.det(self.cells))
 
     @property
     def total_ev(self) -> np.ndarray:
@@ -96,10 +119,24 @@ class MDResult:
 
 
 def _graph(
-    pot: Potential, species: jnp.ndarray, cell: jnp.ndarray, periodic: bool, R: jnp.ndarray, idx: jnp.ndarray
+    pot: Potential,
+    species: jnp.ndarray,
+    box: jnp.ndarray,
+    periodic: bool,
+    R: jnp.ndarray,
+    idx: jnp.ndarray,
+    perturbation=None,
 ) -> jraph.GraphsTuple:
     """Padded graph of one structure from a jax-md Dense neighbour list ``idx`` (N, K) (padding value N):
-    edges j → i for idx[i, k] = j, real edges first (jraph convention), periodic shifts by minimum image."""
+    edges j → i for idx[i, k] = j, real edges first (jraph convention).
+
+    Periodic: ``R`` (N, 3) are fractional coordinates u and ``box`` the jax-md (column) box T, so x = T·u
+    (`space.transform`, whose derivative passes Cartesian gradients through to u, so −∂E/∂u is the Cartesian
+    force) and the edge j → i is x_j − x_i + s·cellᵀ with the minimum-image shift s = −round(u_j − u_i).
+    ``perturbation`` (a scalar 1 + ε) scales positions and cell, so ∂E/∂ε is the isotropic virial jax-md's
+    pressure and barostat ask for. Free: ``R`` are Cartesian positions and ``box`` the (unused) cell."""
+    from jax_md import space
+
     N, K = idx.shape
     dt = pot.dtype
     recv = jnp.repeat(jnp.arange(N), K)
@@ -108,13 +145,19 @@ def _graph(
     order = jnp.argsort(~valid, stable=True)
     recv, send, valid = jnp.where(valid[order], recv[order], N), send[order], valid[order]
     n_real = jnp.sum(valid)
-    Rp = jnp.concatenate([R.astype(dt), jnp.zeros((1, 3), dt)])
     if periodic:
-        d = jax.lax.stop_gradient(Rp[send] - Rp[recv])
-        shift = jnp.where(valid[:, None], -jnp.round(d @ jnp.linalg.inv(cell)), 0.0)
+        u = jnp.concatenate([R.astype(dt), jnp.zeros((1, 3), dt)])
+        d = jax.lax.stop_gradient(u[send] - u[recv])
+        shift = jnp.where(valid[:, None], -jnp.round(d), 0.0)
+        Rp = space.transform(box.astype(dt), u)
+        cell = box.T.astype(dt)
+        if perturbation is not None:
+            Rp, cell = Rp * perturbation, cell * perturbation
     else:
+        Rp = jnp.concatenate([R.astype(dt), jnp.zeros((1, 3), dt)])
         shift = jnp.zeros((N * K, 3), dt)
-    cells = jnp.stack([cell, jnp.zeros((3, 3), cell.dtype)]).astype(dt)
+        cell = box.astype(dt)
+    cells = jnp.stack([cell, jnp.zeros((3, 3), dt)])
     glob = {
         "cell": cells,
         "pbc": jnp.array([[periodic] * 3, [False] * 3]),
@@ -148,16 +191,41 @@ def _graph(
     )
 
 
-def energy_function(pot: Potential, params, numbers: np.ndarray, cell: np.ndarray, periodic: bool):
-    """``energy(R, neighbor) -> E_residual`` (eV, without the constant per-element reference) for jax-md."""
+def energy_function(pot: Potential, params, numbers: np.ndarray, box: np.ndarray, periodic: bool):
+    """``energy(R, neighbor, box=box, perturbation=None) -> E_residual`` (eV, without the constant per-element
+    reference) for jax-md; periodic: ``R`` fractional and ``box`` the jax-md box (columns = lattice vectors),
+    free: ``R`` Cartesian (``box`` unused)."""
     species = jnp.asarray(numbers, jnp.int32)
-    cell = jnp.asarray(cell, pot.dtype)
+    box0 = jnp.asarray(box, pot.dtype)
 
-    def energy(R, neighbor, **unused):
-        g = _graph(pot, species, cell, periodic, R, neighbor.idx)
+    def energy(R, neighbor, box=None, perturbation=None, **unused):
+        g = _graph(pot, species, box0 if box is None else box, periodic, R, neighbor.idx, perturbation)
         return pot.residual_energy(params, g)[0]
 
     return energy
+
+
+def standard_cell(cell: np.ndarray) -> np.ndarray:
+    """(3, 3) the cell (rows a, b, c) turned rigidly to the lower-triangular form (a along x, b in the xy plane)
+    whose transpose is the upper-triangular box jax-md's cell list needs; fractional coordinates are unchanged."""
+    from ase.cell import Cell
+
+    if np.linalg.det(cell) <= 0:
+        raise ValueError(
+            f"the cell {np.round(cell, 4).tolist()} is left-handed (det < 0): reorder its lattice vectors, or use "
+            "--engine ase"
+        )
+    return np.asarray(Cell(cell).standard_form()[0])
+
+
+def cell_heights(cell: np.ndarray) -> np.ndarray:
+    """(3,) distances between opposite faces of the cell (Å): V / |b × c|, V / |c × a|, V / |a × b|."""
+    return abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+
+
+def cells_per_side(cell: np.ndarray, list_cutoff: float) -> int:
+    """Cells per side of jax-md's fractional cell list, floor(min height / list cutoff); it builds one at ≥ 4."""
+    return int(np.floor(np.min(cell_heights(cell)) / list_cutoff))
 
 
 def run_md(
@@ -196,25 +264,40 @@ def run_md(
             f"mixed boundary conditions pbc={atoms.pbc.tolist()} are not supported by the on-device "
             "engine (use --engine ase)"
         )
+    if cfg.ensemble == "npt" and not periodic:
+        raise ValueError(
+            f"NPT (--pressure {cfg.pressure_bar} bar) needs a cell periodic in all three directions; "
+            f"structure {atoms.get_chemical_formula()} has pbc={np.asarray(atoms.pbc).tolist()}"
+        )
     dtype = pot.dtype
     N = len(atoms)
     cell = np.asarray(atoms.cell.array, float)
-    rc = pot.cutoff + cfg.skin_angstrom
+    rc = pot.cutoff + cfg.skin_angstrom  # the list holds pairs within cutoff + skin
+    cell_list = False
     if periodic:
-        heights = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+        heights = cell_heights(cell)
         if np.any(heights < 2 * rc):
             raise ValueError(
                 f"cell heights {np.round(heights, 2).tolist()} Å are below twice the cutoff + skin "
                 f"({2 * rc:.2f} Å): minimum image fails; use a larger --supercell"
             )
-        displacement, shift = space.periodic_general(jnp.asarray(cell.T, dtype), fractional_coordinates=False)
-        box = jnp.asarray(cell.T, dtype)
-        R0 = jnp.asarray(atoms.get_positions(wrap=True), dtype)
+        std = standard_cell(cell)
+        box = jnp.asarray(std.T, dtype)
+        displacement, shift = space.periodic_general(box, fractional_coordinates=True)
+        R0 = jnp.asarray(atoms.cell.scaled_positions(atoms.positions) % 1.0, dtype)
+        fits = cells_per_side(cell, rc) >= 4
+        if cfg.cell_list and not fits:
+            raise ValueError(
+                f"a cell list needs cell heights of at least 4 × (cutoff + skin) = {4 * rc:.2f} Å, the cell has "
+                f"{np.round(heights, 2).tolist()} Å: use a larger --supercell, or no cell list"
+            )
+        cell_list = fits if cfg.cell_list is None and N >= CELL_LIST_MIN_ATOMS else bool(cfg.cell_list and fits)
     else:
+        if cfg.cell_list:
+            raise ValueError("a cell list needs a periodic cell (the free-space search is all pairs)")
         displacement, shift = space.free()
-        box = jnp.asarray(100.0, dtype)
+        box = jnp.asarray(cell, dtype)
         R0 = jnp.asarray(atoms.positions, dtype)
-    cell_list = periodic and N >= 2000
     model = pot.model
     check_md_memory(
         N,
@@ -226,17 +309,20 @@ def run_md(
         int(getattr(model, "n_interactions", getattr(model, "layers", 3))),
         f"structure {atoms.get_chemical_formula(mode='hill', empirical=False)[:40]}",
         positions=None if periodic else atoms.positions,
+        capacity_multiplier=cfg.capacity_multiplier,
+        cells_per_side=cells_per_side(cell, rc) if cell_list else None,
     )
     neighbor_fn = partition.neighbor_list(
         displacement,
         box,
-        rc,
+        pot.cutoff,
         dr_threshold=cfg.skin_angstrom,
         capacity_multiplier=cfg.capacity_multiplier,
         disable_cell_list=not cell_list,
+        fractional_coordinates=periodic,
         format=partition.Dense,
     )
-    energy = energy_function(pot, params, numbers, cell, periodic)
+    energy = energy_function(pot, params, numbers, box, periodic)
     mass = jnp.asarray(atoms.get_masses(), dtype)
     dt = cfg.dt_fs / FS_PER_TIME_UNIT
     kT0 = float(cfg.target_k(np.array(0.0))) * KB_EV_PER_K
@@ -247,9 +333,30 @@ def run_md(
         )
     elif cfg.ensemble == "nvt-nose-hoover":
         init_fn, apply_fn = simulate.nvt_nose_hoover(energy, shift, dt, kT0, tau=tau)
+    elif cfg.ensemble == "npt":
+        init_fn, apply_fn = simulate.npt_nose_hoover(
+            energy,
+            shift,
+            dt,
+            cfg.pressure_bar * EV_PER_A3_PER_BAR,
+            kT0,
+            barostat_kwargs={"tau": cfg.barostat_tau_fs / FS_PER_TIME_UNIT},
+            thermostat_kwargs={"tau": tau},
+        )
     else:
         init_fn, apply_fn = simulate.nve(energy, shift, dt)
     berendsen = cfg.ensemble == "berendsen"
+    npt = cfg.ensemble == "npt"
+
+    def box_of(state):
+        """The jax-md box of ``state`` (it changes only under NPT)."""
+        return simulate.npt_box(state) if npt else box
+
+    def pressure(state, nbrs):
+        """Instantaneous pressure (eV/Å³), the virial route (0 for a free system)."""
+        if not periodic:
+            return jnp.zeros((), dtype)
+        return quantity.pressure(energy, state.position, box_of(state), kinetic(state), neighbor=nbrs)
 
     def kinetic(state):
         return quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
@@ -272,7 +379,7 @@ def run_md(
             state = apply_fn(state, neighbor=nbrs)
         else:
             state = apply_fn(state, neighbor=nbrs, kT=kT)
-        nbrs = nbrs.update(state.position)
+        nbrs = nbrs.update(state.position, box=box_of(state)) if npt else nbrs.update(state.position)
         # keep the carry's dtypes (jax-md builds some thermostat fields, e.g. the Nosé–Hoover chain masses, in float32)
         state = jax.tree_util.tree_map(lambda x, ref: x.astype(ref.dtype), state, carry[0])
         return (state, nbrs), temperature(state)
@@ -280,9 +387,22 @@ def run_md(
     @jax.jit
     def chunk(state, nbrs, kTs):
         (state, nbrs), temps = jax.lax.scan(one_step, (state, nbrs), kTs)
-        return state, nbrs, temps, energy(state.position, nbrs), kinetic(state)
+        b = box_of(state)
+        return state, nbrs, temps, energy(state.position, nbrs, box=b), kinetic(state), pressure(state, nbrs), b
+
+    def cartesian(u, b) -> tuple[np.ndarray, np.ndarray | None]:
+        """Positions (Å) and cell in the structure's own orientation: x = u·cell·s, s the NPT length scale."""
+        if not periodic:
+            return np.asarray(u), None
+        c = cell * float(np.asarray(b)[0, 0] / np.asarray(box)[0, 0])
+        return np.asarray(u, float) @ c, c
+
+    def allocate(R, b, **kw):
+        return neighbor_fn.allocate(R, box=b, **kw) if npt else neighbor_fn.allocate(R, **kw)
 
     key = jax.random.PRNGKey(cfg.seed)
+    if capacity_from is not None and periodic:  # Cartesian → fractional
+        capacity_from = np.asarray(capacity_from) @ np.linalg.inv(cell)
     nbrs = neighbor_fn.allocate(R0 if capacity_from is None else jnp.asarray(capacity_from, dtype))
     reallocations = 0
     if nbrs.update(R0).did_buffer_overflow:  # the list must hold the starting structure before forces are taken
@@ -293,16 +413,22 @@ def run_md(
             "MD step 0: neighbour list overflow (capacity %s); reallocated to %s (nothing dropped)", old, nbrs.idx.shape
         )
     if cfg.ensemble == "nve" or berendsen:
-        state = init_fn(key, R0, kT0, mass=mass, neighbor=nbrs)
+        state = jax.jit(init_fn)(key, R0, kT0, mass=mass, neighbor=nbrs)
+    elif npt:
+        state = jax.jit(init_fn)(key, R0, box, mass=mass, kT=kT0, neighbor=nbrs)
     else:
-        state = init_fn(key, R0, mass=mass, kT=kT0, neighbor=nbrs)
+        state = jax.jit(init_fn)(key, R0, mass=mass, kT=kT0, neighbor=nbrs)
     ref_e = float(pot.reference.table()[numbers].sum() + pot.reference.intercept_ev)
+    x0, c0 = cartesian(R0, box)
+    e0, p0 = jax.jit(lambda st, nb: (energy(st.position, nb), pressure(st, nb)))(state, nbrs)
     rec = {
         "step": [0],
-        "pot": [float(energy(R0, nbrs)) + ref_e],
+        "pot": [float(e0) + ref_e],
         "kin": [float(kinetic(state))],
         "T": [float(temperature(state))],
-        "pos": [np.asarray(R0)],
+        "pos": [x0],
+        "cell": [c0],
+        "P": [float(p0) / EV_PER_A3_PER_BAR],
     }
     stopped = None
     n_chunks = -(-cfg.steps // cfg.save_every)
@@ -314,10 +440,11 @@ def run_md(
             n = min(cfg.save_every, cfg.steps - step)
             kTs = jnp.asarray(cfg.target_k(np.arange(step + 1, step + n + 1)) * KB_EV_PER_K, dtype)
             t0 = time.perf_counter()
-            new_state, new_nbrs, temps, e_pot, e_kin = chunk(state, nbrs, kTs)
-            if new_nbrs.did_buffer_overflow:
+            new_state, new_nbrs, temps, e_pot, e_kin, p_now, b_now = chunk(state, nbrs, kTs)
+            if new_nbrs.did_buffer_overflow or (npt and new_nbrs.cell_size_too_small):
+                # (under NPT a shrinking box also needs larger cells of the cell list)
                 old = nbrs.idx.shape
-                nbrs = neighbor_fn.allocate(state.position, extra_capacity=max(2, old[1] // 4))
+                nbrs = allocate(state.position, box_of(state), extra_capacity=max(2, old[1] // 4))
                 reallocations += 1
                 log.warning(
                     "MD step %d: neighbour list overflow (capacity %s); reallocated to %s and re-ran the "
@@ -326,14 +453,21 @@ def run_md(
                     old,
                     nbrs.idx.shape,
                 )
-                new_state, new_nbrs, temps, e_pot, e_kin = chunk(state, nbrs, kTs)
-                if new_nbrs.did_buffer_overflow:
+                new_state, new_nbrs, temps, e_pot, e_kin, p_now, b_now = chunk(state, nbrs, kTs)
+                if new_nbrs.did_buffer_overflow or (npt and new_nbrs.cell_size_too_small):
                     raise RuntimeError(f"MD step {step}: neighbour list overflows again after reallocation")
             temps = np.asarray(temps)
             if c == 0:  # the first chunk includes the compilation
                 compile_s = time.perf_counter() - t0
             bad = ~np.isfinite(temps) | (temps > cfg.max_temperature_k)
-            pos = np.asarray(new_state.position)
+            pos, c_now = cartesian(new_state.position, b_now)
+            if npt and np.all(np.isfinite(pos)) and np.min(cell_heights(c_now)) < 2 * pot.cutoff:
+                stopped = (
+                    f"MD stopped at step {step + n} (t = {(step + n) * cfg.dt_fs:.1f} fs): the NPT cell shrank to "
+                    f"heights {np.round(cell_heights(c_now), 2).tolist()} Å, below twice the cutoff "
+                    f"({2 * pot.cutoff:.2f} Å) where minimum image fails; use a larger --supercell"
+                )
+                break
             if bad.any() or not np.isfinite(pos).all() or not np.isfinite(float(e_pot)):
                 k = int(np.argmax(bad)) if bad.any() else n - 1
                 what = (
@@ -353,6 +487,8 @@ def run_md(
             rec["kin"].append(float(e_kin))
             rec["T"].append(float(temps[-1]))
             rec["pos"].append(pos)
+            rec["cell"].append(c_now)
+            rec["P"].append(float(p_now) / EV_PER_A3_PER_BAR)
             bar.update(n)
             bar.set_postfix(T=f"{temps[-1]:.0f}K", refresh=False)
     finally:
@@ -375,4 +511,6 @@ def run_md(
         compile_s=compile_s,
         reallocations=reallocations,
         stopped=stopped,
+        cells=np.stack(rec["cell"]) if periodic else None,
+        pressure_bar=np.asarray(rec["P"]) if periodic else None,
     )

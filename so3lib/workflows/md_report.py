@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from so3lib import data
 from so3lib.training.run_folder import RunFolder, to_json, write_atomic
@@ -24,7 +24,10 @@ class MDOptions(Options):
     structure: str = Field(..., description="starting structure (any format so3lib reads)")
     frame: int = Field(0, description="frame of --structure")
     supercell: tuple[int, int, int] | None = Field(None, description="repeat the cell n1 n2 n3 times")
-    ensemble: Literal["nve", "nvt-langevin", "nvt-nose-hoover", "berendsen"] = Field("nve", description="ensemble")
+    ensemble: Literal["nve", "nvt-langevin", "nvt-nose-hoover", "berendsen", "npt"] = Field(
+        "nve", description="ensemble"
+    )
+    pressure: float | None = Field(None, description="bar: NPT target pressure (with --ensemble npt)")
     temperature: float = Field(300.0, gt=0, description="K: initial velocities and thermostat target")
     ramp: tuple[float, float] | None = Field(None, description="Berendsen ramp T0 T1 (K) over the run")
     steps: int = Field(1000, ge=1, description="MD steps")
@@ -32,6 +35,7 @@ class MDOptions(Options):
     save_every: int = Field(10, ge=1, description="save a frame every K steps")
     friction: float = Field(10.0, gt=0, description="Langevin friction (1/ps)")
     tau: float = Field(100.0, gt=0, description="Berendsen / Nosé–Hoover time constant (fs)")
+    barostat_tau: float = Field(500.0, gt=0, description="NPT barostat time constant (fs)")
     skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
     seed: int = Field(0, description="seed of the initial velocities and the Langevin noise")
     engine: Literal["jax-md", "ase"] = Field("jax-md", description="on-device jax-md, or ASE integrators")
@@ -39,6 +43,14 @@ class MDOptions(Options):
     rdf_rmax: float = Field(6.0, gt=0, description="RDF range (Å)")
     out: str = Field(..., description="output folder")
     progress: bool = Field(True, description="progress bar")
+
+    @model_validator(mode="after")
+    def _pressure(self):
+        if self.ensemble == "npt" and self.pressure is None:
+            raise ValueError("--ensemble npt needs a target pressure: --pressure BAR")
+        if self.ensemble != "npt" and self.pressure is not None:
+            raise ValueError(f"--pressure {self.pressure} needs --ensemble npt (got --ensemble {self.ensemble})")
+        return self
 
 
 def load_structure(path: str, frame: int = 0, supercell=None):
@@ -62,7 +74,8 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
     from so3lib.md import stability
 
     frames = res.positions
-    g = [stability.rdf(p, cell, pbc, r_max)[1] for p in frames]
+    cells = res.cells if res.cells is not None else [cell] * len(frames)  # the cell changes under NPT
+    g = [stability.rdf(p, c, pbc, r_max)[1] for p, c in zip(frames, cells)]
     sim = np.array([stability.rdf_similarity(x, g[0]) for x in g])
     below = np.nonzero(sim < rdf_threshold)[0]
     out = {
@@ -83,6 +96,12 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
         if not len(below)
         else {"time_fs": float(res.time_fs[below[0]]), "temperature_k": float(res.temperature_k[below[0]])},
     }
+    if res.pressure_bar is not None:  # periodic: mean over the last 80 % of the records, as the temperature
+        tail = slice(len(res.pressure_bar) // 5, None)
+        out["pressure_target_bar"] = cfg.pressure_bar
+        out["pressure_mean_bar"] = float(np.mean(res.pressure_bar[tail]))
+        out["volume_initial_a3"] = float(res.volume_a3[0])
+        out["volume_mean_a3"] = float(np.mean(res.volume_a3[tail]))
     if cfg.ensemble == "nve":
         out["nve_drift_mev_per_atom_per_ps"] = stability.nve_drift_mev_per_atom_per_ps(
             res.time_fs, res.total_ev, res.n_atoms
@@ -159,6 +178,8 @@ def write_trajectory(path: Path, atoms, res) -> None:
     frames = []
     for k, p in enumerate(res.positions):
         f = atoms.copy()
+        if res.cells is not None:
+            f.set_cell(res.cells[k], scale_atoms=False)
         f.positions = p
         f.info.update(
             time_fs=float(res.time_fs[k]),
@@ -174,9 +195,13 @@ def write_csv(path: Path, res) -> None:
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["step", "time_fs", "potential_ev", "kinetic_ev", "total_ev", "temperature_k"])
-    for row in zip(res.step, res.time_fs, res.potential_ev, res.kinetic_ev, res.total_ev, res.temperature_k):
-        w.writerow([int(row[0])] + [f"{x:.8g}" for x in row[1:]])
+    cols = [res.time_fs, res.potential_ev, res.kinetic_ev, res.total_ev, res.temperature_k]
+    head = ["step", "time_fs", "potential_ev", "kinetic_ev", "total_ev", "temperature_k"]
+    if res.pressure_bar is not None:
+        cols, head = cols + [res.volume_a3, res.pressure_bar], head + ["volume_a3", "pressure_bar"]
+    w.writerow(head)
+    for k, step in enumerate(res.step):
+        w.writerow([int(step)] + [f"{c[k]:.8g}" for c in cols])
     write_atomic(path, buf.getvalue())
 
 
@@ -196,6 +221,8 @@ def run(opts: MDOptions) -> dict:
         save_every=opts.save_every,
         friction_per_ps=opts.friction,
         tau_fs=opts.tau,
+        pressure_bar=opts.pressure,
+        barostat_tau_fs=opts.barostat_tau,
         skin_angstrom=opts.skin,
         seed=opts.seed,
     )
