@@ -161,6 +161,25 @@ def test_the_command_with_openmm_and_a_reproducible_langevin(ethanol_run, ethano
     assert not np.allclose(a.positions[-1], c.positions[-1])
 
 
+def test_bad_input_and_a_blow_up(ethanol_run, ethanol):  # noqa: F811
+    from so3lib.md import MDBlowUp
+
+    calc = load_calculator(ethanol_run)
+    slab = ethanol.copy()
+    slab.cell, slab.pbc = np.diag([12.0, 12.0, 12.0]), [True, True, False]
+    with pytest.raises(ValueError, match=r"mixed boundary conditions pbc=\[True, True, False\] are not supported"):
+        run_md_openmm(calc, slab, MDConfig(steps=10), progress=False)
+    with pytest.raises(ValueError, match="MD needs at least 2 atoms, the structure has 1"):
+        run_md_openmm(calc, ethanol[:1], MDConfig(steps=10), progress=False)
+    with pytest.raises(d.DataError, match=r"elements \[3\] have no energy reference"):
+        openmm_force(calc, [3, 3])
+    with pytest.raises(ValueError, match="needs the potential's params"):
+        openmm_force(calc.potential, ethanol.numbers)
+    cfg = MDConfig(ensemble="nvt-nose-hoover", temperature_k=300, steps=40, dt_fs=0.5, save_every=20)
+    with pytest.raises(MDBlowUp, match=r"blew up by step 20 \(t = 10.0 fs\): temperature \d+ K"):
+        run_md_openmm(calc, ethanol, cfg.model_copy(update={"max_temperature_k": 5.0}), progress=False)
+
+
 def test_a_missing_openmm_is_a_one_line_error(ethanol_run, tmp_path):  # noqa: F811
     code = (
         "import sys\n"
