@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, data
+from conftest import ROOT, data, shared
 from test_md import ethanol, ethanol_run  # noqa: F401  (the tiny trained ethanol run, shared fixtures)
 
 import so3lib.data as d
@@ -198,22 +198,24 @@ def test_a_missing_openmm_is_a_one_line_error(ethanol_run, tmp_path):  # noqa: F
 
 @pytest.fixture(scope="module")
 def aspirin_run(tmp_path_factory):
-    """SchNet (F=32, T=2, float64) on the 100 committed rMD17 aspirin frames (21 atoms), for the thermostat
-    tests: its job is a stable 10 ps at 300 K, not accuracy."""
+    """SchNet (F=32, T=2, float64) trained for 3000 steps on 950 frames of rMD17 aspirin (21 atoms; the full
+    split, so it stays a molecule for 10 ps at 300 K: trained on the 100 committed frames it breaks apart
+    within 2 ps)."""
     from so3lib.models import make_config
 
-    ds = d.Dataset.concatenate([d.read(data("rmd17", f"rmd17_aspirin_{s}_01.npz")) for s in ("train", "test")])
+    ds = d.read(shared("rmd17", "rmd17_aspirin_train_01.npz"))
     cfg = RunConfig(
         model=make_config("schnet", n_atom_basis=32, n_interactions=2, dtype="float64"),
-        training={"batch_size": 10, "max_epochs": None, "max_steps": 3000, "eval_every_steps": 1000},
-        data=DataConfig(energy_reference="average"),
+        training={"batch_size": 16, "max_epochs": None, "max_steps": 3000, "eval_every_steps": 1000},
+        data=DataConfig(energy_reference="average"),  # one molecule: least squares cannot fix e_Z
     )
     out = tmp_path_factory.mktemp("omm") / "aspirin"
-    train(cfg, ds.subset(np.arange(90)), ds.subset(np.arange(90, 100)), None, out_dir=out, progress=False)
+    train(cfg, ds.subset(np.arange(950)), ds.subset(np.arange(950, 1000)), None, out_dir=out, progress=False)
     return out
 
 
 @pytest.mark.slow
+@pytest.mark.data
 @pytest.mark.parametrize("ensemble", ["nvt-langevin", "nvt-nose-hoover", "berendsen"])
 def test_thermostats_hold_their_target_and_agree_with_jax_md(ensemble, aspirin_run):
     """Aspirin (21 atoms) at 300 K for 10 ps (20 000 steps of 0.5 fs): OpenMM's mean temperature (after the first
@@ -221,14 +223,14 @@ def test_thermostats_hold_their_target_and_agree_with_jax_md(ensemble, aspirin_r
     from so3lib.md import run_md
 
     run = aspirin_run
-    atoms = d.read(data("rmd17", "rmd17_aspirin_test_01.npz"))[0].to_ase()
+    atoms = d.read(shared("rmd17", "rmd17_aspirin_test_01.npz"))[0].to_ase()
     cfg = MDConfig(ensemble=ensemble, temperature_k=300, steps=20_000, dt_fs=0.5, save_every=10)
     r = run_md_openmm(load_calculator(run, skin=1.0), atoms, cfg, progress=False)
     pot, params = load_potential(run)
     j = run_md(pot, params, atoms, cfg, progress=False)
     t_omm = np.mean(r.temperature_k[len(r.temperature_k) // 5 :])
     t_jax = np.mean(j.temperature_k[len(j.temperature_k) // 5 :])
-    print(f"{ensemble}: OpenMM {t_omm:.1f} K, jax-md {t_jax:.1f} K")
+    print(f"{ensemble}: OpenMM {t_omm:.1f} K ({r.steps_per_s:.0f} steps/s), jax-md {t_jax:.1f} K", r.stopped, j.stopped)
     assert r.stopped is None and j.stopped is None
     assert abs(t_omm - 300) < 0.02 * 300, t_omm
     assert abs(t_omm - t_jax) < 0.03 * 300, (t_omm, t_jax)
