@@ -350,6 +350,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ValueError,
         KeyError,
         MemoryError,
+        ImportError,  # an optional dependency that is not installed (the message says how to install it)
     )
 
 

@@ -38,7 +38,9 @@ class MDOptions(Options):
     barostat_tau: float = Field(500.0, gt=0, description="NPT barostat time constant (fs)")
     skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
     seed: int = Field(0, description="seed of the initial velocities and the Langevin noise")
-    engine: Literal["jax-md", "ase"] = Field("jax-md", description="on-device jax-md, or ASE integrators")
+    engine: Literal["jax-md", "ase", "openmm"] = Field(
+        "jax-md", description="on-device jax-md, ASE integrators, or OpenMM (the openmm extra)"
+    )
     rdf_threshold: float = Field(0.8, gt=0, le=1, description="RDF similarity below which the structure is lost")
     rdf_rmax: float = Field(6.0, gt=0, description="RDF range (Å)")
     out: str = Field(..., description="output folder")
@@ -210,6 +212,10 @@ def run(opts: MDOptions) -> dict:
     from so3lib.md import MDConfig, run_md, stability
     from so3lib.training import load_potential
 
+    if opts.engine == "openmm":  # before anything is loaded: a missing engine is a one-line error
+        from so3lib.md.openmm import import_openmm
+
+        import_openmm()
     if not Path(opts.run).exists():
         raise FileNotFoundError(f"{opts.run}: no such run folder (train one with so3lib train / md17 / spice)")
     cfg = MDConfig(
@@ -234,6 +240,11 @@ def run(opts: MDOptions) -> dict:
         from so3lib.md.ase_engine import run_md_ase
 
         res = run_md_ase(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
+    elif opts.engine == "openmm":
+        from so3lib.calculator import So3libCalculator
+        from so3lib.md.openmm import run_md_openmm
+
+        res = run_md_openmm(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
     else:
         res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False)
     out = RunFolder(opts.out, kind="MD").claim()

@@ -1,0 +1,301 @@
+"""OpenMM with a trained so3lib potential: an OpenMM force (OpenMM ≥ 8.3's `PythonForce`) and an MD engine that
+records like the jax-md and ASE engines.
+
+    force = openmm_force("runs/ethanol", numbers)        # or (potential, params), or a So3libCalculator
+    system.addForce(force)
+
+Units: OpenMM works in nm, kJ/mol, ps, dalton; so3lib in Å, eV, fs, amu (dalton = amu). At the interface
+x_Å = 10 x_nm, E_kJ/mol = 96.485 E_eV, F_kJ/mol/nm = 964.85 F_eV/Å, v_nm/ps = 100 v_Å/fs. The force evaluates
+`So3libCalculator` (one jitted function per padded size class, the neighbour list reused while no atom moved
+more than skin/2), so its energy is the calculator's, per-element reference included.
+
+Ensembles (`run_md_openmm`), mapped onto what OpenMM has:
+- ``nve``: velocity Verlet as a `CustomIntegrator` (the jax-md and ASE engines' integrator; OpenMM's own
+  `VerletIntegrator` is the leapfrog form of it, with velocities at half steps);
+- ``nvt-langevin``: `LangevinMiddleIntegrator`, friction γ;
+- ``nvt-nose-hoover``: `NoseHooverIntegrator`, a chain of 3, collision frequency 1/τ;
+- ``berendsen``: OpenMM has no Berendsen thermostat, so the same `CustomIntegrator` rescales the velocities
+  after each step by λ = sqrt(clip(1 + (Δt/τ)(T₀/T − 1), 0.64, 1.44)) after each step, the jax-md engine's
+  formula. (`AndersenThermostat` would be a different, stochastic, ensemble.)
+A `CMMotionRemover` keeps the centre of mass at rest, so temperatures use 3N − 3 degrees of freedom, as OpenMM's
+thermostats do. Periodic cells are rotated into OpenMM's reduced triclinic form for the run; recorded positions
+are rotated back.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from so3lib.md.engine import MDBlowUp, MDConfig, MDResult
+from so3lib.units import ENERGY_UNITS_EV
+
+EV_PER_KJ_PER_MOL = ENERGY_UNITS_EV["kj/mol"]  # 1 kJ/mol in eV (0.010364...)
+KJ_PER_MOL_PER_EV = 1.0 / EV_PER_KJ_PER_MOL  # 96.485...
+ANGSTROM_PER_NM = 10.0
+NM_PER_PS_PER_ANGSTROM_PER_FS = 100.0
+MISSING = "the openmm engine needs OpenMM ≥ 8.3: pip install 'so3lib[openmm]'"
+
+
+def import_openmm():
+    """The `openmm` module, or an ImportError with the one-line install hint (absent, older than 8.3, or
+    without `PythonForce`)."""
+    try:
+        import openmm
+    except ImportError as exc:
+        raise ImportError(MISSING) from exc
+    version = tuple(int(x) for x in openmm.__version__.split(".")[:2] if x.isdigit())
+    if version < (8, 3) or not hasattr(openmm, "PythonForce"):
+        raise ImportError(f"{MISSING} (found OpenMM {openmm.__version__})")
+    return openmm
+
+
+def _calculator(model, params=None, skin_angstrom: float = 0.5):
+    """A `So3libCalculator` from a run folder, a (Potential, params) pair, or a calculator itself."""
+    from so3lib.calculator import So3libCalculator, load_calculator
+    from so3lib.potential import Potential
+
+    if isinstance(model, So3libCalculator):
+        return model
+    if isinstance(model, Potential):
+        if params is None:
+            raise ValueError("openmm_force(potential, ...) needs the potential's params")
+        return So3libCalculator(model, params, skin=skin_angstrom)
+    if isinstance(model, (str, Path)):
+        return load_calculator(model, skin=skin_angstrom)
+    raise TypeError(f"expected a run folder, a Potential or a So3libCalculator, got {type(model).__name__}")
+
+
+def _numbers(numbers_or_topology) -> np.ndarray:
+    """(N,) atomic numbers from an array or an `openmm.app.Topology`."""
+    if hasattr(numbers_or_topology, "atoms"):
+        z = [a.element.atomic_number if a.element is not None else 0 for a in numbers_or_topology.atoms()]
+        if 0 in z:
+            raise ValueError(f"topology atom {z.index(0)} has no element: so3lib needs the atomic numbers")
+        return np.asarray(z, np.int32)
+    return np.asarray(numbers_or_topology, np.int32).reshape(-1)
+
+
+def openmm_force(
+    model,
+    numbers,
+    params=None,
+    *,
+    periodic: bool = False,
+    skin_angstrom: float = 0.5,
+):
+    """An OpenMM `PythonForce` of a trained so3lib potential for the system whose particles have atomic numbers
+    ``numbers`` (an array (N,) or an `openmm.app.Topology`). ``model``: a run folder (its best EMA parameters), a
+    `Potential` with ``params``, or a `So3libCalculator`. ``periodic=True`` takes the cell from the context's
+    box vectors (every step; NPT barostats are fine). Energies in kJ/mol (per-element reference included),
+    forces in kJ/mol/nm."""
+    openmm = import_openmm()
+    import ase
+
+    calc = _calculator(model, params, skin_angstrom)
+    z = _numbers(numbers)
+    calc.potential.reference.check_species(z, "the OpenMM system")
+    atoms = ase.Atoms(numbers=z, pbc=periodic)
+
+    def compute(state):
+        atoms.positions = state.getPositions(asNumpy=True)._value * ANGSTROM_PER_NM
+        if periodic:
+            atoms.cell = state.getPeriodicBoxVectors(asNumpy=True)._value * ANGSTROM_PER_NM
+        calc.calculate(atoms, ["energy", "forces"])
+        e = calc.results["energy"] * KJ_PER_MOL_PER_EV
+        f = calc.results["forces"] * (KJ_PER_MOL_PER_EV * ANGSTROM_PER_NM)
+        return e, f
+
+    force = openmm.PythonForce(compute)
+    force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    force.setName("so3lib")
+    force.calculator = calc  # keep the calculator (and its compiled function) reachable from the force
+    return force
+
+
+def openmm_box(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(box (3, 3) Å in OpenMM's reduced triclinic form, rotation Q (3, 3)) for a cell (3, 3) Å: the box spans
+    the same lattice as ``cell @ Q.T`` (positions in the box frame are ``positions @ Q.T``). A left-handed cell
+    becomes right-handed by flipping its third vector (the same lattice)."""
+    from ase.cell import Cell
+
+    cell = np.array(cell, float)
+    if np.linalg.det(cell) < 0:
+        cell[2] = -cell[2]
+    box, Q = Cell(cell).standard_form()
+    a, b, c = np.array(box, float)
+    c = c - b * np.round(c[1] / b[1])
+    c = c - a * np.round(c[0] / a[0])
+    b = b - a * np.round(b[0] / a[0])
+    return np.stack([a, b, c]), np.asarray(Q)
+
+
+def _velocity_verlet(openmm, dt_ps: float, berendsen: tuple[float, float, int] | None = None):
+    """Velocity Verlet as an OpenMM `CustomIntegrator` (velocities and positions at the same time, as in the
+    jax-md and ASE engines); with ``berendsen`` = (kT₀ kJ/mol, τ ps, degrees of freedom) the velocities are then
+    rescaled by λ = sqrt(clip(1 + (Δt/τ)(kT₀/kT − 1), 0.64, 1.44)), kT = 2 E_kin / n_dof."""
+    integ = openmm.CustomIntegrator(dt_ps)
+    integ.addUpdateContextState()
+    integ.addComputePerDof("v", "v + 0.5*dt*f/m")
+    integ.addComputePerDof("x", "x + dt*v")
+    integ.addComputePerDof("v", "v + 0.5*dt*f/m")
+    if berendsen is not None:
+        kt0, tau_ps, n_dof = berendsen
+        integ.addGlobalVariable("kT0", kt0)
+        integ.addGlobalVariable("tau", tau_ps)
+        integ.addGlobalVariable("ndof", float(n_dof))
+        integ.addGlobalVariable("ke", 0.0)
+        integ.addGlobalVariable("lam", 1.0)
+        integ.addComputeSum("ke", "0.5*m*v*v")
+        integ.addComputeGlobal("lam", "sqrt(min(1.44, max(0.64, 1 + (dt/tau)*(kT0*ndof/max(2*ke, 1e-30) - 1))))")
+        integ.addComputePerDof("v", "v*lam")
+    return integ
+
+
+def _integrator(openmm, cfg: MDConfig, n_dof: int):
+    """The OpenMM integrator for ``cfg.ensemble`` (see the module docstring), and a function setting its target
+    temperature (K) for a ramp (None for NVE)."""
+    dt_ps = cfg.dt_fs * 1e-3
+    t0 = float(cfg.target_k(np.array(0.0)))
+    if cfg.ensemble == "nve":
+        return _velocity_verlet(openmm, dt_ps), None
+    if cfg.ensemble == "nvt-langevin":
+        integ = openmm.LangevinMiddleIntegrator(t0, cfg.friction_per_ps, dt_ps)
+        integ.setRandomNumberSeed(cfg.seed % (2**31 - 1) + 1)  # OpenMM's seed 0 means "pick one at random"
+        return integ, integ.setTemperature
+    if cfg.ensemble == "nvt-nose-hoover":
+        integ = openmm.NoseHooverIntegrator(t0, 1e3 / cfg.tau_fs, dt_ps, 3)
+        return integ, integ.setTemperature
+    r_kj = _gas_constant_kj(openmm)
+    integ = _velocity_verlet(openmm, dt_ps, (r_kj * t0, cfg.tau_fs * 1e-3, n_dof))
+    return integ, lambda t_k: integ.setGlobalVariableByName("kT0", r_kj * float(t_k))
+
+
+def _gas_constant_kj(openmm) -> float:
+    """OpenMM's k_B in kJ/mol/K (the value its thermostats use)."""
+    unit = openmm.unit
+    return unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+
+
+def initial_velocities(atoms, temperature_k: float, seed: int) -> np.ndarray:
+    """(N, 3) Å/fs: Maxwell–Boltzmann at ``temperature_k`` from ``seed`` with the centre-of-mass velocity removed
+    (ASE's sampler, the same velocities as the ASE engine for the same seed)."""
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    a = atoms.copy()
+    MaxwellBoltzmannDistribution(a, temperature_K=temperature_k, rng=np.random.default_rng(seed))
+    Stationary(a)
+    return a.get_velocities() * units.fs
+
+
+def run_md_openmm(
+    model,
+    atoms,
+    cfg: MDConfig,
+    progress: bool = True,
+    raise_on_blowup: bool = True,
+    params=None,
+    platform: str = "Reference",
+) -> MDResult:
+    """MD of ``atoms`` (ase.Atoms; molecule, or periodic in all three directions) in OpenMM with the integrator
+    matching ``cfg.ensemble``; ``model`` as in `openmm_force`. ``platform``: the OpenMM platform (the default
+    "Reference" is double precision; the so3lib force dominates the cost)."""
+    openmm = import_openmm()
+    from tqdm.auto import tqdm
+
+    unit = openmm.unit
+    n = len(atoms)
+    if n < 2:
+        raise ValueError(
+            f"MD needs at least 2 atoms, the structure has {n} (a single atom does not move once its "
+            "centre-of-mass velocity is removed)"
+        )
+    calc = _calculator(model, params, cfg.skin_angstrom)
+    calc.potential.reference.check_species(atoms.numbers, f"structure {atoms.get_chemical_formula()}")
+    periodic = bool(np.all(atoms.pbc))
+    if np.any(atoms.pbc) and not periodic:
+        raise ValueError(f"mixed boundary conditions pbc={atoms.pbc.tolist()} are not supported by OpenMM")
+    Q = np.eye(3)
+    system = openmm.System()
+    for m in atoms.get_masses():
+        system.addParticle(float(m))
+    if periodic:
+        box, Q = openmm_box(atoms.cell.array)
+        system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*v) for v in box / ANGSTROM_PER_NM))
+    system.addForce(openmm_force(calc, atoms.numbers, periodic=periodic))
+    system.addForce(openmm.CMMotionRemover(1))
+    n_dof = max(3 * n - 3, 1)
+    integ, set_target = _integrator(openmm, cfg, n_dof)
+    context = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform))
+    context.setPositions(atoms.positions @ Q.T / ANGSTROM_PER_NM)
+    v0 = initial_velocities(atoms, float(cfg.target_k(np.array(0.0))), cfg.seed)
+    context.setVelocities(v0 @ Q.T * NM_PER_PS_PER_ANGSTROM_PER_FS)
+    r_kj = _gas_constant_kj(openmm)
+    rec: dict[str, list[Any]] = {"step": [], "pot": [], "kin": [], "T": [], "pos": []}
+
+    def state() -> tuple[float, float, float, np.ndarray]:
+        """(potential eV, kinetic eV, temperature K, positions (N, 3) Å in the structure's frame) now."""
+        s = context.getState(getEnergy=True, getPositions=True)
+        ke_kj = s.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
+        pos = s.getPositions(asNumpy=True).value_in_unit(unit.nanometer) @ Q * ANGSTROM_PER_NM
+        e_pot = s.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * EV_PER_KJ_PER_MOL
+        return e_pot, ke_kj * EV_PER_KJ_PER_MOL, 2.0 * ke_kj / (n_dof * r_kj), pos
+
+    def push(step: int, values) -> None:
+        for key, x in zip(("step", "pot", "kin", "T", "pos"), (step, *values)):
+            rec[key].append(x)
+
+    t0 = time.perf_counter()
+    push(0, state())  # the first force evaluation compiles the potential
+    compile_s = time.perf_counter() - t0
+    stopped, step = None, 0
+    t_start = time.perf_counter()
+    with tqdm(total=cfg.steps, desc=f"MD (OpenMM) {cfg.ensemble}", unit="step", disable=not progress) as bar:
+        while step < cfg.steps:
+            k = min(cfg.save_every, cfg.steps - step)
+            if cfg.ramp_k is not None and set_target is not None:
+                set_target(float(cfg.target_k(np.array(step + k))))
+            try:
+                integ.step(k)
+                e_pot, e_kin, temp, pos = now = state()
+            except Exception as exc:  # NaN coordinates (OpenMMException) or the calculator refusing them
+                msg = " ".join(str(exc).split())
+                stopped = f"MD blew up by step {step + k} (t = {(step + k) * cfg.dt_fs:.1f} fs): {msg}"
+                break
+            step += k
+            if (
+                not (np.isfinite(temp) and np.isfinite(e_pot) and np.isfinite(pos).all())
+                or temp > cfg.max_temperature_k
+            ):
+                stopped = (
+                    f"MD blew up by step {step} (t = {step * cfg.dt_fs:.1f} fs): temperature {temp:.0f} K, "
+                    f"potential energy {e_pot:.4g} eV"
+                )
+                break
+            push(step, now)
+            bar.update(k)
+            bar.set_postfix(T=f"{temp:.0f}K", refresh=False)
+    wall = time.perf_counter() - t_start
+    if stopped and raise_on_blowup:
+        raise MDBlowUp(stopped)
+    steps = np.asarray(rec["step"])
+    return MDResult(
+        step=steps,
+        time_fs=steps * cfg.dt_fs,
+        potential_ev=np.asarray(rec["pot"]),
+        kinetic_ev=np.asarray(rec["kin"]),
+        temperature_k=np.asarray(rec["T"]),
+        positions=np.stack(rec["pos"]),
+        n_atoms=n,
+        wall_s=wall,
+        compile_s=compile_s,
+        reallocations=0,
+        stopped=stopped,
+    )
+
+
+__all__ = ["openmm_force", "run_md_openmm", "openmm_box", "import_openmm", "initial_velocities"]
