@@ -139,7 +139,12 @@ def train(
     splits: dict | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg.model`` on ``train_ds``, validate on ``val_ds`` (EMA parameters), test the best model on
-    ``test_ds``. Writes config.yaml, metrics.csv, checkpoints/, model/, results.json, plots/*.png, train.log."""
+    ``test_ds``. Writes config.yaml, metrics.csv, checkpoints/, model/, results.json, plots/*.png, train.log.
+    With ``cfg.training.ensemble`` = K, K members (see `so3lib.training.ensemble`)."""
+    if cfg.training.ensemble:
+        from so3lib.training.ensemble import train_ensemble
+
+        return train_ensemble(cfg, train_ds, val_ds, test_ds, out_dir, resume, progress, splits)
     t_setup = time.perf_counter()
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
