@@ -272,6 +272,18 @@ def report(name: str, res: dict) -> None:
         )
         if "nve_drift_mev_per_atom_per_ps" in res:
             print(f"NVE drift {res['nve_drift_mev_per_atom_per_ps']:.3f} meV/atom/ps")
+        if "uncertainty" in res:
+            u = res["uncertainty"]
+            first = u["first_above"]
+            print(
+                f"ensemble force std: max {u['max_forces_std_ev_per_a']:.3g} eV/Å; "
+                + (
+                    "never above the threshold"
+                    if first is None
+                    else f"above the threshold from {first['time_fs']:g} fs"
+                )
+                + (" (stopped there)" if u["stopped"] else "")
+            )
         print(f"results: {res['out']}/md_results.json")
     elif name == "predict":
         print(json.dumps(res["metrics"], indent=2))
