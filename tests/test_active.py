@@ -1,0 +1,94 @@
+"""Active learning (issue #17, item 5): the loop's mechanics with ASE's EMT as a cheap oracle on ethanol. Each
+round adds the requested number of oracle-labelled frames; the uncertainty strategy takes the frames of largest
+spread of its own MD, the random one frames of the same trajectory; the labels are the oracle's."""
+
+import json
+
+import numpy as np
+from ase.calculators.emt import EMT
+
+import so3lib.data as d
+from so3lib import active
+from so3lib.cli import main
+
+
+def test_select_takes_the_largest_spread_or_a_random_draw():
+    u = np.array([0.1, np.nan, 0.5, 0.3, 0.9, 0.2])
+    np.testing.assert_array_equal(active.select(u, 2, "uncertainty", np.random.default_rng(0)), [4, 2])
+    r = active.select(u, 3, "random", np.random.default_rng(0))
+    assert len(set(r)) == 3 and 1 not in r  # no NaN frame, no repeats
+    assert len(active.select(u, 10, "uncertainty", np.random.default_rng(0))) == 5
+
+
+def test_label_uses_the_oracle_and_skips_what_it_cannot_do():
+    atoms = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
+    bad = atoms.copy()
+    bad.positions[0] = np.nan
+    ds, failed = active.label([atoms, bad], EMT())
+    ref = atoms.copy()
+    ref.calc = EMT()
+    assert failed == 1 and len(ds) == 1
+    np.testing.assert_allclose(ds.energy[0], ref.get_potential_energy())
+    np.testing.assert_allclose(ds.forces, ref.get_forces())
+
+
+def test_loop_adds_the_most_uncertain_frames_each_round(tmp_path):
+    out = tmp_path / "al"
+    argv = [
+        "active",
+        "--structure",
+        str(d.bundled_path(d.samples.RMD17_ETHANOL_TEST)),
+        "--oracle",
+        "emt",
+        "--rounds",
+        "2",
+        "--n-select",
+        "3",
+        "--n-initial",
+        "6",
+        "--n-val",
+        "4",
+        "--n-test",
+        "5",
+        "--md-steps",
+        "60",
+        "--save-every",
+        "10",
+        "--ensemble",
+        "2",
+        "--n-atom-basis",
+        "8",
+        "--n-interactions",
+        "1",
+        "--max-steps",
+        "10",
+        "--eval-every-steps",
+        "10",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    res = json.loads((out / "active_learning.json").read_text())
+    for s in ("uncertainty", "random"):
+        h = res["history"][s]
+        assert [r["n_train"] for r in h] == [6, 9, 12]  # 3 oracle-labelled frames per round
+        assert all(r["labelled"] == 3 and r["md_frames"] == 6 for r in h[:2])
+        assert all(np.isfinite(r["test"]["forces_mae_ev_per_a"]) for r in h)
+    u, r = res["history"]["uncertainty"], res["history"]["random"]
+    assert u[0]["test"] == r[0]["test"]  # round 0 is the same ensemble
+    # the uncertainty strategy picks the top of its pool: at least the pool's mean
+    assert all(x["selected_mean_forces_std_ev_per_a"] >= x["pool_mean_forces_std_ev_per_a"] for x in u[:2])
+    # the frames added are labelled by the oracle: the round-1 training set's new frames have EMT's energies
+    from so3lib.training import load_potential
+
+    pot, _ = load_potential(out / "uncertainty" / "round1")
+    assert len(pot) == 2
+    assert (out / "active_learning.png").stat().st_size > 0
+
+
+def test_active_learning_needs_an_ensemble(tmp_path, capsys):
+    argv = ["active", "--structure", str(d.bundled_path(d.samples.RMD17_ETHANOL_TEST)), "--oracle", "emt"]
+    assert main([*argv, "--ensemble", "none", "--out", str(tmp_path / "x")]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == "so3lib: error: active learning needs an ensemble: --ensemble K with K >= 2"
