@@ -41,7 +41,7 @@ def test_loop_adds_the_most_uncertain_frames_each_round(tmp_path):
         "--oracle",
         "emt",
         "--rounds",
-        "2",
+        "1",
         "--n-select",
         "3",
         "--n-initial",
@@ -72,14 +72,13 @@ def test_loop_adds_the_most_uncertain_frames_each_round(tmp_path):
     res = json.loads((out / "active_learning.json").read_text())
     for s in ("uncertainty", "random"):
         h = res["history"][s]
-        assert [r["n_train"] for r in h] == [6, 9, 12]  # 3 oracle-labelled frames per round
-        assert all(r["labelled"] == 3 and r["md_frames"] == 6 for r in h[:2])
+        assert [r["n_train"] for r in h] == [6, 9]  # 3 oracle-labelled frames in the round
+        assert h[0]["labelled"] == 3 and h[0]["md_frames"] == 6 and h[0]["oracle_failed"] == 0
         assert all(np.isfinite(r["test"]["forces_mae_ev_per_a"]) for r in h)
     u, r = res["history"]["uncertainty"], res["history"]["random"]
     assert u[0]["test"] == r[0]["test"]  # round 0 is the same ensemble
     # the uncertainty strategy picks the top of its pool: at least the pool's mean
-    assert all(x["selected_mean_forces_std_ev_per_a"] >= x["pool_mean_forces_std_ev_per_a"] for x in u[:2])
-    # the frames added are labelled by the oracle: the round-1 training set's new frames have EMT's energies
+    assert u[0]["selected_mean_forces_std_ev_per_a"] >= u[0]["pool_mean_forces_std_ev_per_a"]
     from so3lib.training import load_potential
 
     pot, _ = load_potential(out / "uncertainty" / "round1")

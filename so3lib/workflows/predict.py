@@ -55,7 +55,7 @@ def run(opts: PredictOptions) -> dict:
     if out.exists() and not _ours(out):
         raise FileExistsError(f"{out}: exists and was not written by so3lib predict; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    frames, e_ref, e_pred, n_atoms, f_ref, f_pred = [], [], [], [], [], []
+    frames, e_ref, e_pred, n_atoms, f_ref, f_pred, f_std = [], [], [], [], [], [], []
     for i in tqdm(range(len(ds)), desc="predict", disable=not opts.progress):
         s = ds[i]
         atoms = s.to_ase()
@@ -67,6 +67,10 @@ def run(opts: PredictOptions) -> dict:
             atoms.info["REF_energy"] = float(s.energy)
         if s.forces is not None:
             atoms.arrays["REF_forces"] = np.asarray(s.forces, float)
+        if "energy_std" in res:  # an ensemble run: the members' calibrated spread
+            atoms.info["energy_std"] = res["energy_std"]
+            atoms.arrays["forces_std"] = res["forces_std"]
+            f_std.append(res["forces_std"])
         atoms.calc = SinglePointCalculator(atoms, **{k: res[k] for k in props})
         frames.append(atoms)
         e_ref.append(np.nan if s.energy is None else s.energy)
@@ -84,6 +88,16 @@ def run(opts: PredictOptions) -> dict:
         "energy_per_atom_ev": errors(e_ref / n, e_pred / n),
         "forces_ev_per_a": errors(np.concatenate(f_ref).ravel(), np.concatenate(f_pred).ravel()),
     }
+    if f_std:  # how the spread ranks the real force errors (None without labels)
+        from so3lib.ensemble import per_structure_force_rmse, per_structure_force_spread, spearman
+
+        n_int = n.astype(int)
+        spread = per_structure_force_spread(np.concatenate(f_std), n_int)["forces_std_rms_ev_per_a"]
+        err = per_structure_force_rmse(np.concatenate(f_pred) - np.concatenate(f_ref), n_int)
+        metrics["uncertainty"] = {
+            "rms_forces_std_ev_per_a": float(np.sqrt(np.mean(spread**2))),
+            "spearman_force_rmse_vs_std": spearman(err, spread),
+        }
     summary = {"run": opts.run, "file": opts.file, "predictions": str(out), "metrics": metrics}
     write_atomic(out.with_suffix(".json"), to_json(summary))
     return summary
