@@ -175,3 +175,21 @@ def test_md_command_writes_the_spread_per_frame(ethanol_ensemble, tmp_path):
     traj = ase.io.read(tmp_path / "md" / "trajectory.extxyz", index=":")
     np.testing.assert_allclose([t.info["forces_std_max_ev_per_a"] for t in traj], u["forces_std_max_ev_per_a"])
     assert traj[2].arrays["forces_std"].shape == (9, 3)
+
+
+def test_predict_writes_the_spread_of_every_frame(ethanol_ensemble, tmp_path):
+    import ase.io
+
+    from so3lib.workflows.predict import PredictOptions, run
+
+    out, _, _ = ethanol_ensemble
+    f = data("rmd17", "rmd17_ethanol_test_01.npz")
+    summary = run(PredictOptions(run=str(out), file=str(f), out=str(tmp_path / "p.extxyz"), progress=False))
+    frames = ase.io.read(tmp_path / "p.extxyz", index=":")
+    atoms = d.read(f)[7].to_ase()
+    atoms.calc = load_calculator(out)
+    atoms.get_forces()
+    np.testing.assert_allclose(frames[7].arrays["forces_std"], atoms.calc.results["forces_std"], rtol=1e-6)
+    np.testing.assert_allclose(frames[7].info["energy_std"], atoms.calc.results["energy_std"], rtol=1e-6)
+    u = summary["metrics"]["uncertainty"]
+    assert u["rms_forces_std_ev_per_a"] > 0 and -1 <= u["spearman_force_rmse_vs_std"] <= 1
