@@ -5,6 +5,7 @@ spread of its own MD, the random one frames of the same trajectory; the labels a
 import json
 
 import numpy as np
+import pytest
 from ase.calculators.emt import EMT
 
 import so3lib.data as d
@@ -91,3 +92,20 @@ def test_active_learning_needs_an_ensemble(tmp_path, capsys):
     assert main([*argv, "--ensemble", "none", "--out", str(tmp_path / "x")]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err == "so3lib: error: active learning needs an ensemble: --ensemble K with K >= 2"
+
+
+def test_the_xtb_oracle_labels_ethanol_with_conservative_forces():
+    pytest.importorskip("tblite")
+    from so3lib.workflows.active import make_oracle
+
+    atoms = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
+    ds, failed = active.label([atoms], make_oracle("gfn2-xtb"))
+    assert failed == 0 and ds.energy[0] < -300  # GFN2-xTB total energy of ethanol, eV
+    calc, h = make_oracle("gfn2-xtb"), 1e-4
+    e = []
+    for sign in (1, -1):
+        a = atoms.copy()
+        a.positions[2, 1] += sign * h
+        a.calc = calc
+        e.append(a.get_potential_energy())
+    np.testing.assert_allclose(ds.forces[2, 1], -(e[0] - e[1]) / (2 * h), atol=1e-4)
