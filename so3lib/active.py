@@ -24,8 +24,8 @@ Strategy = Literal["uncertainty", "random"]
 
 
 def label(frames: Sequence, oracle, source: str = "<oracle>") -> tuple[Dataset | None, int]:
-    """(Dataset of ``frames`` (ase.Atoms) with the oracle's energy (eV) and forces (eV/Å), frames the oracle
-    failed on, gave non-finite labels for or that have non-finite positions). Those are left out and counted, never labelled NaN."""
+    """(Dataset of ``frames`` (ase.Atoms) with the oracle's energy (eV) and forces (eV/Å), number of frames the
+    oracle failed on, gave non-finite labels for or with non-finite positions: left out, counted, never NaN)."""
     structures, failed = [], 0
     for atoms in frames:
         a = atoms.copy()
