@@ -20,10 +20,10 @@ from so3lib.cli import main  # noqa: E402
 ARGS = [
     "--structure", str(ROOT / "so3lib" / "data" / "bundled" / "rmd17_ethanol_test_01.npz"),
     "--oracle", "gfn2-xtb",
-    "--rounds", "3", "--n-select", "10", "--n-initial", "10", "--n-val", "10", "--n-test", "50",
+    "--rounds", "2", "--n-select", "10", "--n-initial", "10", "--n-val", "10", "--n-test", "50",
     "--initial-temperature", "300", "--temperature", "600", "--md-steps", "400", "--save-every", "10",
     "--ensemble", "3", "--model", "schnet", "--n-atom-basis", "16", "--n-interactions", "2",
-    "--max-steps", "200", "--eval-every-steps", "100",
+    "--max-steps", "150", "--eval-every-steps", "75",
 ]  # fmt: skip
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -32,7 +33,7 @@ from so3lib.models import make_config  # noqa: E402
 from so3lib.training import DataConfig, RunConfig, load_potential, train  # noqa: E402
 from so3lib.training.run_folder import to_json, write_atomic  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("SO3LIB_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def calculator_ms(calc, atoms, n: int = 50) -> float:
