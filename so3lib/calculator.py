@@ -3,6 +3,9 @@
     calc = so3lib.load_calculator("runs/ethanol")
     atoms.calc = calc; atoms.get_potential_energy(); atoms.get_forces(); atoms.get_stress()
 
+An ensemble run (``--ensemble K``) gives the members' mean as energy/forces/stress and their calibrated spread
+as ``calc.results["energy_std"]`` (eV) and ``calc.results["forces_std"]`` (N, 3) eV/Å.
+
 One jitted function serves every call; inputs are padded to a geometric ladder of sizes (see
 `so3lib.graph.dynamic_budget`), so it compiles once per size class and reuses it. The neighbour list is built
 with a skin and reused while no atom moved more than skin/2 and the cell and atoms are unchanged (exact: edges
@@ -24,7 +27,7 @@ from so3lib.potential import Potential
 
 
 class So3libCalculator(Calculator):
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "energy_std", "forces_std"]
 
     def __init__(self, potential: Potential, params, skin: float = 0.5, **kwargs):
         super().__init__(**kwargs)
@@ -80,6 +83,9 @@ class So3libCalculator(Calculator):
             + ref.table()[atoms.numbers]
             + ref.intercept_ev / len(atoms)
         )
+        if "energy_std" in out:  # an ensemble (so3lib.ensemble): the calibrated spread of the members
+            self.results["energy_std"] = float(np.asarray(out["energy_std"], np.float64)[0])
+            self.results["forces_std"] = np.asarray(out["forces_std"], np.float64)[: len(atoms)]
         if stress:
             from ase.stress import full_3x3_to_voigt_6_stress
 

@@ -72,6 +72,7 @@ def predict_dataset(
     stress = False
     n_atoms = np.asarray(dataset.n_atoms)
     resid_e, resid_atoms, forces, sigma = [], [], [], []
+    spread = {k: [] for k in OPTIONAL}
     batches = tqdm(loader.epoch(0), total=len(loader), desc="predict", disable=not progress, unit="batch")
     for k, g in enumerate(batches):
         n_graph = min(batch_size, len(dataset) - k * batch_size)
@@ -80,6 +81,9 @@ def predict_dataset(
         resid_e.append(np.asarray(out["energy_residual"], np.float64)[:n_graph])
         resid_atoms.append(np.asarray(out["atomic_energy_residual"], np.float64)[:n_node])
         forces.append(np.asarray(out["forces"], np.float64)[:n_node])
+        if "energy_std" in out:  # an ensemble (so3lib.ensemble): the calibrated spread of its members
+            spread["energy_std"].append(np.asarray(out["energy_std"], np.float64)[:n_graph])
+            spread["forces_std"].append(np.asarray(out["forces_std"], np.float64)[:n_node])
         if "stress" in out:
             stress = True
             sigma.append(np.asarray(out["stress"], np.float64)[:n_graph])
@@ -92,6 +96,7 @@ def predict_dataset(
     }
     if potential.reference.intercept_ev:  # a per-structure constant: shared out over the atoms
         pred["atomic_energies_ev"] = atomic + np.repeat(potential.reference.intercept_ev / n_atoms, n_atoms)
+    pred.update({k: np.concatenate(v) for k, v in spread.items() if v})
     if stress and periodic.any():
         pred["stress"] = np.where(periodic[:, None, None], np.concatenate(sigma), np.nan)
     return pred

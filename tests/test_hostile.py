@@ -392,6 +392,22 @@ CASES = [
         r"invalid sweep: unknown parameter 'l_max' \('l_max' is not an option of model 'schnet'\)",
     ),
     Case("sweep file not YAML", ("sweep", "{bad_yaml}"), r"bad\.yaml: not valid YAML"),
+    # ---- ensembles and uncertainty (issue #17)
+    Case(
+        "an ensemble of one",
+        (*TRAIN, "--train", "{ok}", "--e0s", "average", "--ensemble", "1", "--out", "{tmp}/r"),
+        r"--ensemble: ensemble 1: an ensemble needs at least 2 members",
+    ),
+    Case(
+        "max uncertainty of a single model",
+        ("md", "--run", "{run}", "--structure", "{ok}", "--max-uncertainty", "0.5", "--out", "{tmp}/md"),
+        r"--max-uncertainty needs an ensemble run, and .*run is a single model",
+    ),
+    Case(
+        "max uncertainty not positive",
+        ("md", "--run", "{run}", "--structure", "{ok}", "--max-uncertainty", "0", "--out", "{tmp}/md"),
+        r"--max-uncertainty: Input should be greater than 0",
+    ),
 ]
 
 

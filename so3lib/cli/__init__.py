@@ -40,6 +40,13 @@ COMMANDS = {
             "spice", "the SPICE benchmark (bundled sample by default)", "so3lib.workflows.spice", "SpiceOptions", True
         ),
         Command(
+            "active",
+            "active learning: ensemble MD, uncertain frames labelled by an oracle, retrain",
+            "so3lib.workflows.active",
+            "ActiveOptions",
+            True,
+        ),
+        Command(
             "sweep",
             "hyper-parameter sweeps (ablations)",
             "so3lib.workflows.sweeps",
@@ -283,6 +290,11 @@ def report(name: str, res: dict) -> None:
         print(f"results: {res['out']}/results.json, {res['out']}/results.md")
     elif name == "sweep":
         print(f"sweep folder: {res['out']}")
+    elif name == "active":
+        for s, recs in res["history"].items():
+            curve = ", ".join(f"{r['n_train']}: {1e3 * r['test']['forces_mae_ev_per_a']:.1f}" for r in recs)
+            print(f"{s}: test force MAE (meV/Å) by training frames: {curve}")
+        print(f"results: {res['out']}/active_learning.json")
     elif name == "md":
         verdict = "stable" if res["stable"] else f"FAILED: {res['failure']}"
         print(
@@ -291,6 +303,18 @@ def report(name: str, res: dict) -> None:
         )
         if "nve_drift_mev_per_atom_per_ps" in res:
             print(f"NVE drift {res['nve_drift_mev_per_atom_per_ps']:.3f} meV/atom/ps")
+        if "uncertainty" in res:
+            u = res["uncertainty"]
+            first = u["first_above"]
+            print(
+                f"ensemble force std: max {u['max_forces_std_ev_per_a']:.3g} eV/Å; "
+                + (
+                    "never above the threshold"
+                    if first is None
+                    else f"above the threshold from {first['time_fs']:g} fs"
+                )
+                + (" (stopped there)" if u["stopped"] else "")
+            )
         print(f"results: {res['out']}/md_results.json")
     elif name == "predict":
         print(json.dumps(res["metrics"], indent=2))

@@ -10,11 +10,15 @@ import numpy as np
 from so3lib.md.engine import KB_EV_PER_K, MDBlowUp, MDConfig, MDResult
 
 
-def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True) -> MDResult:
+def run_md_ase(
+    calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True, monitor=None
+) -> MDResult:
     """MD of ``atoms`` with the ASE integrator matching ``cfg.ensemble`` (VelocityVerlet, Langevin,
     NoseHooverChainNVT, NVTBerendsen with the target updated for a ramp, IsotropicMTKNPT: the isotropic
     Martyna–Tuckerman–Klein barostat with Nosé–Hoover chains on the calculator's stress, as the on-device engine).
-    For a periodic cell the cell and the pressure P = −tr(σ)/3 with the ideal-gas term (bar) are recorded."""
+    For a periodic cell the cell and the pressure P = −tr(σ)/3 with the ideal-gas term (bar) are recorded.
+    ``monitor(step, positions) -> bool`` is called on every saved frame (step 0 included); True stops the run
+    after that frame."""
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from tqdm.auto import tqdm
@@ -89,9 +93,10 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
         "P": [pressure_bar()],
     }
     stopped, step = None, 0
+    halt = monitor is not None and monitor(0, rec["pos"][0])
     t_start = time.perf_counter()
     with tqdm(total=cfg.steps, desc=f"MD (ASE) {cfg.ensemble}", unit="step", disable=not progress) as bar:
-        while step < cfg.steps:
+        while step < cfg.steps and not halt:
             k = min(cfg.save_every, cfg.steps - step)
             if cfg.ramp_k is not None and hasattr(dyn, "set_temperature"):
                 dyn.set_temperature(temperature_K=float(cfg.target_k(np.array(step + k))))
@@ -116,6 +121,8 @@ def run_md_ase(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowu
             rec["cell"].append(atoms.cell.array.copy())
             rec["P"].append(pressure_bar())
             bar.update(k)
+            if monitor is not None and monitor(step, rec["pos"][-1]):
+                break
     if stopped and raise_on_blowup:
         raise MDBlowUp(stopped)
     steps = np.asarray(rec["step"])

@@ -236,11 +236,13 @@ def run_md(
     progress: bool = True,
     raise_on_blowup: bool = True,
     capacity_from: np.ndarray | None = None,
+    monitor=None,
 ) -> MDResult:
     """Run MD of ``atoms`` (ase.Atoms; positions Å, masses amu; periodic if all pbc) with ``cfg``. A blow-up
     raises `MDBlowUp` naming the step, or with ``raise_on_blowup=False`` returns the records up to it with
     ``stopped`` set. ``capacity_from``: positions to size the first neighbour list with (tests the overflow
-    path with a list allocated too small)."""
+    path with a list allocated too small). ``monitor(step, positions) -> bool`` is called on every saved frame
+    (step 0 included); True stops the run after that frame (see `so3lib.md.uncertainty`)."""
     try:
         from jax_md import partition, quantity, simulate, space
     except ImportError as exc:
@@ -435,8 +437,9 @@ def run_md(
     t_start, compile_s = time.perf_counter(), 0.0
     bar = tqdm(total=cfg.steps, desc=f"MD {cfg.ensemble}", unit="step", disable=not progress, dynamic_ncols=True)
     step = 0
+    halt = monitor is not None and monitor(0, rec["pos"][0])
     try:
-        for c in range(n_chunks):
+        for c in range(0 if halt else n_chunks):
             n = min(cfg.save_every, cfg.steps - step)
             kTs = jnp.asarray(cfg.target_k(np.arange(step + 1, step + n + 1)) * KB_EV_PER_K, dtype)
             t0 = time.perf_counter()
@@ -491,6 +494,8 @@ def run_md(
             rec["P"].append(float(p_now) / EV_PER_A3_PER_BAR)
             bar.update(n)
             bar.set_postfix(T=f"{temps[-1]:.0f}K", refresh=False)
+            if monitor is not None and monitor(step, pos):
+                break
     finally:
         bar.close()
     wall = time.perf_counter() - t_start - compile_s

@@ -59,6 +59,18 @@ class TrainingConfig(_Strict):
     freeze: Literal["none", "representation"] = Field(
         "none", description="fine-tune: train only the readout (representation: embedding and interactions fixed)"
     )
+    ensemble: int | None = Field(
+        None,
+        description="train this many members (seeds seed, seed+1, ...) one after another into members/m<k>; "
+        "predictions are their mean, the spread their uncertainty (calibrated on the validation set)",
+    )
+
+    @field_validator("ensemble")
+    @classmethod
+    def _ensemble(cls, v):
+        if v is not None and v < 2:
+            raise ValueError(f"ensemble {v}: an ensemble needs at least 2 members (leave it out for one model)")
+        return v
 
     @model_validator(mode="after")
     def _budget(self):

@@ -23,10 +23,15 @@ def save_potential(directory: str | Path, potential: Potential, params) -> Path:
 
 
 def load_potential(run_dir: str | Path) -> tuple[Potential, dict]:
-    """(Potential, params) from a run folder (or its ``model/`` subfolder)."""
+    """(Potential, params) from a run folder (or its ``model/`` subfolder); for an ensemble run (``--ensemble``)
+    an `so3lib.ensemble.EnsemblePotential` and the tuple of its members' parameters."""
     d = Path(run_dir)
     if not d.exists():
         raise FileNotFoundError(f"{d}: no such run folder")
+    from so3lib.ensemble import is_ensemble, load_ensemble
+
+    if is_ensemble(d):
+        return load_ensemble(d)
     if (d / "model").is_dir():
         d = d / "model"
     for f in ("potential.yaml", "params.msgpack"):

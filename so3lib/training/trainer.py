@@ -151,7 +151,13 @@ def train(
 
     In a run of several processes (`so3lib.training.distributed`) every process calls this with the same
     arguments; process 0 alone writes ``out_dir`` (the others may not even see it) and returns the results,
-    the others return ``{"process_id", "steps"}``."""
+    the others return ``{"process_id", "steps"}``.
+
+    With ``cfg.training.ensemble`` = K, K members (see `so3lib.training.ensemble`)."""
+    if cfg.training.ensemble:
+        from so3lib.training.ensemble import train_ensemble
+
+        return train_ensemble(cfg, train_ds, val_ds, test_ds, out_dir, resume, progress, splits)
     t_setup = time.perf_counter()
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"

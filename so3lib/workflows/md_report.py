@@ -43,6 +43,15 @@ class MDOptions(Options):
     )
     rdf_threshold: float = Field(0.8, gt=0, le=1, description="RDF similarity below which the structure is lost")
     rdf_rmax: float = Field(6.0, gt=0, description="RDF range (Å)")
+    max_uncertainty: float | None = Field(
+        None,
+        gt=0,
+        description="ensemble runs: the largest atomic force std (eV/Å, calibrated) above which a frame is "
+        "uncertain (see --uncertainty-action)",
+    )
+    uncertainty_action: Literal["stop", "mark"] = Field(
+        "stop", description="above --max-uncertainty: stop the run there, or only mark the frames"
+    )
     out: str = Field(..., description="output folder")
     progress: bool = Field(True, description="progress bar")
 
@@ -174,7 +183,7 @@ def plots(res, g, r, sim, out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_trajectory(path: Path, atoms, res) -> None:
+def write_trajectory(path: Path, atoms, res, monitor=None) -> None:
     import ase.io
 
     frames = []
@@ -188,11 +197,19 @@ def write_trajectory(path: Path, atoms, res) -> None:
             potential_energy_ev=float(res.potential_ev[k]),
             temperature_k=float(res.temperature_k[k]),
         )
+        if monitor is not None:  # an ensemble: the spread on this frame
+            f.info.update(
+                energy_std_ev=monitor.energy_std_ev[k],
+                forces_std_max_ev_per_a=monitor.forces_std_max_ev_per_a[k],
+                uncertain=monitor.above[k],
+            )
+            f.arrays["forces_std"] = monitor.forces_std[k]
         frames.append(f)
     ase.io.write(path, frames, format="extxyz")
 
 
-def write_csv(path: Path, res) -> None:
+def write_csv(path: Path, res, monitor=None) -> None:
+    """md.csv: one row per saved frame; an ensemble adds energy_std_ev, forces_std_max_ev_per_a, uncertain."""
     import io
 
     buf = io.StringIO()
@@ -201,9 +218,16 @@ def write_csv(path: Path, res) -> None:
     head = ["step", "time_fs", "potential_ev", "kinetic_ev", "total_ev", "temperature_k"]
     if res.pressure_bar is not None:
         cols, head = cols + [res.volume_a3, res.pressure_bar], head + ["volume_a3", "pressure_bar"]
-    w.writerow(head)
+    w.writerow(head + (["energy_std_ev", "forces_std_max_ev_per_a", "uncertain"] if monitor is not None else []))
     for k, step in enumerate(res.step):
-        w.writerow([int(step)] + [f"{c[k]:.8g}" for c in cols])
+        extra = []
+        if monitor is not None:
+            extra = [
+                f"{monitor.energy_std_ev[k]:.8g}",
+                f"{monitor.forces_std_max_ev_per_a[k]:.8g}",
+                int(monitor.above[k]),
+            ]
+        w.writerow([int(step)] + [f"{c[k]:.8g}" for c in cols] + extra)
     write_atomic(path, buf.getvalue())
 
 
@@ -235,18 +259,23 @@ def run(opts: MDOptions) -> dict:
     pot, params = load_potential(opts.run)
     atoms = load_structure(opts.structure, opts.frame, opts.supercell)
     pot.reference.check_species(atoms.numbers, f"{opts.structure} (frame {opts.frame})")
+    monitor = _monitor(opts, pot, params, atoms)
     if opts.engine == "ase":
         from so3lib.calculator import So3libCalculator
         from so3lib.md.ase_engine import run_md_ase
 
-        res = run_md_ase(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
+        res = run_md_ase(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False, monitor)
     elif opts.engine == "openmm":
         from so3lib.calculator import So3libCalculator
         from so3lib.md.openmm import run_md_openmm
 
+        if monitor is not None:
+            raise ValueError(
+                "--max-uncertainty: the openmm engine does not record the uncertainty; use --engine jax-md or ase"
+            )
         res = run_md_openmm(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
     else:
-        res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False)
+        res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False, monitor=monitor)
     out = RunFolder(opts.out, kind="MD").claim()
     import yaml
 
@@ -261,10 +290,28 @@ def run(opts: MDOptions) -> dict:
         config=cfg.model_dump(),
         options=opts.model_dump(mode="json"),
     )
-    write_trajectory(out / "trajectory.extxyz", atoms, res)
-    write_csv(out / "md.csv", res)
+    if monitor is not None:
+        report["uncertainty"] = monitor.report(cfg.dt_fs)
+    write_trajectory(out / "trajectory.extxyz", atoms, res, monitor)
+    write_csv(out / "md.csv", res, monitor)
     r = stability.rdf(res.positions[0], cell, pbc, opts.rdf_rmax)[0]
     plots(res, g, r, np.asarray(report["rdf_similarity"]), out, f"{atoms.get_chemical_formula()} {cfg.ensemble}")
     write_atomic(out / "md_results.json", to_json(report))
     report["out"] = str(out)
     return report
+
+
+def _monitor(opts: MDOptions, pot, params, atoms):
+    """The ensemble's uncertainty monitor (None for a single model; --max-uncertainty then is an error)."""
+    from so3lib.ensemble import EnsemblePotential
+
+    if not isinstance(pot, EnsemblePotential):
+        if opts.max_uncertainty is not None:
+            raise ValueError(
+                f"--max-uncertainty needs an ensemble run, and {opts.run} is a single model (train it with "
+                "--ensemble K)"
+            )
+        return None
+    from so3lib.md.uncertainty import UncertaintyMonitor
+
+    return UncertaintyMonitor(pot, params, atoms, opts.max_uncertainty, opts.uncertainty_action)

@@ -43,7 +43,7 @@ def _ours(out: Path, path: Path) -> bool:
 
 
 def load_model(run: str):
-    """(Potential, params) of a run folder. (An ensemble run would return its members here.)"""
+    """(Potential, params) of a run folder; for an ensemble run (EnsemblePotential, the members' params)."""
     from so3lib.training.saving import load_potential
 
     return load_potential(run)
@@ -63,6 +63,8 @@ def run(opts: PredictOptions) -> dict:
     pred = predict_dataset(pot, params, ds, opts.batch_size, progress=opts.progress)
     write_predictions(out, ds, pred)
     metrics = {"frames": len(ds), **label_errors(ds, pred)}
+    if "forces_std" in pred:  # an ensemble: how its spread ranks the real force errors (None without labels)
+        metrics["uncertainty"] = _uncertainty(ds, pred)
     drawn = _parity(ds, pred, plots, Path(opts.file).name)
     summary = {
         "run": opts.run,
@@ -73,6 +75,19 @@ def run(opts: PredictOptions) -> dict:
     }
     write_atomic(out.with_suffix(".json"), to_json(summary))
     return summary
+
+
+def _uncertainty(ds, pred: dict) -> dict:
+    """RMS force spread of an ensemble and its Spearman rank correlation with the per-structure force RMSE."""
+    from so3lib.ensemble import per_structure_force_rmse, per_structure_force_spread, spearman
+
+    n = np.asarray(ds.n_atoms, int)
+    spread = per_structure_force_spread(np.asarray(pred["forces_std"], float), n)["forces_std_rms_ev_per_a"]
+    out = {"rms_forces_std_ev_per_a": float(np.sqrt(np.mean(spread**2))), "spearman_force_rmse_vs_std": None}
+    if ds.forces is not None and np.isfinite(ds.forces).all():
+        err = per_structure_force_rmse(pred["forces_ev_per_angstrom"] - np.asarray(ds.forces, float), n)
+        out["spearman_force_rmse_vs_std"] = spearman(err, spread)
+    return out
 
 
 def _parity(ds, pred: dict, plots: dict[str, Path], name: str) -> dict[str, Path]:
