@@ -163,28 +163,29 @@ def test_a_missing_engine_is_one_line(ethanol_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def aspirin_run(tmp_path_factory):
-    """A float32 SchNet (F=32, T=2) trained for 1500 steps on 800 frames of the committed rMD17 aspirin slice."""
-    from conftest import data
+    """A float32 SchNet (F=32, T=2) trained for 1000 steps on 800 frames of the full rMD17 aspirin split 1."""
+    from conftest import shared
 
-    ds = d.read(data("rmd17", "rmd17_aspirin_test_01.npz"))
+    ds = d.read(shared("rmd17", "rmd17_aspirin_train_01.npz"))
     out = tmp_path_factory.mktemp("lammps_aspirin") / "run"
     cfg = RunConfig(
         model=make_config("schnet", n_atom_basis=32, n_interactions=2),
         training={
             "batch_size": 16,
             "max_epochs": None,
-            "max_steps": 1500,
+            "max_steps": 1000,
             "eval_every_steps": 500,
             "learning_rate": 2e-3,
         },  # fmt: skip
         data=DataConfig(energy_reference="average"),
     )
-    n = min(800, len(ds) - 50)
-    train(cfg, ds.subset(np.arange(n)), ds.subset(np.arange(n, n + 50)), None, out_dir=out, progress=False)
-    return out, ds[0].to_ase()
+    res = train(cfg, ds.subset(np.arange(800)), ds.subset(np.arange(800, 850)), None, out_dir=out, progress=False)
+    print("aspirin validation:", res["val"])
+    return out, ds[900].to_ase()
 
 
 @pytest.mark.slow
+@pytest.mark.data
 @pytest.mark.parametrize("ensemble", ["nvt-langevin", "nvt-nose-hoover", "berendsen"])
 def test_each_thermostat_holds_its_target(aspirin_run, ensemble):
     """Aspirin (21 atoms), 300 K, 0.5 fs: the mean temperature over 10 ps (after 1 ps of equilibration) is within
