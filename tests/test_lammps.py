@@ -161,6 +161,33 @@ def test_a_missing_engine_is_one_line(ethanol_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_bad_input(ethanol_run, ethanol):
+    """Mixed boundaries, a single atom and RDF windows without a cell are refused with their reason; an error
+    raised by the potential inside LAMMPS' callback stops the run with that error (ctypes would drop it)."""
+    from so3lib.md.lammps import run_md_lammps_rdf
+
+    pot, params = load_potential(ethanol_run)
+    calc = So3libCalculator(pot, params)
+    cfg = MDConfig(ensemble="nve", steps=20, save_every=10)
+    slab = ethanol.copy()
+    slab.cell, slab.pbc = np.eye(3) * 10.0, [True, True, False]
+    with pytest.raises(ValueError, match=r"mixed boundary conditions pbc=\[True, True, False\]"):
+        run_md_lammps(calc, slab, cfg, progress=False)
+    with pytest.raises(ValueError, match="MD needs at least 2 atoms, the structure has 1"):
+        run_md_lammps(calc, ethanol[:1], cfg, progress=False)
+    with pytest.raises(ValueError, match="the LAMMPS RDF windows need a periodic cell"):
+        run_md_lammps_rdf(calc, ethanol, cfg, window_steps=10)
+
+    class Failing(So3libCalculator):
+        def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+            if self.n_neighbour_builds >= 1 and np.max(np.abs(atoms.positions - ethanol.positions)) > 0:
+                raise RuntimeError("the potential failed at a moved frame")
+            super().calculate(atoms, properties, system_changes)
+
+    with pytest.raises(RuntimeError, match="the potential failed at a moved frame"):
+        run_md_lammps(Failing(pot, params), ethanol, cfg, progress=False)
+
+
 @pytest.fixture(scope="module")
 def aspirin_run(tmp_path_factory):
     """A float32 SchNet (F=32, T=2) trained for 1000 steps on 800 frames of the full rMD17 aspirin split 1."""

@@ -174,10 +174,17 @@ class LammpsSystem:
         rot = self.rot
         self.n_calls = 0
 
+        self.error: Exception | None = None
+
         def callback(caller, ntimestep, nlocal, tag, x, f):
             order = np.argsort(tag.reshape(-1))
             work.positions = x[order] @ rot.T
-            calc.calculate(work, props, all_changes)
+            try:
+                calc.calculate(work, props, all_changes)
+            except Exception as exc:  # ctypes would print and drop it: keep it for `run`, poison the forces
+                self.error = self.error or exc
+                f[:] = np.nan
+                return
             f[order] = np.asarray(calc.results["forces"]) @ rot
             lmp.fix_external_set_energy_global("so3lib", float(calc.results["energy"]))
             if periodic:  # W = −σV, in LAMMPS' frame: QᵀWQ; order xx yy zz xy xz yz
@@ -186,6 +193,12 @@ class LammpsSystem:
             self.n_calls += 1
 
         lmp.set_fix_external_callback("so3lib", callback)
+
+    def run(self, command: str) -> None:
+        """A LAMMPS ``run`` command; an error raised by the potential during it is raised here."""
+        self.lmp.command(command)
+        if self.error is not None:
+            raise self.error
 
     def _per_atom(self, name: str) -> np.ndarray:
         """A per-atom (N, 3) LAMMPS array in atom-id order, rotated back to the user's frame."""
@@ -217,7 +230,7 @@ def single_point(calc, atoms) -> dict:
     (N, 3) eV/Å in the user's frame, and for a periodic cell ``pressure_bar`` (LAMMPS' press, virial only: the
     velocities are zero)."""
     with LammpsSystem(calc, atoms) as system:
-        system.lmp.command("run 0")
+        system.run("run 0")
         out = {"energy_ev": system.thermo("pe"), "forces": system.forces()}
         if system.periodic:
             out["pressure_bar"] = system.thermo("press")
@@ -278,7 +291,7 @@ def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_
                 ]
             )
         t_start = time.perf_counter()
-        lmp.command(f"run 0 start 0 stop {cfg.steps}")  # the first call compiles the potential
+        system.run(f"run 0 start 0 stop {cfg.steps}")  # the first call compiles the potential
         compile_s = time.perf_counter() - t_start
         rec = {"step": [0], "pot": [], "kin": [], "T": [], "pos": [system.positions()]}
 
@@ -294,7 +307,7 @@ def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_
         with tqdm(total=cfg.steps, desc=f"MD (LAMMPS) {cfg.ensemble}", unit="step", disable=not progress) as bar:
             while step < cfg.steps:
                 k = min(cfg.save_every, cfg.steps - step)
-                lmp.command(f"run {k} start 0 stop {cfg.steps} pre no post no")
+                system.run(f"run {k} start 0 stop {cfg.steps} pre no post no")
                 step += k
                 pos = system.positions()
                 temp, epot = system.thermo("temp"), system.thermo("pe")
