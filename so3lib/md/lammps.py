@@ -13,8 +13,10 @@ atom. A periodic cell (all pbc) becomes a LAMMPS triclinic box, which must be lo
 LAMMPS' positions back (r = r_L·Qᵀ), evaluates the model in the user's frame and rotates the forces and virial
 forward (f_L = f·Q, W_L = QᵀWQ). Recorded positions are rotated back, so the result is in the user's frame.
 
-Ensembles: NVE = ``fix nve``; Langevin = ``fix nve`` + ``fix langevin`` (damp = 1/γ, ``zero yes``: the random
-forces sum to zero, so the centre-of-mass momentum stays zero); Nosé–Hoover = ``fix nvt`` (a chain of 3, damping
+Ensembles: NVE = ``fix nve``; Langevin = ``fix nve`` + ``fix langevin`` (damp = 1/γ) + ``fix momentum 1 linear``
+(the centre-of-mass velocity removed every step, a mass-weighted projection that leaves the other 3N − 3 degrees
+of freedom canonical; ``fix langevin … zero yes`` would instead spread the heavy atoms' random force over the light
+ones and run aspirin's hydrogens ~10 % hot); Nosé–Hoover = ``fix nvt`` (a chain of 3, damping
 τ); Berendsen = ``fix nve`` + ``fix temp/berendsen`` (τ). A ramp T0 → T1 is LAMMPS' own (``Tstart Tstop`` with
 ``run N start 0 stop steps`` over the chunks). The initial velocities are ASE's Maxwell–Boltzmann draw from
 ``default_rng(seed)`` with the centre-of-mass velocity removed, as the ASE engine does, so both start identically.
@@ -92,7 +94,8 @@ def _fix_commands(cfg: MDConfig, seed: int) -> list[str]:
     if cfg.ensemble == "nvt-langevin":
         return [
             "fix integrate all nve",
-            f"fix thermostat all langevin {t0} {t1} {1.0 / cfg.friction_per_ps} {seed} zero yes",
+            f"fix thermostat all langevin {t0} {t1} {_f(1.0 / cfg.friction_per_ps)} {seed}",
+            "fix centre all momentum 1 linear 1 1 1",
         ]
     if cfg.ensemble == "nvt-nose-hoover":
         return [f"fix integrate all nvt temp {t0} {t1} {tau_ps}"]
