@@ -59,6 +59,7 @@ def shared(*parts: str) -> Path:
 UNIT_MODULES = {
     "test_bad_input",
     "test_config",
+    "test_docs",
     "test_graph",
     "test_labels_nonfinite",
     "test_labels_reference",

@@ -60,6 +60,13 @@ COMMANDS = {
             positional=("run", "file"),
         ),
         Command(
+            "export",
+            "export a trained run as a jax.export artifact (StableHLO) that jax alone loads",
+            "so3lib.workflows.export",
+            "ExportOptions",
+            positional=("run",),
+        ),
+        Command(
             "inspect",
             "summarise a data file and its energy reference",
             "so3lib.workflows.inspect",
@@ -276,6 +283,13 @@ def report(name: str, res: dict) -> None:
     elif name == "predict":
         print(json.dumps(res["metrics"], indent=2))
         print(f"predictions: {res['predictions']}")
+    elif name == "export":
+        progs = ", ".join(f"{v['file']} ({v['bytes'] / 1e6:.2f} MB)" for v in res["programs"].values())
+        print(
+            f"exported {res['model']['family']} ({', '.join(res['elements'])}; cutoff {res['cutoff_angstrom']} Å; "
+            f"{res['dtype']}) for {', '.join(res['platforms'])}: {progs}"
+        )
+        print(f"export folder: {res['out']} (export.json describes the inputs and outputs)")
     elif name == "inspect":
         from so3lib.workflows.inspect import text
 

@@ -153,12 +153,15 @@ def train(
         handler = logging.FileHandler(out / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("so3lib")
+        handler.setLevel(logging.INFO)
+        level = root.level
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        root.setLevel(min(logging.INFO, level or logging.INFO))  # train.log gets INFO; the caller's level comes back
         try:
             return _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, splits, t_setup)
         finally:
             root.removeHandler(handler)
+            root.setLevel(level)
             handler.close()
 
 
