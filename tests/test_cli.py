@@ -70,7 +70,8 @@ def test_every_preset_names_real_options():
         for m in available():
             clash = set(opts.model_fields) & (set(hyperparameters(m)) | set(TrainingConfig.model_fields))
             assert not clash, (opts.__name__, m, clash)
-    assert set(common.RUNTIME_OPTIONS) <= set(common.RunOptions.model_fields)
+    # runtime options: where and how a run goes (out, resume, progress, the process group), not what it is
+    assert set(common.RUNTIME_OPTIONS) <= set(common.RunOptions.model_fields) | set(spice.SpiceOptions.model_fields)
 
 
 def test_help_shows_the_defaults_in_use_and_the_chosen_models_options(capsys):

