@@ -68,14 +68,14 @@ def oracle_md(start, oracle, temperature_k: float, steps: int, save_every: int, 
     return frames
 
 
-def explore(pot, params, start, md_cfg) -> tuple[list, np.ndarray]:
+def explore(pot, params, start, md_cfg, max_uncertainty: float | None = None) -> tuple[list, np.ndarray]:
     """MD with the ensemble from ``start`` (ASE engine): the saved frames after step 0 and their forces_std_max
-    (eV/Å); a blow-up ends the trajectory there."""
+    (eV/Å); a blow-up ends the trajectory there, and so does the first frame above ``max_uncertainty``."""
     from so3lib.calculator import So3libCalculator
     from so3lib.md.ase_engine import run_md_ase
     from so3lib.md.uncertainty import UncertaintyMonitor
 
-    mon = UncertaintyMonitor(pot, params, start, None, "mark")
+    mon = UncertaintyMonitor(pot, params, start, max_uncertainty, "stop" if max_uncertainty else "mark")
     res = run_md_ase(So3libCalculator(pot, params), start, md_cfg, progress=False, raise_on_blowup=False, monitor=mon)
     frames = []
     for p in res.positions[1:]:
@@ -86,9 +86,21 @@ def explore(pot, params, start, md_cfg) -> tuple[list, np.ndarray]:
     return frames, np.asarray(mon.forces_std_max_ev_per_a[1 : len(frames) + 1])
 
 
-def select(uncertainty: np.ndarray, n: int, strategy: Strategy, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``n`` frames: the largest finite uncertainties, or drawn at random (without replacement)."""
-    ok = np.nonzero(np.isfinite(uncertainty))[0]
+def select(
+    uncertainty: np.ndarray,
+    n: int,
+    strategy: Strategy,
+    rng: np.random.Generator,
+    max_uncertainty: float | None = None,
+) -> np.ndarray:
+    """Indices of ``n`` frames among the candidates (finite uncertainty, at most ``max_uncertainty``): the largest
+    uncertainties, or drawn at random (without replacement). Frames beyond the bound are left out: there the
+    ensemble MD has left the physical region (broken, compressed geometries), and such labels teach nothing
+    about the dynamics the model is for."""
+    ok = np.isfinite(uncertainty)
+    if max_uncertainty is not None:
+        ok &= uncertainty <= max_uncertainty
+    ok = np.nonzero(ok)[0]
     n = min(n, len(ok))
     if strategy == "uncertainty":
         return ok[np.argsort(-uncertainty[ok], kind="stable")[:n]]
@@ -127,6 +139,7 @@ def run_loop(
     strategies: Sequence[Strategy] = ("uncertainty", "random"),
     seed: int = 0,
     progress: bool = True,
+    max_uncertainty: float | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """The loop for each strategy from the same initial set (round 0 trained once and shared). Run folders
     ``out/round0`` and ``out/<strategy>/round<r>``. Returns per strategy one record per round."""
@@ -151,8 +164,8 @@ def run_loop(
             rec: dict[str, Any] = {"round": r, "n_train": len(data[s]), "test": oracle_errors(pot, params, test)}
             if r < rounds:
                 md = md_cfg.model_copy(update={"seed": md_cfg.seed + r})
-                frames, unc = explore(pot, params, start, md)
-                pick = select(unc, n_select, s, np.random.default_rng([seed, r]))
+                frames, unc = explore(pot, params, start, md, max_uncertainty)
+                pick = select(unc, n_select, s, np.random.default_rng([seed, r]), max_uncertainty)
                 new, failed = label([frames[i] for i in pick], oracle, f"<oracle round {r}>")
                 if new is not None:
                     data[s] = Dataset.concatenate([data[s], new])

@@ -19,6 +19,9 @@ def test_select_takes_the_largest_spread_or_a_random_draw():
     r = active.select(u, 3, "random", np.random.default_rng(0))
     assert len(set(r)) == 3 and 1 not in r  # no NaN frame, no repeats
     assert len(active.select(u, 10, "uncertainty", np.random.default_rng(0))) == 5
+    # above the bound a frame is no candidate for either strategy (the MD has left the physical region there)
+    np.testing.assert_array_equal(active.select(u, 2, "uncertainty", np.random.default_rng(0), 0.6), [2, 3])
+    assert 4 not in active.select(u, 4, "random", np.random.default_rng(1), 0.6)
 
 
 def test_label_uses_the_oracle_and_skips_what_it_cannot_do():

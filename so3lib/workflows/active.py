@@ -52,6 +52,12 @@ class ActiveOptions(RunOptions):
     save_every: int = Field(10, ge=1, description="candidate frames every K steps")
     dt: float = Field(0.5, gt=0, description="time step (fs)")
     e0s: Literal["average", "lstsq"] = Field("average", description="energy reference (one molecule: average)")
+    max_uncertainty: float | None = Field(
+        1.0,
+        gt=0,
+        description="eV/Å: the exploration MD stops at the first frame whose calibrated force spread exceeds this, "
+        "and only frames at or below it are candidates (beyond it the MD leaves the physical region)",
+    )
 
 
 def preset(model: str, options: dict):
@@ -128,6 +134,7 @@ def run(opts: ActiveOptions, model, training) -> dict:
         out,
         seed=seed,
         progress=opts.progress,
+        max_uncertainty=opts.max_uncertainty,
     )
     summary = {
         "oracle": opts.oracle,
