@@ -8,7 +8,10 @@ re-run from its start: nothing is dropped), non-finite values and a runaway temp
 step).
 
 Ensembles: NVE velocity Verlet, NVT Langevin and Nosé–Hoover chains (jax-md), and a Berendsen thermostat
-(velocity rescaling on top of jax-md's velocity Verlet) whose target can ramp linearly from T0 to T1.
+(velocity rescaling before each velocity-Verlet step, as ASE's NVTBerendsen) whose target can ramp linearly from
+T0 to T1. Temperatures, degrees of freedom (3N − 3: the centre-of-mass momentum is removed and conserved, the
+Langevin noise projected off it, the Nosé–Hoover chain told n_dof) and the Maxwell–Boltzmann start are
+`so3lib.md.thermo`'s, shared with the ASE engine. The blow-up guards are `so3lib.md.guards`'.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import jraph
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from so3lib.md import guards, thermo
+from so3lib.md.thermo import KB_EV_PER_K
 from so3lib.potential import Potential
 
 log = logging.getLogger(__name__)
-KB_EV_PER_K = 8.617333262e-5
 FS_PER_TIME_UNIT = 10.180505710774743  # Å·sqrt(amu/eV) in fs
 Ensemble = Literal["nve", "nvt-langevin", "nvt-nose-hoover", "berendsen"]
 
@@ -51,6 +55,10 @@ class MDConfig(BaseModel):
     skin_angstrom: float = Field(1.0, ge=0)
     capacity_multiplier: float = Field(1.25, ge=1.0)
     max_temperature_k: float = Field(10000.0, gt=0, description="stop the run above this temperature")
+    max_step_angstrom: float = Field(0.5, gt=0, description="stop if an atom moves more than this in one step (Å)")
+    max_energy_error_ev_per_atom: float = Field(
+        0.1, gt=0, description="NVE: stop if the total energy leaves its start by more than this (eV/atom)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -72,7 +80,9 @@ class MDConfig(BaseModel):
 class MDResult:
     """Per record (every ``save_every`` steps, including step 0): step, time_fs, potential/kinetic/total
     energy (eV, potential including the per-element reference), temperature (K) = 2·E_kin / (n_dof·k_B),
-    positions (Å)."""
+    positions (R, N, 3) Å; where the engine records them: forces (R, N, 3) eV/Å, velocities (R, N, 3) in ASE's
+    unit Å/(Å·sqrt(amu/eV)), stress (R, 3, 3) eV/Å³ (periodic runs, potential part, ASE's sign) and cells
+    (R, 3, 3) Å (rows are lattice vectors; None: the starting cell throughout)."""
 
     step: np.ndarray
     time_fs: np.ndarray
@@ -85,6 +95,11 @@ class MDResult:
     compile_s: float
     reallocations: int
     stopped: str | None = None
+    forces: np.ndarray | None = None
+    velocities: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    cells: np.ndarray | None = None
+    n_dof: int | None = None
 
     @property
     def total_ev(self) -> np.ndarray:
@@ -254,33 +269,40 @@ def run_md(
     def kinetic(state):
         return quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
 
-    # degrees of freedom: jax-md's Langevin thermalises the centre-of-mass momentum too (3N); the other
-    # ensembles conserve it, and it starts at zero (3N − 3)
-    dof = 3 * N if cfg.ensemble == "nvt-langevin" else max(3 * N - 3, 1)
+    dof = thermo.degrees_of_freedom(N)  # the COM momentum starts at zero and stays zero in every ensemble
 
     def temperature(state):
-        return 2.0 * kinetic(state) / (dof * KB_EV_PER_K)
+        return thermo.kinetic_temperature_k(state.momentum, state.mass, dof)
 
     def one_step(carry, kT):
         state, nbrs = carry
-        if berendsen:
-            state = apply_fn(state, neighbor=nbrs)
+        if berendsen:  # ASE's NVTBerendsen: rescale with the temperature before the step, λ clipped to [0.9, 1.1]
             t_now = 2.0 * kinetic(state) / dof
-            lam = jnp.sqrt(jnp.clip(1.0 + (dt / tau) * (kT / jnp.maximum(t_now, 1e-12) - 1.0), 0.64, 1.44))
+            lam = jnp.clip(jnp.sqrt(1.0 + (dt / tau) * (kT / jnp.maximum(t_now, 1e-12) - 1.0)), 0.9, 1.1)
             state = dataclasses.replace(state, momentum=state.momentum * lam)
+            state = apply_fn(state, neighbor=nbrs)
         elif cfg.ensemble == "nve":
             state = apply_fn(state, neighbor=nbrs)
         else:
             state = apply_fn(state, neighbor=nbrs, kT=kT)
+        if cfg.ensemble == "nvt-langevin":  # the noise off the COM: BAOAB on the 3N − 3 internal coordinates
+            state = dataclasses.replace(state, momentum=thermo.remove_com_momentum(state.momentum, state.mass))
         nbrs = nbrs.update(state.position)
         # keep the carry's dtypes (jax-md builds some thermostat fields, e.g. the Nosé–Hoover chain masses, in float32)
         state = jax.tree_util.tree_map(lambda x, ref: x.astype(ref.dtype), state, carry[0])
-        return (state, nbrs), temperature(state)
+        step_disp = jnp.max(jnp.linalg.norm(state.momentum / state.mass, axis=1)) * dt
+        return (state, nbrs), (temperature(state), step_disp)
 
     @jax.jit
     def chunk(state, nbrs, kTs):
-        (state, nbrs), temps = jax.lax.scan(one_step, (state, nbrs), kTs)
-        return state, nbrs, temps, energy(state.position, nbrs), kinetic(state)
+        (state, nbrs), (temps, disp) = jax.lax.scan(one_step, (state, nbrs), kTs)
+        return state, nbrs, temps, disp, energy(state.position, nbrs), kinetic(state)
+
+    species_j, cell_j = jnp.asarray(numbers, jnp.int32), jnp.asarray(cell, dtype)
+
+    @jax.jit
+    def stress_fn(R, idx):  # (3, 3) eV/Å³: the potential part (1/V)·∂E/∂ε, ASE's sign; periodic runs only
+        return pot(params, _graph(pot, species_j, cell_j, True, R, idx), compute_stress=True)["stress"][0]
 
     key = jax.random.PRNGKey(cfg.seed)
     nbrs = neighbor_fn.allocate(R0 if capacity_from is None else jnp.asarray(capacity_from, dtype))
@@ -292,10 +314,14 @@ def run_md(
         log.warning(
             "MD step 0: neighbour list overflow (capacity %s); reallocated to %s (nothing dropped)", old, nbrs.idx.shape
         )
+    # the same start as the ASE engine: Maxwell–Boltzmann, mass-weighted COM removal, exactly at T0 (3N − 3)
+    p0 = jnp.asarray(thermo.maxwell_boltzmann_momenta(atoms.get_masses(), kT0 / KB_EV_PER_K, cfg.seed), dtype)
     if cfg.ensemble == "nve" or berendsen:
-        state = init_fn(key, R0, kT0, mass=mass, neighbor=nbrs)
+        state = init_fn(key, R0, kT0, mass=mass, momenta=p0, neighbor=nbrs)
     else:
-        state = init_fn(key, R0, mass=mass, kT=kT0, neighbor=nbrs)
+        state = init_fn(key, R0, mass=mass, momenta=p0, kT=kT0, neighbor=nbrs)
+    if cfg.ensemble == "nvt-nose-hoover":  # jax-md's chain counts 3N; the atoms have 3N − 3 (P = 0 is conserved)
+        state = state.set(chain=state.chain.set(degrees_of_freedom=dof))
     ref_e = float(pot.reference.table()[numbers].sum() + pot.reference.intercept_ev)
     rec = {
         "step": [0],
@@ -303,7 +329,11 @@ def run_md(
         "kin": [float(kinetic(state))],
         "T": [float(temperature(state))],
         "pos": [np.asarray(R0)],
+        "F": [np.asarray(state.force)],
+        "v": [np.asarray(state.momentum / state.mass)],
+        "S": [np.asarray(stress_fn(R0, nbrs.idx))] if periodic else [],
     }
+    fragments0 = None if periodic else guards.n_fragments(np.asarray(R0), pot.cutoff)
     stopped = None
     n_chunks = -(-cfg.steps // cfg.save_every)
     t_start, compile_s = time.perf_counter(), 0.0
@@ -314,7 +344,7 @@ def run_md(
             n = min(cfg.save_every, cfg.steps - step)
             kTs = jnp.asarray(cfg.target_k(np.arange(step + 1, step + n + 1)) * KB_EV_PER_K, dtype)
             t0 = time.perf_counter()
-            new_state, new_nbrs, temps, e_pot, e_kin = chunk(state, nbrs, kTs)
+            new_state, new_nbrs, temps, disp, e_pot, e_kin = chunk(state, nbrs, kTs)
             if new_nbrs.did_buffer_overflow:
                 old = nbrs.idx.shape
                 nbrs = neighbor_fn.allocate(state.position, extra_capacity=max(2, old[1] // 4))
@@ -326,21 +356,18 @@ def run_md(
                     old,
                     nbrs.idx.shape,
                 )
-                new_state, new_nbrs, temps, e_pot, e_kin = chunk(state, nbrs, kTs)
+                new_state, new_nbrs, temps, disp, e_pot, e_kin = chunk(state, nbrs, kTs)
                 if new_nbrs.did_buffer_overflow:
                     raise RuntimeError(f"MD step {step}: neighbour list overflows again after reallocation")
             temps = np.asarray(temps)
             if c == 0:  # the first chunk includes the compilation
                 compile_s = time.perf_counter() - t0
-            bad = ~np.isfinite(temps) | (temps > cfg.max_temperature_k)
             pos = np.asarray(new_state.position)
-            if bad.any() or not np.isfinite(pos).all() or not np.isfinite(float(e_pot)):
-                k = int(np.argmax(bad)) if bad.any() else n - 1
-                what = (
-                    "non-finite values"
-                    if not np.isfinite(temps[k]) or not np.isfinite(pos).all()
-                    else f"temperature {temps[k]:.0f} K above the limit {cfg.max_temperature_k:.0f} K"
-                )
+            e_tot = float(e_pot) + ref_e + float(e_kin)
+            err = abs(e_tot - rec["pot"][0] - rec["kin"][0]) / N if cfg.ensemble == "nve" else None
+            fail = guards.failure(cfg, temps, np.asarray(disp), pos, float(e_pot), err, fragments0, pot.cutoff)
+            if fail is not None:
+                k, what = fail
                 stopped = (
                     f"MD blew up at step {step + k + 1} (t = {(step + k + 1) * cfg.dt_fs:.1f} fs): {what}; "
                     f"last recorded temperature {rec['T'][-1]:.0f} K"
@@ -353,6 +380,10 @@ def run_md(
             rec["kin"].append(float(e_kin))
             rec["T"].append(float(temps[-1]))
             rec["pos"].append(pos)
+            rec["F"].append(np.asarray(new_state.force))
+            rec["v"].append(np.asarray(new_state.momentum / new_state.mass))
+            if periodic:
+                rec["S"].append(np.asarray(stress_fn(new_state.position, new_nbrs.idx)))
             bar.update(n)
             bar.set_postfix(T=f"{temps[-1]:.0f}K", refresh=False)
     finally:
@@ -375,4 +406,8 @@ def run_md(
         compile_s=compile_s,
         reallocations=reallocations,
         stopped=stopped,
+        forces=np.stack(rec["F"]),
+        velocities=np.stack(rec["v"]),
+        stress=np.stack(rec["S"]) if periodic else None,
+        n_dof=dof,
     )

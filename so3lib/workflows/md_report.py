@@ -1,7 +1,9 @@
-"""Molecular dynamics with a trained run, and its stability report: the trajectory (extxyz), md.csv,
-md_results.json (NVE drift in meV/atom/ps, RDF similarity to the first frame and when it first falls below the
-threshold, the first broken bond for molecules, failure time and temperature, steps/s and atom-steps/s) and
-plots (energy and temperature, the RDF over time, the RDF similarity)."""
+"""Molecular dynamics with a trained run, and its stability report: the trajectory (extxyz with energy, forces,
+velocities, stress and cell: `so3lib.md.io`), md.csv, md_results.json (a verdict stable / heated / failed; the
+failure criterion, time and temperature: blow-up, a broken bond or atoms too close for molecules, lattice sites
+lost or atoms too close for periodic cells; NVE drift in meV/atom/ps for runs that did not fail; RDF similarity to
+the first frame and when it first falls below the threshold, reported but no failure: heating alone lowers it;
+steps/s and atom-steps/s) and plots (energy and temperature, the RDF over time, the RDF similarity)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class MDOptions(Options):
     skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
     seed: int = Field(0, description="seed of the initial velocities and the Langevin noise")
     engine: Literal["jax-md", "ase"] = Field("jax-md", description="on-device jax-md, or ASE integrators")
-    rdf_threshold: float = Field(0.8, gt=0, le=1, description="RDF similarity below which the structure is lost")
+    rdf_threshold: float = Field(0.8, gt=0, le=1, description="report when the RDF similarity first falls below this")
     rdf_rmax: float = Field(6.0, gt=0, description="RDF range (Å)")
     out: str = Field(..., description="output folder")
     progress: bool = Field(True, description="progress bar")
@@ -83,11 +85,6 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
         if not len(below)
         else {"time_fs": float(res.time_fs[below[0]]), "temperature_k": float(res.temperature_k[below[0]])},
     }
-    if cfg.ensemble == "nve":
-        out["nve_drift_mev_per_atom_per_ps"] = stability.nve_drift_mev_per_atom_per_ps(
-            res.time_fs, res.total_ev, res.n_atoms
-        )
-        out["nve_total_energy_range_mev_per_atom"] = float(1e3 * np.ptp(res.total_ev) / res.n_atoms)
     failure = None
     if not np.all(pbc):
         k = stability.first_broken_bond(frames, numbers)
@@ -96,8 +93,26 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
         )
         if k is not None:
             failure = {"criterion": "bond broken (> 1.5 × initial length)", **out["first_broken_bond"]}
-    elif len(below):
-        failure = {"criterion": f"RDF similarity < {rdf_threshold}", **out["rdf_below_threshold"]}
+    else:  # heated is not broken: a crystal fails when its atoms leave their sites, not when its RDF broadens
+        loss = stability.site_loss(frames, cell, pbc)
+        lost = np.nonzero(loss > stability.SITE_LOSS_THRESHOLD)[0]
+        out["site_loss"] = loss.tolist()
+        out["site_loss_threshold"] = stability.SITE_LOSS_THRESHOLD
+        if len(lost):
+            k = int(lost[0])
+            failure = {
+                "criterion": f"lattice lost (median distance to the first frame's sites > "
+                f"{stability.SITE_LOSS_THRESHOLD} × nearest-neighbour distance)",
+                "time_fs": float(res.time_fs[k]),
+                "temperature_k": float(res.temperature_k[k]),
+            }
+    k = stability.first_too_close(frames, numbers, cell, pbc)
+    if k is not None and (failure is None or res.time_fs[k] < failure["time_fs"]):
+        failure = {
+            "criterion": "atoms too close (< 0.5 × the sum of covalent radii)",
+            "time_fs": float(res.time_fs[k]),
+            "temperature_k": float(res.temperature_k[k]),
+        }
     if res.stopped:
         failure = {
             "criterion": "blow-up",
@@ -105,6 +120,16 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
             "time_fs": float(res.time_fs[-1]),
             "temperature_k": float(res.temperature_k[-1]),
         }
+    if cfg.ensemble == "nve":  # a drift only for a run that did not fail (null otherwise: nothing to measure)
+        ok = failure is None
+        out["nve_drift_mev_per_atom_per_ps"] = (
+            stability.nve_drift_mev_per_atom_per_ps(res.time_fs, res.total_ev, res.n_atoms) if ok else None
+        )
+        out["nve_total_energy_range_mev_per_atom"] = float(1e3 * np.ptp(res.total_ev) / res.n_atoms) if ok else None
+    tail = res.temperature_k[len(res.temperature_k) // 5 :]
+    target_end = float(cfg.target_k(np.array(float(res.step[-1]))))
+    out["heated"] = bool(np.mean(tail) > 1.1 * target_end)  # 10 % above the target at the end
+    out["verdict"] = "failed" if failure is not None else ("heated" if out["heated"] else "stable")
     out["failure"] = failure
     out["stable"] = failure is None
     return out, g
@@ -151,22 +176,6 @@ def plots(res, g, r, sim, out: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "plots" / "rdf_similarity.png", dpi=120)
     plt.close(fig)
-
-
-def write_trajectory(path: Path, atoms, res) -> None:
-    import ase.io
-
-    frames = []
-    for k, p in enumerate(res.positions):
-        f = atoms.copy()
-        f.positions = p
-        f.info.update(
-            time_fs=float(res.time_fs[k]),
-            potential_energy_ev=float(res.potential_ev[k]),
-            temperature_k=float(res.temperature_k[k]),
-        )
-        frames.append(f)
-    ase.io.write(path, frames, format="extxyz")
 
 
 def write_csv(path: Path, res) -> None:
@@ -223,6 +232,8 @@ def run(opts: MDOptions) -> dict:
         config=cfg.model_dump(),
         options=opts.model_dump(mode="json"),
     )
+    from so3lib.md.io import write_trajectory
+
     write_trajectory(out / "trajectory.extxyz", atoms, res)
     write_csv(out / "md.csv", res)
     r = stability.rdf(res.positions[0], cell, pbc, opts.rdf_rmax)[0]
