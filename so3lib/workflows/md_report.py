@@ -185,7 +185,7 @@ def write_csv(path: Path, res) -> None:
     w = csv.writer(buf)
     w.writerow(["step", "time_fs", "potential_ev", "kinetic_ev", "total_ev", "temperature_k"])
     for row in zip(res.step, res.time_fs, res.potential_ev, res.kinetic_ev, res.total_ev, res.temperature_k):
-        w.writerow([int(row[0])] + [f"{x:.8g}" for x in row[1:]])
+        w.writerow([int(row[0])] + [f"{x:.12g}" for x in row[1:]])  # µeV on absolute energies
     write_atomic(path, buf.getvalue())
 
 
