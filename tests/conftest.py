@@ -63,6 +63,7 @@ UNIT_MODULES = {
     "test_graph",
     "test_labels_nonfinite",
     "test_labels_reference",
+    "test_md_thermo",
     "test_model_physics",
     "test_packaging",
     "test_readers",

@@ -296,12 +296,14 @@ def report(name: str, res: dict) -> None:
             print(f"{s}: test force MAE (meV/Å) by training frames: {curve}")
         print(f"results: {res['out']}/active_learning.json")
     elif name == "md":
-        verdict = "stable" if res["stable"] else f"FAILED: {res['failure']}"
+        verdict = {"stable": "stable", "heated": "stable structure, but heated above the target"}.get(
+            res["verdict"], f"FAILED: {res['failure']}"
+        )
         print(
             f"MD {res['ensemble']} {res['steps']} steps, {res['steps_per_s']:.0f} steps/s "
             f"({res['atom_steps_per_s']:.3g} atom-steps/s); {verdict}"
         )
-        if "nve_drift_mev_per_atom_per_ps" in res:
+        if res.get("nve_drift_mev_per_atom_per_ps") is not None:  # null for a run that failed
             print(f"NVE drift {res['nve_drift_mev_per_atom_per_ps']:.3f} meV/atom/ps")
         if "uncertainty" in res:
             u = res["uncertainty"]

@@ -11,9 +11,12 @@ runs inside one compiled `lax.scan`. After every chunk the host checks, in this 
 cell shrunk below twice the cutoff, non-finite values and a runaway temperature (`MDBlowUp`, naming the step).
 
 Ensembles: NVE velocity Verlet, NVT Langevin and Nosé–Hoover chains (jax-md), a Berendsen thermostat
-(velocity rescaling on top of jax-md's velocity Verlet) whose target can ramp linearly from T0 to T1, and NPT
-(jax-md's isotropic Martyna–Tuckerman–Klein barostat with Nosé–Hoover chains, `simulate.npt_nose_hoover`, on the
-model's virial −∂E/∂ε, periodic cells only).
+(velocity rescaling before each velocity-Verlet step, as ASE's NVTBerendsen) whose target can ramp linearly from
+T0 to T1, and NPT (jax-md's isotropic Martyna–Tuckerman–Klein barostat with Nosé–Hoover chains,
+`simulate.npt_nose_hoover`, on the model's virial −∂E/∂ε, periodic cells only). Temperatures, degrees of freedom
+(3N − 3: the centre-of-mass momentum is removed and conserved, the Langevin noise projected off it, the
+Nosé–Hoover chains told n_dof) and the Maxwell–Boltzmann start are `so3lib.md.thermo`'s, shared with the ASE
+engine. The blow-up guards are `so3lib.md.guards`'.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import jraph
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from so3lib.md import guards, thermo
+from so3lib.md.thermo import KB_EV_PER_K
 from so3lib.potential import Potential
 
 log = logging.getLogger(__name__)
-KB_EV_PER_K = 8.617333262e-5
 FS_PER_TIME_UNIT = 10.180505710774743  # Å·sqrt(amu/eV) in fs
 EV_PER_A3_PER_BAR = 6.241509125883258e-07  # 1 bar = 1e5 Pa in eV/Å³
 CELL_LIST_MIN_ATOMS = 2000  # automatic cell list from this size on (below it the all-pairs search is faster)
@@ -63,6 +67,10 @@ class MDConfig(BaseModel):
     skin_angstrom: float = Field(1.0, ge=0)
     capacity_multiplier: float = Field(1.25, ge=1.0)
     max_temperature_k: float = Field(10000.0, gt=0, description="stop the run above this temperature")
+    max_step_angstrom: float = Field(0.5, gt=0, description="stop if an atom moves more than this in one step (Å)")
+    max_energy_error_ev_per_atom: float = Field(
+        0.1, gt=0, description="NVE: stop if the total energy leaves its start by more than this (eV/atom)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -88,7 +96,9 @@ class MDConfig(BaseModel):
 class MDResult:
     """Per record (every ``save_every`` steps, including step 0): step, time_fs, potential/kinetic/total
     energy (eV, potential including the per-element reference), temperature (K) = 2·E_kin / (n_dof·k_B),
-    positions (Å); for a periodic cell also the cell (Å, rows; it changes under NPT) and the instantaneous
+    positions (R, N, 3) Å; where the engine records them: forces (R, N, 3) eV/Å, velocities (R, N, 3) in ASE's
+    unit Å/(Å·sqrt(amu/eV)), stress (R, 3, 3) eV/Å³ (periodic runs, potential part, ASE's sign); for a periodic
+    cell also the cells (R, 3, 3) Å (rows are lattice vectors; they change under NPT) and the instantaneous
     pressure P = (2·E_kin − ∂E/∂ε) / (3V) (bar, the virial route)."""
 
     step: np.ndarray
@@ -102,8 +112,12 @@ class MDResult:
     compile_s: float
     reallocations: int
     stopped: str | None = None
-    cells: np.ndarray | None = None  # (F, 3, 3) Å
-    pressure_bar: np.ndarray | None = None  # (F,)
+    cells: np.ndarray | None = None  # (R, 3, 3) Å
+    pressure_bar: np.ndarray | None = None  # (R,)
+    forces: np.ndarray | None = None
+    velocities: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    n_dof: int | None = None
 
     @property
     def volume_a3(self) -> np.ndarray | None:
@@ -284,6 +298,7 @@ def run_md(
                 f"({2 * rc:.2f} Å): minimum image fails; use a larger --supercell"
             )
         std = standard_cell(cell)
+        rotation = np.linalg.solve(std, cell)  # std @ rotation = cell: jax-md's frame → the structure's
         box = jnp.asarray(std.T, dtype)
         displacement, shift = space.periodic_general(box, fractional_coordinates=True)
         R0 = jnp.asarray(atoms.cell.scaled_positions(atoms.positions) % 1.0, dtype)
@@ -299,6 +314,7 @@ def run_md(
             raise ValueError("a cell list needs a periodic cell (the free-space search is all pairs)")
         displacement, shift = space.free()
         box = jnp.asarray(cell, dtype)
+        rotation = None
         R0 = jnp.asarray(atoms.positions, dtype)
     model = pot.model
     check_md_memory(
@@ -363,34 +379,36 @@ def run_md(
     def kinetic(state):
         return quantity.kinetic_energy(momentum=state.momentum, mass=state.mass)
 
-    # degrees of freedom: jax-md's Langevin thermalises the centre-of-mass momentum too (3N); the other
-    # ensembles conserve it, and it starts at zero (3N − 3)
-    dof = 3 * N if cfg.ensemble == "nvt-langevin" else max(3 * N - 3, 1)
+    dof = thermo.degrees_of_freedom(N)  # the COM momentum starts at zero and stays zero in every ensemble
 
     def temperature(state):
-        return 2.0 * kinetic(state) / (dof * KB_EV_PER_K)
+        return thermo.kinetic_temperature_k(state.momentum, state.mass, dof)
 
     def one_step(carry, kT):
         state, nbrs = carry
-        if berendsen:
-            state = apply_fn(state, neighbor=nbrs)
+        if berendsen:  # ASE's NVTBerendsen: rescale with the temperature before the step, λ clipped to [0.9, 1.1]
             t_now = 2.0 * kinetic(state) / dof
-            lam = jnp.sqrt(jnp.clip(1.0 + (dt / tau) * (kT / jnp.maximum(t_now, 1e-12) - 1.0), 0.64, 1.44))
+            lam = jnp.clip(jnp.sqrt(1.0 + (dt / tau) * (kT / jnp.maximum(t_now, 1e-12) - 1.0)), 0.9, 1.1)
             state = dataclasses.replace(state, momentum=state.momentum * lam)
+            state = apply_fn(state, neighbor=nbrs)
         elif cfg.ensemble == "nve":
             state = apply_fn(state, neighbor=nbrs)
         else:
             state = apply_fn(state, neighbor=nbrs, kT=kT)
+        if cfg.ensemble == "nvt-langevin":  # the noise off the COM: BAOAB on the 3N − 3 internal coordinates
+            state = dataclasses.replace(state, momentum=thermo.remove_com_momentum(state.momentum, state.mass))
         nbrs = nbrs.update(state.position, box=box_of(state)) if npt else nbrs.update(state.position)
         # keep the carry's dtypes (jax-md builds some thermostat fields, e.g. the Nosé–Hoover chain masses, in float32)
         state = jax.tree_util.tree_map(lambda x, ref: x.astype(ref.dtype), state, carry[0])
-        return (state, nbrs), temperature(state)
+        step_disp = jnp.max(jnp.linalg.norm(state.momentum / state.mass, axis=1)) * dt
+        return (state, nbrs), (temperature(state), step_disp)
 
     @jax.jit
     def chunk(state, nbrs, kTs):
-        (state, nbrs), temps = jax.lax.scan(one_step, (state, nbrs), kTs)
+        (state, nbrs), (temps, disp) = jax.lax.scan(one_step, (state, nbrs), kTs)
         b = box_of(state)
-        return state, nbrs, temps, energy(state.position, nbrs, box=b), kinetic(state), pressure(state, nbrs), b
+        e_pot = energy(state.position, nbrs, box=b)
+        return state, nbrs, temps, disp, e_pot, kinetic(state), pressure(state, nbrs), b
 
     def cartesian(u, b) -> tuple[np.ndarray, np.ndarray | None]:
         """Positions (Å) and cell in the structure's own orientation: x = u·cell·s, s the NPT length scale."""
@@ -399,8 +417,22 @@ def run_md(
         c = cell * float(np.asarray(b)[0, 0] / np.asarray(box)[0, 0])
         return np.asarray(u, float) @ c, c
 
+    def to_input_frame(v) -> np.ndarray:
+        """Cartesian vectors (N, 3) of jax-md's frame (the standard, lower-triangular cell) in the structure's."""
+        return np.asarray(v, float) if rotation is None else np.asarray(v, float) @ rotation
+
     def allocate(R, b, **kw):
         return neighbor_fn.allocate(R, box=b, **kw) if npt else neighbor_fn.allocate(R, **kw)
+
+    species_j = jnp.asarray(numbers, jnp.int32)
+
+    @jax.jit
+    def stress_fn(R, idx, b):  # (3, 3) eV/Å³: the potential part (1/V)·∂E/∂ε, ASE's sign; periodic runs only
+        return pot(params, _graph(pot, species_j, b, True, R, idx), compute_stress=True)["stress"][0]
+
+    def stress_in_input_frame(R, idx, b) -> np.ndarray:
+        sigma = np.asarray(stress_fn(R, idx, b), float)
+        return sigma if rotation is None else rotation.T @ sigma @ rotation
 
     key = jax.random.PRNGKey(cfg.seed)
     if capacity_from is not None and periodic:  # Cartesian → fractional
@@ -414,15 +446,22 @@ def run_md(
         log.warning(
             "MD step 0: neighbour list overflow (capacity %s); reallocated to %s (nothing dropped)", old, nbrs.idx.shape
         )
+    # the same start as the ASE engine: Maxwell–Boltzmann, mass-weighted COM removal, exactly at T0 (3N − 3)
+    p0 = thermo.maxwell_boltzmann_momenta(atoms.get_masses(), kT0 / KB_EV_PER_K, cfg.seed)
+    p0 = jnp.asarray(p0 if rotation is None else p0 @ rotation.T, dtype)  # into jax-md's frame
     if cfg.ensemble == "nve" or berendsen:
-        state = jax.jit(init_fn)(key, R0, kT0, mass=mass, neighbor=nbrs)
+        state = jax.jit(init_fn)(key, R0, kT0, mass=mass, momenta=p0, neighbor=nbrs)
     elif npt:
-        state = jax.jit(init_fn)(key, R0, box, mass=mass, kT=kT0, neighbor=nbrs)
+        state = jax.jit(init_fn)(key, R0, box, mass=mass, momenta=p0, kT=kT0, neighbor=nbrs)
+        # jax-md's chain counts 3N; the atoms have 3N − 3 (their total momentum is zero and conserved)
+        state = state.set(thermostat=state.thermostat.set(degrees_of_freedom=dof))
     else:
-        state = jax.jit(init_fn)(key, R0, mass=mass, kT=kT0, neighbor=nbrs)
+        state = jax.jit(init_fn)(key, R0, mass=mass, momenta=p0, kT=kT0, neighbor=nbrs)
+    if cfg.ensemble == "nvt-nose-hoover":  # jax-md's chain counts 3N; the atoms have 3N − 3 (P = 0 is conserved)
+        state = state.set(chain=state.chain.set(degrees_of_freedom=dof))
     ref_e = float(pot.reference.table()[numbers].sum() + pot.reference.intercept_ev)
     x0, c0 = cartesian(R0, box)
-    e0, p0 = jax.jit(lambda st, nb: (energy(st.position, nb), pressure(st, nb)))(state, nbrs)
+    e0, pressure0 = jax.jit(lambda st, nb: (energy(st.position, nb), pressure(st, nb)))(state, nbrs)
     rec = {
         "step": [0],
         "pot": [float(e0) + ref_e],
@@ -430,8 +469,12 @@ def run_md(
         "T": [float(temperature(state))],
         "pos": [x0],
         "cell": [c0],
-        "P": [float(p0) / EV_PER_A3_PER_BAR],
+        "P": [float(pressure0) / EV_PER_A3_PER_BAR],
+        "F": [to_input_frame(state.force)],
+        "v": [to_input_frame(state.momentum / state.mass)],
+        "S": [stress_in_input_frame(R0, nbrs.idx, box)] if periodic else [],
     }
+    fragments0 = None if periodic else guards.n_fragments(np.asarray(R0), pot.cutoff)
     stopped = None
     n_chunks = -(-cfg.steps // cfg.save_every)
     t_start, compile_s = time.perf_counter(), 0.0
@@ -443,7 +486,7 @@ def run_md(
             n = min(cfg.save_every, cfg.steps - step)
             kTs = jnp.asarray(cfg.target_k(np.arange(step + 1, step + n + 1)) * KB_EV_PER_K, dtype)
             t0 = time.perf_counter()
-            new_state, new_nbrs, temps, e_pot, e_kin, p_now, b_now = chunk(state, nbrs, kTs)
+            new_state, new_nbrs, temps, disp, e_pot, e_kin, p_now, b_now = chunk(state, nbrs, kTs)
             if new_nbrs.did_buffer_overflow or (npt and new_nbrs.cell_size_too_small):
                 # (under NPT a shrinking box also needs larger cells of the cell list)
                 old = nbrs.idx.shape
@@ -456,13 +499,12 @@ def run_md(
                     old,
                     nbrs.idx.shape,
                 )
-                new_state, new_nbrs, temps, e_pot, e_kin, p_now, b_now = chunk(state, nbrs, kTs)
+                new_state, new_nbrs, temps, disp, e_pot, e_kin, p_now, b_now = chunk(state, nbrs, kTs)
                 if new_nbrs.did_buffer_overflow or (npt and new_nbrs.cell_size_too_small):
                     raise RuntimeError(f"MD step {step}: neighbour list overflows again after reallocation")
             temps = np.asarray(temps)
             if c == 0:  # the first chunk includes the compilation
                 compile_s = time.perf_counter() - t0
-            bad = ~np.isfinite(temps) | (temps > cfg.max_temperature_k)
             pos, c_now = cartesian(new_state.position, b_now)
             if npt and np.all(np.isfinite(pos)) and np.min(cell_heights(c_now)) < 2 * pot.cutoff:
                 stopped = (
@@ -471,13 +513,11 @@ def run_md(
                     f"({2 * pot.cutoff:.2f} Å) where minimum image fails; use a larger --supercell"
                 )
                 break
-            if bad.any() or not np.isfinite(pos).all() or not np.isfinite(float(e_pot)):
-                k = int(np.argmax(bad)) if bad.any() else n - 1
-                what = (
-                    "non-finite values"
-                    if not np.isfinite(temps[k]) or not np.isfinite(pos).all()
-                    else f"temperature {temps[k]:.0f} K above the limit {cfg.max_temperature_k:.0f} K"
-                )
+            e_tot = float(e_pot) + ref_e + float(e_kin)
+            err = abs(e_tot - rec["pot"][0] - rec["kin"][0]) / N if cfg.ensemble == "nve" else None
+            fail = guards.failure(cfg, temps, np.asarray(disp), pos, float(e_pot), err, fragments0, pot.cutoff)
+            if fail is not None:
+                k, what = fail
                 stopped = (
                     f"MD blew up at step {step + k + 1} (t = {(step + k + 1) * cfg.dt_fs:.1f} fs): {what}; "
                     f"last recorded temperature {rec['T'][-1]:.0f} K"
@@ -492,6 +532,10 @@ def run_md(
             rec["pos"].append(pos)
             rec["cell"].append(c_now)
             rec["P"].append(float(p_now) / EV_PER_A3_PER_BAR)
+            rec["F"].append(to_input_frame(new_state.force))
+            rec["v"].append(to_input_frame(new_state.momentum / new_state.mass))
+            if periodic:
+                rec["S"].append(stress_in_input_frame(new_state.position, new_nbrs.idx, b_now))
             bar.update(n)
             bar.set_postfix(T=f"{temps[-1]:.0f}K", refresh=False)
             if monitor is not None and monitor(step, pos):
@@ -518,4 +562,8 @@ def run_md(
         stopped=stopped,
         cells=np.stack(rec["cell"]) if periodic else None,
         pressure_bar=np.asarray(rec["P"]) if periodic else None,
+        forces=np.stack(rec["F"]),
+        velocities=np.stack(rec["v"]),
+        stress=np.stack(rec["S"]) if periodic else None,
+        n_dof=dof,
     )

