@@ -265,8 +265,9 @@ def run_md_lammps_rdf(
 
 def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_windows=None):
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from tqdm.auto import tqdm
+
+    from so3lib.md import thermo
 
     n = len(atoms)
     if n < 2:
@@ -274,13 +275,9 @@ def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_
             f"MD needs at least 2 atoms, the structure has {n} (a single atom does not move once its "
             "centre-of-mass velocity is removed)"
         )
-    start = atoms.copy()
-    start.calc = None
-    MaxwellBoltzmannDistribution(
-        start, temperature_K=float(cfg.target_k(np.array(0.0))), rng=np.random.default_rng(cfg.seed)
-    )
-    Stationary(start)
-    velocities = start.get_velocities() * (units.fs * 1e3)  # ASE's velocity unit → Å/ps
+    masses = atoms.get_masses()  # the start every engine gets for this seed (so3lib.md.thermo)
+    momenta = thermo.maxwell_boltzmann_momenta(masses, float(cfg.target_k(np.array(0.0))), cfg.seed)
+    velocities = momenta / masses[:, None] * (units.fs * 1e3)  # ASE's velocity unit → Å/ps
     window, r_max, n_bins = rdf_windows or (0, 1.0, 0)
     with LammpsSystem(calc, atoms, velocities, cfg.dt_fs, cfg.skin_angstrom, r_max) as system:
         lmp = system.lmp

@@ -181,15 +181,15 @@ def _gas_constant_kj(openmm) -> float:
 
 
 def initial_velocities(atoms, temperature_k: float, seed: int) -> np.ndarray:
-    """(N, 3) Å/fs: Maxwell–Boltzmann at ``temperature_k`` from ``seed`` with the centre-of-mass velocity removed
-    (ASE's sampler, the same velocities as the ASE engine for the same seed)."""
+    """(N, 3) Å/fs: `so3lib.md.thermo`'s Maxwell–Boltzmann start at ``temperature_k`` from ``seed`` (COM momentum
+    removed mass-weighted, exactly at the temperature with 3N − 3 degrees of freedom): the same velocities as the
+    other engines for the same seed."""
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
-    a = atoms.copy()
-    MaxwellBoltzmannDistribution(a, temperature_K=temperature_k, rng=np.random.default_rng(seed))
-    Stationary(a)
-    return a.get_velocities() * units.fs
+    from so3lib.md import thermo
+
+    masses = atoms.get_masses()
+    return thermo.maxwell_boltzmann_momenta(masses, temperature_k, seed) / masses[:, None] * units.fs
 
 
 def run_md_openmm(
