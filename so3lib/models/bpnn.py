@@ -34,6 +34,8 @@ from so3lib.models.registry import ModelConfig, register
 
 log = logging.getLogger(__name__)
 RADIAL, ANGULAR = ("G1", "G2", "G3"), ("G4", "G5", "ANI")
+# batch keys of the precomputed descriptors (nodes), their edge Jacobians and reference edge vectors (edges)
+CACHED_G, CACHED_JACOBIAN, CACHED_VECTORS = "bpnn_descriptors", "bpnn_jacobian", "bpnn_vectors"
 
 
 class SymmetryFunction(BaseModel):
@@ -132,6 +134,11 @@ class BPNNConfig(ModelConfig):
     activation: Literal["tanh", "silu", "ssp", "gelu"] = "tanh"
     standardize: bool = True
     species: list[int] | None = Field(None, description="elements with a network (fitted: training set)")
+    precompute_descriptors: bool = Field(
+        True,
+        description="training: descriptors and their position derivatives computed once per in-memory structure "
+        "and reused every step (as n2p2 and ænet do); false: recomputed from the triplets in every step",
+    )
     descriptor_mean: list[list[float]] | None = None
     descriptor_std: list[list[float]] | None = None
 
@@ -237,15 +244,16 @@ def species_lookup(species: list[int]) -> np.ndarray:
     return t
 
 
-def descriptors(cfg: BPNNConfig, graph: jraph.GraphsTuple) -> jax.Array:
+def descriptors(cfg: BPNNConfig, graph: jraph.GraphsTuple, vec: jax.Array | None = None) -> jax.Array:
     """(N, D) raw descriptors: [radial (S × n_rad, by neighbour element), angular (P × n_ang, by unordered
-    element pair)], D = S·n_rad + S(S+1)/2·n_ang. Differentiable in positions and cell."""
+    element pair)], D = S·n_rad + S(S+1)/2·n_ang. Differentiable in positions and cell. ``vec`` (E, 3): the
+    edge vectors (default `edge_vectors(graph)`); row i depends only on the edges whose receiver is i."""
     dt = cfg.jnp_dtype
     sfs = cfg.symmetry_functions
     S = len(cfg.species)
     n_node = graph.nodes["species"].shape[0]
     sidx = jnp.asarray(species_lookup(cfg.species))[graph.nodes["species"]]
-    vec = edge_vectors(graph).astype(dt)
+    vec = (edge_vectors(graph) if vec is None else vec).astype(dt)
     emask = jraph.get_edge_padding_mask(graph)
     r = safe_norm(vec, emask)
     out = []
@@ -343,7 +351,12 @@ class BPNN(nn.Module):
         c = self.config
         dt = c.jnp_dtype
         sidx = jnp.asarray(species_lookup(c.species))[graph.nodes["species"]]
-        G = descriptors(c, graph)
+        if CACHED_G in graph.nodes:  # descriptors and their derivatives precomputed once (so3lib.models.bpnn_cache)
+            from so3lib.models.bpnn_cache import cached_descriptors
+
+            G = cached_descriptors(graph)
+        else:
+            G = descriptors(c, graph)
         if c.standardize and c.descriptor_mean is not None:
             mean = jnp.asarray(c.descriptor_mean, dt)[sidx]
             std = jnp.asarray(c.descriptor_std, dt)[sidx]
