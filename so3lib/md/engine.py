@@ -96,10 +96,18 @@ class MDResult:
 
 
 def _graph(
-    pot: Potential, species: jnp.ndarray, cell: jnp.ndarray, periodic: bool, R: jnp.ndarray, idx: jnp.ndarray
+    pot: Potential,
+    species: jnp.ndarray,
+    cell: jnp.ndarray,
+    periodic: bool,
+    R: jnp.ndarray,
+    idx: jnp.ndarray,
+    triplet_fraction: float = 1.0,
 ) -> jraph.GraphsTuple:
     """Padded graph of one structure from a jax-md Dense neighbour list ``idx`` (N, K) (padding value N):
-    edges j → i for idx[i, k] = j, real edges first (jraph convention), periodic shifts by minimum image."""
+    edges j → i for idx[i, k] = j, real edges first (jraph convention), periodic shifts by minimum image.
+    Angular models get the exact triplets inside their angular cutoff, ``triplet_fraction`` of the slot pairs
+    (`so3lib.md.triplets`)."""
     N, K = idx.shape
     dt = pot.dtype
     recv = jnp.repeat(jnp.arange(N), K)
@@ -125,14 +133,14 @@ def _graph(
         "has_forces": jnp.zeros(2, dt),
         "has_stress": jnp.zeros(2, dt),
     }
-    if pot.model.triplet_cutoff is not None:  # pairs of neighbour slots of the same centre, a < b
-        a, b = np.triu_indices(K, k=1)
-        e1 = (np.arange(N)[:, None] * K + a[None]).reshape(-1)
-        e2 = (np.arange(N)[:, None] * K + b[None]).reshape(-1)
-        inv = jnp.argsort(order)
-        v = idx.reshape(-1)
+    if pot.model.triplet_cutoff is not None:  # exact triplets inside the angular cutoff, fixed capacity
+        from so3lib.md import triplets
+
+        cap = triplets.capacity(N, K, triplet_fraction)
+        e1, e2, tmask, _ = triplets.exact_triplets(R, idx, cell, periodic, pot.model.triplet_cutoff, cap)
+        inv = jnp.argsort(order)  # slot → edge index in the sorted edge list
         glob["triplets"] = jnp.stack([inv[e1], inv[e2]], axis=1).astype(jnp.int32)
-        glob["triplet_mask"] = (v[e1] < N) & (v[e2] < N)
+        glob["triplet_mask"] = tmask
     return jraph.GraphsTuple(
         nodes={
             "positions": Rp,
@@ -148,16 +156,40 @@ def _graph(
     )
 
 
-def energy_function(pot: Potential, params, numbers: np.ndarray, cell: np.ndarray, periodic: bool):
+def energy_function(
+    pot: Potential, params, numbers: np.ndarray, cell: np.ndarray, periodic: bool, triplet_fraction: float = 1.0
+):
     """``energy(R, neighbor) -> E_residual`` (eV, without the constant per-element reference) for jax-md."""
     species = jnp.asarray(numbers, jnp.int32)
     cell = jnp.asarray(cell, pot.dtype)
 
     def energy(R, neighbor, **unused):
-        g = _graph(pot, species, cell, periodic, R, neighbor.idx)
+        g = _graph(pot, species, cell, periodic, R, neighbor.idx, triplet_fraction)
         return pot.residual_energy(params, g)[0]
 
     return energy
+
+
+def _triplet_capacity(pot: Potential, neighbor_fn, R0, cell, periodic: bool, multiplier: float):
+    """(fraction of the slot pairs kept as triplet capacity, ``f(R, nbrs) -> nbrs`` that marks a triplet
+    overflow as a neighbour-list overflow: the engine then reallocates a larger list, whose capacity grows
+    with it, and re-runs the chunk)."""
+    tc = pot.model.triplet_cutoff
+    if tc is None:
+        return 1.0, lambda R, nbrs: nbrs
+    from so3lib.md import triplets
+
+    idx = neighbor_fn.allocate(R0).idx
+    n0 = int(triplets.count_triplets(R0, idx, cell, periodic, tc))
+    fraction = triplets.fraction_for(n0, idx.shape[0], idx.shape[1], multiplier)
+    log.info("MD: %d angular triplets at step 0; capacity %.3g of the neighbour slot pairs", n0, fraction)
+
+    def overflow(R, nbrs):
+        N, K = nbrs.idx.shape
+        over = triplets.count_triplets(R, nbrs.idx, cell, periodic, tc) > triplets.capacity(N, K, fraction)
+        return dataclasses.replace(nbrs, did_buffer_overflow=nbrs.did_buffer_overflow | over)
+
+    return fraction, overflow
 
 
 def run_md(
@@ -236,7 +268,8 @@ def run_md(
         disable_cell_list=not cell_list,
         format=partition.Dense,
     )
-    energy = energy_function(pot, params, numbers, cell, periodic)
+    tri_fraction, tri_overflow = _triplet_capacity(pot, neighbor_fn, R0, cell, periodic, cfg.capacity_multiplier)
+    energy = energy_function(pot, params, numbers, cell, periodic, tri_fraction)
     mass = jnp.asarray(atoms.get_masses(), dtype)
     dt = cfg.dt_fs / FS_PER_TIME_UNIT
     kT0 = float(cfg.target_k(np.array(0.0))) * KB_EV_PER_K
@@ -272,7 +305,7 @@ def run_md(
             state = apply_fn(state, neighbor=nbrs)
         else:
             state = apply_fn(state, neighbor=nbrs, kT=kT)
-        nbrs = nbrs.update(state.position)
+        nbrs = tri_overflow(state.position, nbrs.update(state.position))
         # keep the carry's dtypes (jax-md builds some thermostat fields, e.g. the Nosé–Hoover chain masses, in float32)
         state = jax.tree_util.tree_map(lambda x, ref: x.astype(ref.dtype), state, carry[0])
         return (state, nbrs), temperature(state)

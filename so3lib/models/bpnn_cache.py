@@ -1,8 +1,8 @@
 """Precomputed BPNN descriptors for training (as n2p2 and ænet do): computed once per structure, reused.
 
-The descriptors of centre i depend only on the vectors r_e of the edges e whose receiver is i, so one backward
-pass per descriptor column d, with the cotangent 1 on column d of every row, gives the edge Jacobian
-J_e = ∂G_{recv(e)}/∂r_e (E, D, 3) of a whole batch at once. A training batch then carries G⁰ (N, D), J (E, D, 3)
+The descriptors of centre i depend only on the vectors r_e of the edges e whose receiver is i, so the Jacobian
+is block-sparse: J_e = ∂G_{recv(e)}/∂r_e (E, D, 3), from forward-mode derivatives of each edge's radial terms and
+each triplet's angular terms. A training batch then carries G⁰ (N, D), J (E, D, 3)
 and the reference edge vectors r⁰ (E, 3), and the model evaluates the first-order expansion
 
     G_i(r) = G⁰_i + Σ_{e: recv(e)=i} J_e · (r_e − r⁰_e),
@@ -23,8 +23,22 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from so3lib.graph.geometry import edge_vectors
-from so3lib.models.bpnn import CACHED_G, CACHED_JACOBIAN, CACHED_VECTORS, BPNNConfig, descriptors
+from so3lib.graph.geometry import edge_vectors, safe_norm
+from so3lib.models.bpnn import (
+    ANGULAR,
+    CACHED_G,
+    CACHED_JACOBIAN,
+    CACHED_VECTORS,
+    RADIAL,
+    BPNNConfig,
+    _angular_values,
+    _pair_index,
+    _params,
+    _radial_values,
+    descriptors,
+    species_lookup,
+)
+from so3lib.models.common import cosine_cutoff
 
 log = logging.getLogger(__name__)
 MAX_CACHE_BYTES = 4 * 2**30  # above this the descriptors are recomputed in every step instead (logged)
@@ -39,12 +53,46 @@ def cached_descriptors(graph: jraph.GraphsTuple) -> jax.Array:
 
 
 def descriptors_and_jacobian(cfg: BPNNConfig, graph: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """G (N, D), J (E, D, 3) = ∂G_{recv(e)}/∂r_e and r (E, 3) of a batch with triplets (D backward passes)."""
-    vec = edge_vectors(graph).astype(cfg.jnp_dtype)
-    G, vjp = jax.vjp(lambda v: descriptors(cfg, graph, v), vec)
-    eye = jnp.eye(G.shape[1], dtype=G.dtype)
-    J = jax.lax.map(lambda u: vjp(jnp.broadcast_to(u, G.shape))[0], eye)  # (D, E, 3)
-    return G, jnp.moveaxis(J, 0, 1), vec
+    """G (N, D) (by `descriptors`), J (E, D, 3) = ∂G_{recv(e)}/∂r_e and r (E, 3) of a batch with triplets.
+
+    J by forward mode per edge (radial terms, 3 tangents) and per triplet (angular terms, 6 tangents: its two
+    edge vectors), scattered onto the edges: the radial block of edge e sits in the columns of its sender's
+    element, the angular block of triplet (e1, e2) in those of its element pair, added to e1's and e2's rows."""
+    dt = cfg.jnp_dtype
+    S, E = len(cfg.species), graph.senders.shape[0]
+    sidx = jnp.asarray(species_lookup(cfg.species))[graph.nodes["species"]]
+    vec = edge_vectors(graph).astype(dt)
+    G = descriptors(cfg, graph, vec)
+    emask = jraph.get_edge_padding_mask(graph)
+    blocks = []
+    rad, p = _params(cfg.symmetry_functions, RADIAL, dt)
+    if rad:
+
+        def radial(v, m):  # one edge: (n_rad,)
+            r = safe_norm(v[None], m[None])
+            return _radial_values(p, r, cosine_cutoff(r, cfg.cutoff) * m)[0]
+
+        d = jax.vmap(jax.jacfwd(radial))(vec, emask)  # (E, n_rad, 3)
+        J = jnp.zeros((E, S, len(rad), 3), dt).at[jnp.arange(E), sidx[graph.senders]].set(d)
+        blocks.append(J.reshape(E, S * len(rad), 3))
+    ang, p = _params(cfg.symmetry_functions, ANGULAR, dt)
+    if ang:
+        rca = cfg.cutoff_angular or cfg.cutoff
+        e1, e2 = graph.globals["triplets"][:, 0], graph.globals["triplets"][:, 1]
+        tmask = graph.globals["triplet_mask"]
+
+        def angular(v1, v2, m):  # one triplet: (n_ang,)
+            r1, r2 = safe_norm(v1[None], m[None]), safe_norm(v2[None], m[None])
+            return _angular_values(p, v1[None], v2[None], r1, r2, m[None], rca)[0]
+
+        d1, d2 = jax.vmap(jax.jacfwd(angular, argnums=(0, 1)))(vec[e1], vec[e2], tmask)  # (T, n_ang, 3) each
+        P = S * (S + 1) // 2
+        pair = _pair_index(S, sidx[graph.senders[e1]], sidx[graph.senders[e2]])
+        J = jax.ops.segment_sum(d1, e1 * P + pair, num_segments=E * P) + jax.ops.segment_sum(
+            d2, e2 * P + pair, num_segments=E * P
+        )
+        blocks.append(J.reshape(E, P * len(ang), 3))
+    return G, jnp.concatenate(blocks, axis=1), vec
 
 
 @dataclasses.dataclass
