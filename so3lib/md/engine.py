@@ -177,6 +177,8 @@ def _triplet_capacity(pot: Potential, neighbor_fn, R0, cell, periodic: bool, mul
     tc = pot.model.triplet_cutoff
     if tc is None:
         return 1.0, lambda R, nbrs: nbrs
+    from jax_md import partition
+
     from so3lib.md import triplets
 
     idx = neighbor_fn.allocate(R0).idx
@@ -187,7 +189,7 @@ def _triplet_capacity(pot: Potential, neighbor_fn, R0, cell, periodic: bool, mul
     def overflow(R, nbrs):
         N, K = nbrs.idx.shape
         over = triplets.count_triplets(R, nbrs.idx, cell, periodic, tc) > triplets.capacity(N, K, fraction)
-        return dataclasses.replace(nbrs, did_buffer_overflow=nbrs.did_buffer_overflow | over)
+        return nbrs.set(error=nbrs.error.update(partition.PartitionErrorCode.NEIGHBOR_LIST_OVERFLOW, over))
 
     return fraction, overflow
 
