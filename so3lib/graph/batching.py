@@ -211,10 +211,13 @@ def build_batch(
     budget: GraphBudget | None = None,
     dtype=np.float32,
     energy_offset: np.ndarray | None = None,
+    descriptor_cache=None,
 ) -> jraph.GraphsTuple:
     """Padded GraphsTuple of the given frames (numpy). With ``budget=None`` a `dynamic_budget` is used.
     ``energy_offset`` (F,) eV per dataset frame (the per-element reference): ``globals['energy_residual']`` =
-    energy − offset is computed here in float64, so float32 batches keep meV precision."""
+    energy − offset is computed here in float64, so float32 batches keep meV precision. ``descriptor_cache``
+    (a `so3lib.models.bpnn_cache.DescriptorCache` aligned with ``table``): its rows of the frames are added
+    (nodes 'bpnn_descriptors', edges 'bpnn_jacobian' and 'bpnn_vectors'; zero on padding)."""
     frames = np.asarray(frames, np.int64)
     n_node = dataset.n_atoms[frames]
     n_edge = table.n_edges[frames]
@@ -290,9 +293,20 @@ def build_batch(
         tmask = np.zeros(budget.n_triplet, bool)
         tmask[:T] = True
         glob["triplets"], glob["triplet_mask"] = trip, tmask
+    nodes, edges = {"positions": positions, "species": species, "forces": forces}, {"shift": shift}
+    if descriptor_cache is not None:
+        from so3lib.models.bpnn import CACHED_G, CACHED_JACOBIAN, CACHED_VECTORS
+
+        c = descriptor_cache
+        nodes[CACHED_G] = np.zeros((pn, c.G.shape[1]), c.G.dtype)
+        nodes[CACHED_G][:N] = c.G[atom_idx]
+        edges[CACHED_JACOBIAN] = np.zeros((pe, *c.J.shape[1:]), c.J.dtype)
+        edges[CACHED_JACOBIAN][:E] = c.J[edge_idx]
+        edges[CACHED_VECTORS] = np.zeros((pe, 3), c.vectors.dtype)
+        edges[CACHED_VECTORS][:E] = c.vectors[edge_idx]
     return jraph.GraphsTuple(
-        nodes={"positions": positions, "species": species, "forces": forces},
-        edges={"shift": shift},
+        nodes=nodes,
+        edges=edges,
         senders=senders,
         receivers=receivers,
         n_node=n_node_p,
@@ -370,6 +384,7 @@ class GraphLoader:
         triplet_cutoff: float | None = None,
         n_shards: int = 1,
         workers: int | None = None,
+        descriptor_cache=None,
     ):
         if len(dataset) == 0:
             raise ValueError("empty dataset")
@@ -378,6 +393,11 @@ class GraphLoader:
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), shuffle, seed
         self.cutoff, self.triplet_cutoff, self.n_shards = cutoff, triplet_cutoff, n_shards
         self.streaming = not isinstance(dataset, Dataset)
+        self.descriptor_cache = descriptor_cache
+        if descriptor_cache is not None:  # the cache replaces the triplets: batches from its triplet-free table
+            if self.streaming:
+                raise ValueError("a descriptor cache needs an in-memory dataset, not a streamed store")
+            table, self.triplet_cutoff = descriptor_cache.table, None
         shard_size = self.batch_size // n_shards
         if self.streaming:
             self.table = None
@@ -497,7 +517,9 @@ class GraphLoader:
                     "the data: a multi-process run cannot add a padding rung on one process alone; train with a "
                     "larger batch per device (the estimate is a sum over its frames) or report the data"
                 )
-        graphs = [build_batch(ds, tab, f, budget, self.dtype, off) for ds, tab, f, off in prepared]
+        graphs = [
+            build_batch(ds, tab, f, budget, self.dtype, off, self.descriptor_cache) for ds, tab, f, off in prepared
+        ]
         g = graphs[0] if self.n_shards == 1 else jax_tree_stack(graphs)
         if self.device_put:
             import jax

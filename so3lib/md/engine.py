@@ -140,6 +140,7 @@ def _graph(
     R: jnp.ndarray,
     idx: jnp.ndarray,
     perturbation=None,
+    triplet_fraction: float = 1.0,
 ) -> jraph.GraphsTuple:
     """Padded graph of one structure from a jax-md Dense neighbour list ``idx`` (N, K) (padding value N):
     edges j → i for idx[i, k] = j, real edges first (jraph convention).
@@ -148,7 +149,9 @@ def _graph(
     (`space.transform`, whose derivative passes Cartesian gradients through to u, so −∂E/∂u is the Cartesian
     force) and the edge j → i is x_j − x_i + s·cellᵀ with the minimum-image shift s = −round(u_j − u_i).
     ``perturbation`` (a scalar 1 + ε) scales positions and cell, so ∂E/∂ε is the isotropic virial jax-md's
-    pressure and barostat ask for. Free: ``R`` are Cartesian positions and ``box`` the (unused) cell."""
+    pressure and barostat ask for. Free: ``R`` are Cartesian positions and ``box`` the (unused) cell.
+    Angular models get the exact triplets inside their angular cutoff, ``triplet_fraction`` of the slot pairs
+    (`so3lib.md.triplets`)."""
     from jax_md import space
 
     N, K = idx.shape
@@ -182,14 +185,15 @@ def _graph(
         "has_forces": jnp.zeros(2, dt),
         "has_stress": jnp.zeros(2, dt),
     }
-    if pot.model.triplet_cutoff is not None:  # pairs of neighbour slots of the same centre, a < b
-        a, b = np.triu_indices(K, k=1)
-        e1 = (np.arange(N)[:, None] * K + a[None]).reshape(-1)
-        e2 = (np.arange(N)[:, None] * K + b[None]).reshape(-1)
-        inv = jnp.argsort(order)
-        v = idx.reshape(-1)
+    if pot.model.triplet_cutoff is not None:  # exact triplets inside the angular cutoff, fixed capacity
+        from so3lib.md import triplets
+
+        cap = triplets.capacity(N, K, triplet_fraction)
+        x = jax.lax.stop_gradient(Rp[:N])  # Cartesian, jax-md's frame: only which pairs, not their values
+        e1, e2, tmask, _ = triplets.exact_triplets(x, idx, cell, periodic, pot.model.triplet_cutoff, cap)
+        inv = jnp.argsort(order)  # slot → edge index in the sorted edge list
         glob["triplets"] = jnp.stack([inv[e1], inv[e2]], axis=1).astype(jnp.int32)
-        glob["triplet_mask"] = (v[e1] < N) & (v[e2] < N)
+        glob["triplet_mask"] = tmask
     return jraph.GraphsTuple(
         nodes={
             "positions": Rp,
@@ -205,7 +209,9 @@ def _graph(
     )
 
 
-def energy_function(pot: Potential, params, numbers: np.ndarray, box: np.ndarray, periodic: bool):
+def energy_function(
+    pot: Potential, params, numbers: np.ndarray, box: np.ndarray, periodic: bool, triplet_fraction: float = 1.0
+):
     """``energy(R, neighbor, box=box, perturbation=None) -> E_residual`` (eV, without the constant per-element
     reference) for jax-md; periodic: ``R`` fractional and ``box`` the jax-md box (columns = lattice vectors),
     free: ``R`` Cartesian (``box`` unused)."""
@@ -213,7 +219,8 @@ def energy_function(pot: Potential, params, numbers: np.ndarray, box: np.ndarray
     box0 = jnp.asarray(box, pot.dtype)
 
     def energy(R, neighbor, box=None, perturbation=None, **unused):
-        g = _graph(pot, species, box0 if box is None else box, periodic, R, neighbor.idx, perturbation)
+        b = box0 if box is None else box
+        g = _graph(pot, species, b, periodic, R, neighbor.idx, perturbation, triplet_fraction)
         return pot.residual_energy(params, g)[0]
 
     return energy
@@ -240,6 +247,35 @@ def cell_heights(cell: np.ndarray) -> np.ndarray:
 def cells_per_side(cell: np.ndarray, list_cutoff: float) -> int:
     """Cells per side of jax-md's fractional cell list, floor(min height / list cutoff); it builds one at ≥ 4."""
     return int(np.floor(np.min(cell_heights(cell)) / list_cutoff))
+
+
+def _triplet_capacity(pot: Potential, neighbor_fn, R0, box, periodic: bool, multiplier: float):
+    """(fraction of the slot pairs kept as triplet capacity, ``f(R, nbrs, box) -> nbrs`` that marks a triplet
+    overflow as a neighbour-list overflow: the engine then reallocates a larger list, whose capacity grows
+    with it, and re-runs the chunk). Periodic: ``R`` fractional and ``box`` jax-md's (column) box."""
+    tc = pot.model.triplet_cutoff
+    if tc is None:
+        return 1.0, lambda R, nbrs, b: nbrs
+    from jax_md import partition, space
+
+    from so3lib.md import triplets
+
+    def cartesian(R, b):  # positions (Å) and cell rows in jax-md's frame
+        return (space.transform(b, R), b.T) if periodic else (R, b)
+
+    idx = neighbor_fn.allocate(R0).idx
+    x0, c0 = cartesian(jnp.asarray(R0), jnp.asarray(box))
+    n0 = int(triplets.count_triplets(x0, idx, c0, periodic, tc))
+    fraction = triplets.fraction_for(n0, idx.shape[0], idx.shape[1], multiplier)
+    log.info("MD: %d angular triplets at step 0; capacity %.3g of the neighbour slot pairs", n0, fraction)
+
+    def overflow(R, nbrs, b):
+        N, K = nbrs.idx.shape
+        x, c = cartesian(R, b)
+        over = triplets.count_triplets(x, nbrs.idx, c, periodic, tc) > triplets.capacity(N, K, fraction)
+        return nbrs.set(error=nbrs.error.update(partition.PartitionErrorCode.NEIGHBOR_LIST_OVERFLOW, over))
+
+    return fraction, overflow
 
 
 def run_md(
@@ -340,7 +376,8 @@ def run_md(
         fractional_coordinates=periodic,
         format=partition.Dense,
     )
-    energy = energy_function(pot, params, numbers, box, periodic)
+    tri_fraction, tri_overflow = _triplet_capacity(pot, neighbor_fn, R0, box, periodic, cfg.capacity_multiplier)
+    energy = energy_function(pot, params, numbers, box, periodic, tri_fraction)
     mass = jnp.asarray(atoms.get_masses(), dtype)
     dt = cfg.dt_fs / FS_PER_TIME_UNIT
     kT0 = float(cfg.target_k(np.array(0.0))) * KB_EV_PER_K
@@ -397,7 +434,10 @@ def run_md(
             state = apply_fn(state, neighbor=nbrs, kT=kT)
         if cfg.ensemble == "nvt-langevin":  # the noise off the COM: BAOAB on the 3N − 3 internal coordinates
             state = dataclasses.replace(state, momentum=thermo.remove_com_momentum(state.momentum, state.mass))
-        nbrs = nbrs.update(state.position, box=box_of(state)) if npt else nbrs.update(state.position)
+        b = box_of(state)
+        nbrs = tri_overflow(
+            state.position, nbrs.update(state.position, box=b) if npt else nbrs.update(state.position), b
+        )
         # keep the carry's dtypes (jax-md builds some thermostat fields, e.g. the Nosé–Hoover chain masses, in float32)
         state = jax.tree_util.tree_map(lambda x, ref: x.astype(ref.dtype), state, carry[0])
         step_disp = jnp.max(jnp.linalg.norm(state.momentum / state.mass, axis=1)) * dt

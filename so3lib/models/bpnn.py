@@ -34,6 +34,8 @@ from so3lib.models.registry import ModelConfig, register
 
 log = logging.getLogger(__name__)
 RADIAL, ANGULAR = ("G1", "G2", "G3"), ("G4", "G5", "ANI")
+# batch keys of the precomputed descriptors (nodes), their edge Jacobians and reference edge vectors (edges)
+CACHED_G, CACHED_JACOBIAN, CACHED_VECTORS = "bpnn_descriptors", "bpnn_jacobian", "bpnn_vectors"
 
 
 class SymmetryFunction(BaseModel):
@@ -132,6 +134,11 @@ class BPNNConfig(ModelConfig):
     activation: Literal["tanh", "silu", "ssp", "gelu"] = "tanh"
     standardize: bool = True
     species: list[int] | None = Field(None, description="elements with a network (fitted: training set)")
+    precompute_descriptors: bool = Field(
+        True,
+        description="training: descriptors and their position derivatives computed once per in-memory structure "
+        "and reused every step (as n2p2 and ænet do); false: recomputed from the triplets in every step",
+    )
     descriptor_mean: list[list[float]] | None = None
     descriptor_std: list[list[float]] | None = None
 
@@ -243,50 +250,38 @@ def species_lookup(species: list[int]) -> np.ndarray:
     return t
 
 
-def descriptors(cfg: BPNNConfig, graph: jraph.GraphsTuple) -> jax.Array:
-    """(N, D) raw descriptors: [radial (S × n_rad, by neighbour element), angular (P × n_ang, by unordered
-    element pair)], D = S·n_rad + S(S+1)/2·n_ang. Differentiable in positions and cell."""
-    dt = cfg.jnp_dtype
-    sfs = cfg.symmetry_functions
-    S = len(cfg.species)
-    n_node = graph.nodes["species"].shape[0]
-    sidx = jnp.asarray(species_lookup(cfg.species))[graph.nodes["species"]]
-    vec = edge_vectors(graph).astype(dt)
-    emask = jraph.get_edge_padding_mask(graph)
-    r = safe_norm(vec, emask)
-    out = []
-    rad, p = _params(sfs, RADIAL, dt)
-    if rad:
-        fc = cosine_cutoff(r, cfg.cutoff) * emask
-        rr = r[:, None]
-        kind = p["kind"][None, :]
-        val = (
-            jnp.where(
-                kind == 0, 1.0, jnp.where(kind == 1, jnp.exp(-p["eta"] * (rr - p["rs"]) ** 2), jnp.cos(p["kappa"] * rr))
-            )
-            * fc[:, None]
-        )  # (E, n_rad)
-        seg = graph.receivers * S + sidx[graph.senders]
-        out.append(jax.ops.segment_sum(val, seg, num_segments=n_node * S).reshape(n_node, S * len(rad)))
-    ang, p = _params(sfs, ANGULAR, dt)
-    if ang:
-        if "triplets" not in graph.globals:
-            raise ValueError("angular symmetry functions need triplets in the batch (build it with triplet_cutoff)")
-        rca = cfg.cutoff_angular or cfg.cutoff
-        e1, e2 = graph.globals["triplets"][:, 0], graph.globals["triplets"][:, 1]
-        tmask = graph.globals["triplet_mask"]
-        v1, v2 = vec[e1], vec[e2]
-        r1, r2 = r[e1], r[e2]
-        r3 = safe_norm(v2 - v1, tmask)
-        ok = tmask & (r1 > 0) & (r2 > 0)
-        cos = jnp.where(ok, jnp.sum(v1 * v2, -1) / jnp.where(ok, r1 * r2, 1.0), 0.0)[:, None]
-        f1, f2, f3 = (cosine_cutoff(x, rca)[:, None] for x in (r1, r2, r3))
-        zeta, lam, eta = p["zeta"], p["lam"], p["eta"]
-        norm = 2.0 ** (1.0 - zeta)
+def _radial_values(p: dict, r: jax.Array, fc: jax.Array) -> jax.Array:
+    """(E, n_rad) radial functions of the edge lengths r (E,), cutoff function fc (E,) (0 on padding)."""
+    rr = r[:, None]
+    kind = p["kind"][None, :]
+    kinds = set(p["kind"].tolist())
+    g2 = jnp.exp(-p["eta"] * (rr - p["rs"]) ** 2) if 1 in kinds else 0.0
+    g3 = jnp.cos(p["kappa"] * rr) if 2 in kinds else 0.0
+    return jnp.where(kind == 0, 1.0, jnp.where(kind == 1, g2, g3)) * fc[:, None]
+
+
+def _angular_values(
+    p: dict, v1: jax.Array, v2: jax.Array, r1: jax.Array, r2: jax.Array, tmask: jax.Array, rca: float
+) -> jax.Array:
+    """(T, n_ang) angular functions of the triplets' edge vectors v1, v2 (T, 3) and lengths r1, r2 (T,); only
+    the kinds present are evaluated."""
+    kinds = set(p["kind"].tolist())
+    ok = tmask & (r1 > 0) & (r2 > 0)
+    cos = jnp.where(ok, jnp.sum(v1 * v2, -1) / jnp.where(ok, r1 * r2, 1.0), 0.0)[:, None]
+    f1, f2 = (cosine_cutoff(x, rca)[:, None] for x in (r1, r2))
+    zeta, lam, eta = p["zeta"], p["lam"], p["eta"]
+    norm = 2.0 ** (1.0 - zeta)
+    g4 = g5 = gani = 0.0
+    if kinds & {0, 1}:
         base = jnp.maximum(1.0 + lam * cos, 0.0)
         g45 = norm * base**zeta * f1 * f2
-        g4 = g45 * jnp.exp(-eta * (r1[:, None] ** 2 + r2[:, None] ** 2 + r3[:, None] ** 2)) * f3
-        g5 = g45 * jnp.exp(-eta * (r1[:, None] ** 2 + r2[:, None] ** 2))
+        if 0 in kinds:
+            r3 = safe_norm(v2 - v1, tmask)
+            f3 = cosine_cutoff(r3, rca)[:, None]
+            g4 = g45 * jnp.exp(-eta * (r1[:, None] ** 2 + r2[:, None] ** 2 + r3[:, None] ** 2)) * f3
+        if 1 in kinds:
+            g5 = g45 * jnp.exp(-eta * (r1[:, None] ** 2 + r2[:, None] ** 2))
+    if 2 in kinds:
         theta = jnp.arccos(0.95 * cos)
         gani = (
             norm
@@ -295,12 +290,43 @@ def descriptors(cfg: BPNNConfig, graph: jraph.GraphsTuple) -> jax.Array:
             * f1
             * f2
         )
-        kind = p["kind"][None, :]
-        val = jnp.where(kind == 0, g4, jnp.where(kind == 1, g5, gani)) * ok[:, None]  # (T, n_ang)
+    kind = p["kind"][None, :]
+    return jnp.where(kind == 0, g4, jnp.where(kind == 1, g5, gani)) * ok[:, None]  # (T, n_ang)
+
+
+def _pair_index(S: int, sj: jax.Array, sk: jax.Array) -> jax.Array:
+    """Index of the unordered element pair (sj, sk) in the upper triangle of S × S."""
+    lo, hi = jnp.minimum(sj, sk), jnp.maximum(sj, sk)
+    return lo * S - lo * (lo - 1) // 2 + (hi - lo)
+
+
+def descriptors(cfg: BPNNConfig, graph: jraph.GraphsTuple, vec: jax.Array | None = None) -> jax.Array:
+    """(N, D) raw descriptors: [radial (S × n_rad, by neighbour element), angular (P × n_ang, by unordered
+    element pair)], D = S·n_rad + S(S+1)/2·n_ang. Differentiable in positions and cell. ``vec`` (E, 3): the
+    edge vectors (default `edge_vectors(graph)`); row i depends only on the edges whose receiver is i."""
+    dt = cfg.jnp_dtype
+    sfs = cfg.symmetry_functions
+    S = len(cfg.species)
+    n_node = graph.nodes["species"].shape[0]
+    sidx = jnp.asarray(species_lookup(cfg.species))[graph.nodes["species"]]
+    vec = (edge_vectors(graph) if vec is None else vec).astype(dt)
+    emask = jraph.get_edge_padding_mask(graph)
+    r = safe_norm(vec, emask)
+    out = []
+    rad, p = _params(sfs, RADIAL, dt)
+    if rad:
+        val = _radial_values(p, r, cosine_cutoff(r, cfg.cutoff) * emask)  # (E, n_rad)
+        seg = graph.receivers * S + sidx[graph.senders]
+        out.append(jax.ops.segment_sum(val, seg, num_segments=n_node * S).reshape(n_node, S * len(rad)))
+    ang, p = _params(sfs, ANGULAR, dt)
+    if ang:
+        if "triplets" not in graph.globals:
+            raise ValueError("angular symmetry functions need triplets in the batch (build it with triplet_cutoff)")
+        rca = cfg.cutoff_angular or cfg.cutoff
+        e1, e2 = graph.globals["triplets"][:, 0], graph.globals["triplets"][:, 1]
+        val = _angular_values(p, vec[e1], vec[e2], r[e1], r[e2], graph.globals["triplet_mask"], rca)
         centre = graph.receivers[e1]
-        sj, sk = sidx[graph.senders[e1]], sidx[graph.senders[e2]]
-        lo, hi = jnp.minimum(sj, sk), jnp.maximum(sj, sk)
-        pair = lo * S - lo * (lo - 1) // 2 + (hi - lo)  # index of the unordered pair in the upper triangle
+        pair = _pair_index(S, sidx[graph.senders[e1]], sidx[graph.senders[e2]])
         P = S * (S + 1) // 2
         out.append(jax.ops.segment_sum(val, centre * P + pair, num_segments=n_node * P).reshape(n_node, P * len(ang)))
     return jnp.concatenate(out, axis=1)
@@ -349,7 +375,12 @@ class BPNN(nn.Module):
         c = self.config
         dt = c.jnp_dtype
         sidx = jnp.asarray(species_lookup(c.species))[graph.nodes["species"]]
-        G = descriptors(c, graph)
+        if CACHED_G in graph.nodes:  # descriptors and their derivatives precomputed once (so3lib.models.bpnn_cache)
+            from so3lib.models.bpnn_cache import cached_descriptors
+
+            G = cached_descriptors(graph)
+        else:
+            G = descriptors(c, graph)
         if c.standardize and c.descriptor_mean is not None:
             mean = jnp.asarray(c.descriptor_mean, dt)[sidx]
             std = jnp.asarray(c.descriptor_std, dt)[sidx]

@@ -104,6 +104,13 @@ def make_loader(
         from jax.sharding import NamedSharding, PartitionSpec
 
         sharding, n_shards = NamedSharding(mesh, PartitionSpec("data")), mesh.devices.size
+    cache = None
+    if isinstance(ds, Dataset) and getattr(pot.model, "precompute_descriptors", False):  # BPNN: G, ∂G/∂r once
+        from so3lib.graph.batching import NeighbourTable
+        from so3lib.models.bpnn_cache import cache_for
+
+        table = NeighbourTable.build(ds, pot.cutoff, triplet_cutoff=pot.model.triplet_cutoff)
+        cache = cache_for(pot.model, ds, table, dtype)
     return GraphLoader(
         ds,
         pot.cutoff,
@@ -116,6 +123,7 @@ def make_loader(
         n_shards=n_shards,
         sharding=sharding,
         ladder=ladder,
+        descriptor_cache=cache,
     )
 
 
@@ -543,6 +551,7 @@ def _train_eval_loader(train_ds, pot: Potential, train_loader: GraphLoader, batc
             table=train_loader.table,
             dtype=train_loader.dtype,
             energy_offset=train_loader.energy_offset,
+            descriptor_cache=train_loader.descriptor_cache,
         )
     sub = (
         train_ds

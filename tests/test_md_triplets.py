@@ -1,0 +1,80 @@
+"""Exact angular triplets for on-device MD (so3lib.md.triplets): from a jax-md Dense neighbour list of a real
+periodic Li cell, the triplets are exactly the training batches' ones (same count), energy and forces of the MD
+energy function equal the batch path in float64 with a capacity far below all slot pairs, a capacity below the
+count is flagged as an overflow, and a short NVE run of an angular BPNN conserves energy."""
+
+import ase.geometry
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from physics import make_potential
+
+from so3lib.graph import NeighbourTable, build_batch
+from so3lib.md import MDConfig, run_md, triplets
+from so3lib.md.engine import _triplet_capacity, energy_function
+
+jax_md = pytest.importorskip("jax_md")
+RC, RCA, SKIN = 4.0, 3.2, 0.9  # 2 (RC + SKIN) below the 9.93 Å cell: minimum image holds
+
+
+@pytest.fixture(scope="module")
+def li_cell(li_test):
+    ds = li_test.subset([int(np.argmax(li_test.n_atoms == 54))])
+    pot, params = make_potential(
+        "bpnn", {"n_radial": 6, "n_angular": 4, "cutoff": RC, "cutoff_angular": RCA, "hidden": (8,)}, ds
+    )
+    return ds, pot, params
+
+
+def _neighbours(s):
+    from jax_md import partition, space
+
+    disp, _ = space.periodic_general(jnp.asarray(s.cell.T), fractional_coordinates=False)
+    fn = partition.neighbor_list(disp, jnp.asarray(s.cell.T), RC + SKIN, format=partition.Dense, disable_cell_list=True)
+    R = jnp.asarray(ase.geometry.wrap_positions(s.positions, s.cell))
+    return fn, R, fn.allocate(R)
+
+
+def test_md_triplets_are_exact_and_energy_forces_equal_the_batch_path(li_cell):
+    ds, pot, params = li_cell
+    s = ds[0]
+    fn, R, nbrs = _neighbours(s)
+    N, K = nbrs.idx.shape
+    table = NeighbourTable.build(ds, RC, triplet_cutoff=RCA)
+    n = int(triplets.count_triplets(R, nbrs.idx, s.cell, True, RCA))
+    assert n == len(table.triplets) > 1000
+    fraction = triplets.fraction_for(n, N, K, 1.25)
+    cap = triplets.capacity(N, K, fraction)
+    assert n <= cap < 0.5 * N * K * (K - 1) // 2  # far fewer than the slot pairs the old path evaluated
+    energy = energy_function(pot, params, s.numbers, s.cell, True, fraction)
+    e, g = jax.jit(jax.value_and_grad(energy))(R, nbrs)
+    ref = pot(params, build_batch(ds, table, [0], None, np.float64, pot.reference.energy(ds)))
+    np.testing.assert_allclose(float(e), float(ref["energy_residual"][0]), rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(-np.asarray(g), np.asarray(ref["forces"])[:N], atol=1e-10)
+    assert np.abs(np.asarray(ref["forces"])[:N]).max() > 1e-3
+    _, _, mask, count = triplets.exact_triplets(R, nbrs.idx, s.cell, True, RCA, cap)
+    assert int(count) == n == int(mask.sum())
+
+
+def test_triplet_overflow_is_flagged_as_neighbour_overflow(li_cell):
+    ds, pot, params = li_cell
+    fn, R, nbrs = _neighbours(ds[0])
+    _, ok = _triplet_capacity(pot, fn, R, ds[0].cell, True, 1.0)
+    assert not bool(ok(R, nbrs).did_buffer_overflow)
+    _, tight = _triplet_capacity(pot, fn, R, ds[0].cell, True, 0.3)  # capacity for 30 % of the triplets
+    assert bool(tight(R, nbrs).did_buffer_overflow)
+
+
+def test_nve_with_an_angular_bpnn_conserves_energy(li_cell):
+    ds, pot, params = li_cell
+    atoms = ds[0].to_ase()
+    r = run_md(
+        pot,
+        params,
+        atoms,
+        MDConfig(ensemble="nve", temperature_k=300, steps=40, dt_fs=1.0, save_every=20, skin_angstrom=SKIN),
+        progress=False,
+    )
+    assert r.stopped is None and r.step[-1] == 40
+    assert np.max(np.abs(r.total_ev - r.total_ev[0])) < 0.1 * np.ptp(r.potential_ev) + 1e-4
