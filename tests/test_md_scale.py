@@ -92,6 +92,7 @@ def test_cell_list_gives_the_all_pairs_and_ase_energies_and_forces(li_run):
         assert r.pressure_bar[0] * E.EV_PER_A3_PER_BAR == pytest.approx(p_ref, rel=1e-7, abs=1e-12)
 
 
+@pytest.mark.slow  # energies and forces of both searches are compared in the default tier above
 def test_cell_list_gives_the_same_trajectory(li_run, li_cell):
     """40 NVE steps of 432 Li atoms at 600 K: the same trajectory with and without the cell list, every frame's
     energy is the ASE calculator's, and the total energy is conserved."""
@@ -111,7 +112,8 @@ def test_cell_list_gives_the_same_trajectory(li_run, li_cell):
         assert f.get_potential_energy() == pytest.approx(e, abs=1e-8)
 
 
-@pytest.mark.parametrize("engine", ["jax-md", "ase"])
+# jax-md's NPT compiles the barostat for two pressures (minutes on 2 cores): slow tier; ASE's runs by default
+@pytest.mark.parametrize("engine", [pytest.param("jax-md", marks=pytest.mark.slow), "ase"])
 def test_npt_volume_follows_the_pressure(li_run, li_cell, engine):
     """NPT at 300 K of the 54-atom Li cell at 0 and 20 kbar: the higher pressure gives the smaller volume, and the
     mean instantaneous pressure (second half) approaches each target within 2 kbar (a 54-atom cell fluctuates by
