@@ -61,6 +61,7 @@ def full_sweep(tmp_path_factory, sweep_file):
     return out
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default tier stays under 8 minutes
 def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_path, sweep_file, full_sweep):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "experiments.ablation", str(sweep_file)]
@@ -108,6 +109,7 @@ def test_sweep_kill_and_rerun_completes_missing_points_with_same_results(tmp_pat
         assert ra["forces_mae_mev_per_a"] == rb["forces_mae_mev_per_a"] and ra["energy_mae_mev"] == rb["energy_mae_mev"]
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default tier stays under 8 minutes
 def test_workers_split_the_points_and_match(tmp_path, sweep_file, full_sweep):
     """--workers 2: two processes train disjoint halves of the points; the tables equal a sequential sweep's."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -155,6 +157,7 @@ def test_random_sampling_is_seeded_and_pareto_front():
     assert front.tolist() == [0, 1]
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default tier stays under 8 minutes
 def test_a_rerun_with_another_budget_or_data_retrains_the_points_and_keeps_the_old_ones(
     tmp_path, sweep_file, full_sweep
 ):

@@ -180,7 +180,8 @@ def test_triplet_overflow_is_an_error(ethanol_test):
         build_batch(ethanol_test, table, [0, 1], GraphBudget(64, 512, 3, 10), np.float32)
 
 
-@pytest.mark.parametrize("which", ["ethanol", "li"])
+# periodic Li trains through the descriptor cache (tests/test_bpnn_cache.py checks it equals the direct path)
+@pytest.mark.parametrize("which", ["ethanol", pytest.param("li", marks=pytest.mark.slow)])
 def test_short_training_learns(which, tmp_path, ethanol_train, li_test):
     from conftest import data
 

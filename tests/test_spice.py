@@ -92,7 +92,9 @@ def test_store_errors_name_the_file(tmp_path):
         open_store(store)
 
 
-@pytest.mark.parametrize("model", ["schnet", "so3krates", "bpnn"])
+@pytest.mark.parametrize(
+    "model", ["schnet", pytest.param("so3krates", marks=pytest.mark.slow), pytest.param("bpnn", marks=pytest.mark.slow)]
+)
 def test_spice_command_on_the_bundled_sample(model, tmp_path, monkeypatch):
     from so3lib.cli import invoke
 

@@ -112,6 +112,7 @@ def no_hang():
     signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.mark.slow  # minutes on 2 cores: the default tier stays under 8 minutes
 def test_resume_with_a_larger_batch_starts_the_next_epoch(tmp_path, ethanol_train, no_hang, caplog):
     data = ethanol_train.subset(np.arange(40))  # 10 batches of 4, 3 batches of 16
     val = ethanol_train.subset(np.arange(40, 48))

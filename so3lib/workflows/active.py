@@ -53,10 +53,11 @@ class ActiveOptions(RunOptions):
     dt: float = Field(0.5, gt=0, description="time step (fs)")
     e0s: Literal["average", "lstsq"] = Field("average", description="energy reference (one molecule: average)")
     max_uncertainty: float | None = Field(
-        1.0,
+        None,
         gt=0,
         description="eV/Å: the exploration MD stops at the first frame whose calibrated force spread exceeds this, "
-        "and only frames at or below it are candidates (beyond it the MD leaves the physical region)",
+        "and only frames at or below it are candidates (beyond it the MD leaves the physical region; default: no "
+        "bound)",
     )
 
 
