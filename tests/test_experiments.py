@@ -78,6 +78,7 @@ def test_md17_reads_figshare_archive_layout_and_original_md17(tmp_path):
         md17.load_rmd17("aspirin", 3, tmp_path)
 
 
+@pytest.mark.slow  # the default tier stays under 8 minutes on 2 cores
 def test_train_cli_periodic_li_with_stress(tmp_path):
     from so3lib.cli import invoke
 

@@ -249,6 +249,7 @@ print("OK", float(l1), float(l2), diff)
 """
 
 
+@pytest.mark.slow  # the default tier stays under 8 minutes on 2 cores
 def test_two_device_step_equals_one_device(spice_like, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run(
