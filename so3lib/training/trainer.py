@@ -118,13 +118,18 @@ def make_loader(
         shuffle=shuffle,
         seed=seed,
         dtype=dtype,
-        energy_offset=pot.reference.energy(ds),
+        energy_offset=pot.reference.energy(ds) if isinstance(ds, Dataset) else _offset_of(pot.reference, ds),
         triplet_cutoff=pot.model.triplet_cutoff,
         n_shards=n_shards,
         sharding=sharding,
         ladder=ladder,
         descriptor_cache=cache,
     )
+
+
+def _offset_of(reference, view):
+    """Reference energy of frames of a store's view, computed per batch from their stored composition."""
+    return lambda frames: reference.energy(view.subset(frames))
 
 
 def data_mesh(n_devices: int):
