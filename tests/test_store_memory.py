@@ -1,7 +1,8 @@
 """A store's split costs its frame index and nothing more per frame (issue #20): the reductions over a view
 (species, energy reference fit, its diagnostics, the run fingerprint, the per-batch reference energies) read
 the memory map chunk by chunk, so the heap they need is the same for 4·10⁴ and 1.6·10⁵ conformations; chunked,
-they equal the reductions over the whole view at once."""
+they equal the reductions over the whole view at once. The test predictions kept for parity plots are
+bounded too."""
 
 from __future__ import annotations
 
@@ -109,3 +110,32 @@ def test_split_heap_is_its_frame_index(tmp_path, monkeypatch, n_small, n_large):
         peaks.append(traced_peak(lambda: reductions(split)))  # noqa: B023
     assert all(7.9 < b < 8.2 for b in split_bytes), split_bytes
     assert peaks[1] - peaks[0] < 0.1 * 2**20, [p / 2**20 for p in peaks]
+
+
+@pytest.mark.slow  # a compilation: 20 s on 2 loaded cores
+def test_parity_predictions_are_bounded_and_metrics_unchanged(tmp_path):
+    """`evaluate` with ``collect_max``: the errors are those of every structure, the predictions kept for the
+    parity plots those of every k-th batch (k = ⌈50 / 12⌉ = 5: batches 0, 5, 10, 12 structures), equal to the
+    same batches' rows of a full collection."""
+    import jax
+
+    from so3lib.data import bundled_path
+    from so3lib.data.samples import SPICE_SAMPLE
+    from so3lib.data.store import convert_spice
+    from so3lib.models import make_config
+    from so3lib.training import RunConfig, build_potential, evaluate, make_loader
+
+    view = store_mod.open_store(convert_spice(bundled_path(SPICE_SAMPLE), tmp_path / "s", neutral_only=False))
+    cfg = RunConfig(model=make_config("schnet", n_atom_basis=4, n_interactions=1), data={"energy_reference": "average"})
+    pot = build_potential(cfg, view)
+    loader = make_loader(view, pot, 4, False, 0, "test")
+    params = pot.init(jax.random.PRNGKey(0), next(loader.epoch(0)))
+    full = evaluate(pot, params, loader, collect=True)
+    few = evaluate(pot, params, loader, collect=True, collect_max=12)
+    kept = np.concatenate([np.arange(b * 4, b * 4 + 4) for b in (0, 5, 10)])
+    assert len(view) == 50 and len(few["predictions"]["e_pred"]) == 12
+    for k in ("e_ref", "e_pred", "n_atoms"):
+        np.testing.assert_array_equal(few["predictions"][k], full["predictions"][k][kept])
+    atoms = np.concatenate([np.arange(i * 27, i * 27 + 27) for i in kept])  # one molecule: 27 atoms a frame
+    np.testing.assert_array_equal(few["predictions"]["f_pred"], full["predictions"]["f_pred"][atoms])
+    assert {k: v for k, v in few.items() if k != "predictions"} == {k: v for k, v in full.items() if k != "predictions"}

@@ -280,6 +280,10 @@ class DatasetView:
                 out[:, j] = counts[:, col[z]]
         return out
 
+    def molecule_index(self) -> np.ndarray:
+        """(F,) index of each selected frame's molecule into ``molecules`` (4 bytes per frame, no strings)."""
+        return np.asarray(self.base.meta["molecule"][self.frames])
+
     @property
     def meta(self) -> dict:
         """Per-frame name, smiles, subset, source (shared string objects) and frame index in its group."""

@@ -474,10 +474,18 @@ def _start_or_resume(
     return state, progress
 
 
+PARITY_MAX_STRUCTURES = 20_000  # a streamed test set's parity plots show about this many structures
+
+
 def _test(pot: Potential, params, loader: GraphLoader, eval_fn, plots: Path, name: str) -> dict:
-    """Test errors of ``params`` (logged, with parity plots of what is labelled)."""
-    m = evaluate(pot, params, loader, eval_fn, collect=True)
-    _parity_plots(m.pop("predictions"), plots, name)
+    """Test errors of ``params`` (logged, with parity plots of what is labelled: of every structure of an
+    in-memory set, of about `PARITY_MAX_STRUCTURES` spread over a streamed one)."""
+    streamed = not isinstance(loader.dataset, Dataset)
+    m = evaluate(pot, params, loader, eval_fn, collect=True, collect_max=PARITY_MAX_STRUCTURES if streamed else None)
+    pred = m.pop("predictions")
+    if streamed and len(pred["n_atoms"]) < m["n_structures"]:
+        log.info("test parity plots: %d of the %d test structures", len(pred["n_atoms"]), m["n_structures"])
+    _parity_plots(pred, plots, name)
     log.info(
         "test: energy MAE %s meV (%s meV/atom), forces MAE %s meV/Å on %d structures%s",
         fmt(to_mev(m["energy_mae_ev"])),
