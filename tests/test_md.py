@@ -4,39 +4,12 @@ seeds, the command's outputs, and clear errors for bad input."""
 
 import numpy as np
 import pytest
-from conftest import data
+from conftest import data, train_ethanol_schnet
 
 import so3lib.data as d
 from so3lib.md import MDConfig, run_md
 from so3lib.models import make_config
 from so3lib.training import DataConfig, RunConfig, load_potential, train
-
-
-def _train_ethanol_schnet(out, n_atom_basis: int, n_train: int, val: range, training: dict) -> dict:
-    """A float64 SchNet (T=2) trained on the first ``n_train`` frames of the bundled rMD17 ethanol split and
-    validated on the frames ``val``."""
-    ds = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TRAIN))
-    cfg = RunConfig(
-        model=make_config("schnet", n_atom_basis=n_atom_basis, n_interactions=2, dtype="float64"),
-        training={"batch_size": 16, "max_epochs": None, **training},
-        data=DataConfig(energy_reference="average"),  # one molecule: least squares cannot fix e_Z
-    )
-    return train(cfg, ds.subset(np.arange(n_train)), ds.subset(np.asarray(val)), None, out_dir=out, progress=False)
-
-
-@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
-def ethanol_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("md") / "run"
-    res = _train_ethanol_schnet(
-        out, 16, 400, range(900, 950), {"max_steps": 150, "eval_every_steps": 75, "learning_rate": 3e-3}
-    )
-    assert res["val"]["forces_mae_ev_per_a"] < 1.0
-    return out
-
-
-@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
-def ethanol():
-    return d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
 
 
 def test_nve_conserves_energy(ethanol_run, ethanol):
@@ -60,7 +33,7 @@ def test_nve_soak_20_ps(tmp_path):
     40 000 steps of 0.5 fs NVE (20 ps) without blow-up, the total energy within 2 meV/atom of its start and a
     drift (least-squares slope) below 0.1 meV/atom/ps."""
     training = {"max_steps": 3000, "eval_every_steps": 1000, "learning_rate": 2e-3, "early_stopping_patience": None}
-    _train_ethanol_schnet(tmp_path / "run", 32, 950, range(950, 1000), training)
+    train_ethanol_schnet(tmp_path / "run", 32, 950, range(950, 1000), training)
     pot, params = load_potential(tmp_path / "run")
     atoms = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
     md = MDConfig(ensemble="nve", temperature_k=300, steps=40_000, dt_fs=0.5, save_every=200)
