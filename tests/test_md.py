@@ -166,6 +166,7 @@ def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
     assert again.options.ramp == (10.0, 300.0) and again.options.steps == 400 and again.options.engine == "jax-md"
     saved = json.loads((tmp_path / "jm" / "md_results.json").read_text())
     assert saved["steps"] == 400 and len(saved["rdf_similarity"]) == 11 and saved["atom_steps_per_s"] > 0
+    assert saved["temperature_mean_standard_error_k"] is None  # 9 frames: too few to estimate it
     import ase.io
 
     frames = ase.io.read(tmp_path / "jm" / "trajectory.extxyz", ":")

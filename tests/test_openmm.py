@@ -188,13 +188,20 @@ def test_the_command_with_openmm_and_a_reproducible_langevin(ethanol_run, ethano
     out = tmp_path / "omm"
     rep = invoke(
         ["md", "--run", str(ethanol_run), "--structure", str(ETHANOL_TEST), "--ensemble", "berendsen"]
-        + ["--ramp", "100", "300", "--steps", "200", "--dt", "0.5", "--save-every", "20", "--engine", "openmm"]
+        + ["--ramp", "100", "300", "--steps", "200", "--dt", "0.5", "--save-every", "4", "--engine", "openmm"]
         + ["--out", str(out), "--no-progress"]
     )
     for f in ("trajectory.extxyz", "md.csv", "md_results.json", "plots/energy_temperature.png", "plots/rdf.png"):
         assert (out / f).exists(), f
     saved = json.loads((out / "md_results.json").read_text())
-    assert saved["engine"] == "openmm" and saved["steps"] == 200 and len(saved["rdf_similarity"]) == 11
+    assert saved["engine"] == "openmm" and saved["steps"] == 200 and len(saved["rdf_similarity"]) == 51
+    # the mean temperature of the last 80 % of the frames with its block-averaged standard error
+    from so3lib.md import thermo
+
+    temps = np.loadtxt(out / "md.csv", delimiter=",", skiprows=1)[:, 5][51 // 5 :]
+    assert saved["temperature_mean_k"] == pytest.approx(np.mean(temps), rel=1e-9)
+    se = thermo.mean_and_standard_error(temps)[1]
+    assert se > 0 and saved["temperature_mean_standard_error_k"] == pytest.approx(se, rel=1e-6)
     assert rep["stable"] and saved["atom_steps_per_s"] > 0
     # Langevin: the same seed gives the same trajectory, another seed another one
     cfg = MDConfig(ensemble="nvt-langevin", temperature_k=500, steps=60, dt_fs=0.5, save_every=20)

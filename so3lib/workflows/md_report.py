@@ -93,20 +93,23 @@ def load_structure(path: str, frame: int = 0, supercell=None):
 
 def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) -> tuple[dict, list]:
     """The stability report of an MD result, and the RDF of every saved frame."""
-    from so3lib.md import stability
+    from so3lib.md import stability, thermo
 
     frames = res.positions
     cells = res.cells if res.cells is not None else [cell] * len(frames)  # the cell changes under NPT
     g = [stability.rdf(p, c, pbc, r_max)[1] for p, c in zip(frames, cells)]
     sim = np.array([stability.rdf_similarity(x, g[0]) for x in g])
     below = np.nonzero(sim < rdf_threshold)[0]
+    tail_t = res.temperature_k[len(res.temperature_k) // 5 :]
     out = {
         "n_atoms": res.n_atoms,
         "steps": int(res.step[-1]),
         "dt_fs": cfg.dt_fs,
         "ensemble": cfg.ensemble,
         "temperature_target_k": cfg.ramp_k or cfg.temperature_k,
-        "temperature_mean_k": float(np.mean(res.temperature_k[len(res.temperature_k) // 5 :])),
+        "temperature_mean_k": float(np.mean(tail_t)),
+        # block averaging (20 blocks): the mean's standard error, None when too few frames to estimate it
+        "temperature_mean_standard_error_k": thermo.mean_and_standard_error(tail_t)[1] if len(tail_t) >= 40 else None,
         "steps_per_s": res.steps_per_s,
         "atom_steps_per_s": res.steps_per_s * res.n_atoms,
         "compile_s": res.compile_s,
