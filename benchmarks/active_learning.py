@@ -32,7 +32,7 @@ ARGS = [
     "--temperature", "600", "--steps", "400", "--save-every", "10", "--min-gap", "3",
     "--bounds", "validation", "--min-uncertainty", "1", "--max-uncertainty", "4",
     "--ensemble", "3", "--model", "schnet", "--n-atom-basis", "16", "--n-interactions", "2",
-    "--max-steps", "2000", "--finetune-steps", "1000", "--finetune-learning-rate", "1e-3",
+    "--max-steps", "2000", "--finetune-steps", "1000", "--finetune-learning-rate", "1e-3", "--control",
 ]  # fmt: skip
 OUT = ROOT / "benchmarks" / "results"
 METRICS = ("forces_mae_ev_per_a", "forces_rmse_ev_per_a", "energy_mae_ev")
@@ -57,6 +57,9 @@ def mean_over_seeds(runs: dict) -> dict:
     return out
 
 
+COLOURS = {"uncertainty": "C3", "random": "C0", "none": "0.5"}
+
+
 def plot(runs: dict, summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -64,19 +67,22 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4.2))
-    for c, (s, rows) in zip(("C3", "C0"), summary.items()):
+    panels = (("forces_mae_ev_per_a", "test force MAE vs GFN2-xTB (meV/Å)"), ("energy_mae_ev", "test energy MAE (meV)"))
+    for s, rows in summary.items():
         rounds = [r["round"] for r in rows]
-        for k, (name, scale, unit) in enumerate((("forces_mae_ev_per_a", 1e3, "meV/Å"), ("energy_mae_ev", 1e3, "meV"))):
+        n = "→".join(str(x) for x in sorted({r["n_train"][0] for r in rows}))
+        for a, (name, label) in zip(ax, panels):
             for run in runs.values():
-                ax[k].plot(rounds, [scale * h["test"][name] for h in run["history"][s]], color=c, alpha=0.25, lw=1)
-            ax[k].plot(rounds, [scale * r[name]["mean"] for r in rows], "o-", color=c, label=f"{s} (mean of seeds)")
-            ax[k].set_ylabel(f"test {name.split('_')[0]} MAE vs GFN2-xTB ({unit})")
-    n = [r["n_train"][0] for r in next(iter(summary.values()))]
+                a.plot(rounds, [1e3 * h["test"][name] for h in run["history"][s]], color=COLOURS[s], alpha=0.3, lw=1)
+            mean = [1e3 * r[name]["mean"] for r in rows]
+            a.plot(rounds, mean, "o-", color=COLOURS[s], label=f"{s} ({n} frames)")
+            a.set_ylabel(label)
     for a in ax:
-        a.set_xlabel(f"round (training frames, seed {next(iter(runs))}: {', '.join(map(str, n))})")
-        a.set_yscale("log")
+        a.set_xticks(rounds)
+        a.set_xlabel("round")
         a.legend(fontsize=8)
-    fig.suptitle(f"ethanol, active learning against GFN2-xTB: {len(runs)} seeds (thin lines: each seed)")
+    k = len(runs)
+    fig.suptitle(f"ethanol, active learning against GFN2-xTB: mean of {k} seed{'s' * (k > 1)} (thin lines: each seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -85,7 +91,12 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the committed JSON")
     ns, extra = ap.parse_known_args()
+    if ns.replot:
+        res = json.loads((OUT / "active_learning.json").read_text())
+        plot(res["runs"], res["mean_over_seeds"], OUT / "active_learning.png")
+        sys.exit(0)
     work = Path(tempfile.mkdtemp(prefix="so3lib_al_"))
     runs, t0 = {}, time.perf_counter()
     for seed in ns.seeds:

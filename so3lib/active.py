@@ -24,7 +24,8 @@ D_0 (round 0 is trained once and shared):
 The bounds (σ_lo, σ_hi) are in eV/Å (``bounds="absolute"``) or multiples of the median σ of the round's
 ensemble on the validation set (``bounds="validation"``, the default): a candidate is a frame the model is more
 uncertain about than about a typical frame of the target distribution, but not wildly so. Both strategies
-explore with the same rules, so the comparison isolates the selection.
+explore with the same rules, so the comparison isolates the selection. The control ``none`` labels nothing and
+fine-tunes the same rounds on D_0 alone: what the extra optimisation steps give without new data.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from so3lib.data.dataset import Dataset, Structure
 
 log = logging.getLogger("so3lib.active")
-Strategy = Literal["uncertainty", "random"]
+Strategy = Literal["uncertainty", "random", "none"]
 
 
 class LoopConfig(BaseModel):
@@ -321,6 +322,7 @@ def explore_and_select(pot, params, data: Dataset, val: Dataset, oracle, md_cfg,
             "steps": [t.steps for t in trajs],
             "stopped_above_bound": sum(t.stopped_at_step is not None for t in trajs),
             "saved_frames": int(sum(len(t.frames) for t in trajs)),
+            "forces_std_max_ev_per_a": [t.sigma_ev_per_a.tolist() for t in trajs],  # per saved frame after step 0
             "max_forces_std_ev_per_a": max(
                 (float(np.max(t.sigma_ev_per_a)) for t in trajs if len(t.sigma_ev_per_a)), default=None
             ),
@@ -330,6 +332,7 @@ def explore_and_select(pot, params, data: Dataset, val: Dataset, oracle, md_cfg,
         "candidates_in_bounds": int(np.sum(sigma >= lo)),
         "candidates_mean_forces_std_ev_per_a": _mean(sigma),
         "selected": len(pick),
+        "selected_frames": [[int(traj[i]), int(pos[i])] for i in pick],  # (trajectory, saved frame after step 0)
         "selected_mean_forces_std_ev_per_a": _mean(sigma[pick]),
         "labelled": 0 if new is None else len(new),
         "refused": refused,
@@ -357,9 +360,9 @@ def run_loop(
 
     if not cfg.training.ensemble:
         raise ValueError("active learning needs an ensemble: set training.ensemble (--ensemble K, K >= 2)")
-    unknown = set(strategies) - {"uncertainty", "random"}
+    unknown = set(strategies) - {"uncertainty", "random", "none"}
     if unknown:
-        raise ValueError(f"unknown selection strategies {sorted(unknown)} (uncertainty, random)")
+        raise ValueError(f"unknown selection strategies {sorted(unknown)} (uncertainty, random, none)")
     out = Path(out)
     t0 = time.perf_counter()
     train(cfg, initial, val, None, out_dir=out / "round0", progress=progress)
@@ -383,7 +386,7 @@ def run_loop(
                 "train_s": t_train,
                 "test": oracle_errors(pot, params, test),
             }
-            if r < loop.rounds:
+            if r < loop.rounds and s != "none":  # the control: no exploration, no new frames
                 new, sel = explore_and_select(pot, params, data[s], val, oracle, md_cfg, loop, s, r)
                 if new is not None:
                     data[s] = Dataset.concatenate([data[s], new])

@@ -167,9 +167,15 @@ def test_the_loop_selects_within_the_bounds_fine_tunes_and_its_error_falls(tmp_p
             lo, hi = r["bounds_ev_per_a"]
             np.testing.assert_allclose([lo, hi], np.array([1.0, 4.0]) * r["val_median_forces_std_max_ev_per_a"])
             assert 0 < r["selected"] <= 4 and r["labelled"] + sum(r["refused"].values()) == r["selected"]
-            assert r["selected_mean_forces_std_ev_per_a"] <= hi
+            sigma = r["exploration"]["forces_std_max_ev_per_a"]
+            picked = np.array([sigma[w][k] for w, k in r["selected_frames"]])
+            assert np.all(picked <= hi) and (s == "random" or np.all(picked >= lo))
+            for w, t in enumerate(sigma):  # a trajectory ends at its first frame above the bound
+                assert np.all(np.array(t[:-1]) <= hi)
+                frames = sorted(k for v, k in r["selected_frames"] if v == w)
+                assert np.all(np.diff(frames) >= 3)  # --min-gap 3
             if s == "uncertainty":
-                assert r["selected_mean_forces_std_ev_per_a"] >= max(lo, r["candidates_mean_forces_std_ev_per_a"])
+                assert picked.mean() >= r["candidates_mean_forces_std_ev_per_a"]
         assert h[1]["trained"] == "finetune from round 0" and h[2]["trained"] == "finetune from round 1"
         # more oracle data and more steps: the error against the oracle falls
         assert h[-1]["test"]["forces_mae_ev_per_a"] < h[0]["test"]["forces_mae_ev_per_a"]

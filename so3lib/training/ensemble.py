@@ -14,6 +14,7 @@ Members are trained sequentially, not vmapped over stacked parameters: each keep
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def init_members(run: str | Path, n: int) -> list[Path]:
         if (d / "model" / ens_lib.ENSEMBLE_FILE).exists()
         else d / ens_lib.ENSEMBLE_FILE
     )
-    members = [f.parent / m for m in yaml.safe_load(f.read_text())["members"]]
+    members = [Path(os.path.normpath(f.parent / m)) for m in yaml.safe_load(f.read_text())["members"]]
     if len(members) != n:
         raise ValueError(
             f"--init-from {run} is an ensemble of {len(members)} members, the options ask for --ensemble {n}: "

@@ -83,6 +83,10 @@ class ActiveOptions(RunOptions, DynamicsOptions):
     )
     finetune_steps: int | None = Field(None, ge=1, description="steps of a fine-tuning round (default: --max-steps)")
     finetune_learning_rate: float | None = Field(None, gt=0, description="default: --learning-rate")
+    control: bool = Field(
+        False,
+        description="also fine-tune the same rounds without new frames (strategy none): what the extra steps give",
+    )
 
     def loop(self, seed: int):
         from so3lib.active import LoopConfig
@@ -176,7 +180,16 @@ def run(opts: ActiveOptions, model, training) -> dict:
     )
     md = opts.md_config(ensemble="nvt-langevin", seed=seed)
     history = active.run_loop(
-        cfg, ref["initial"], ref["val"], ref["test"], oracle, md, loop, out, progress=opts.progress
+        cfg,
+        ref["initial"],
+        ref["val"],
+        ref["test"],
+        oracle,
+        md,
+        loop,
+        out,
+        ("uncertainty", "random", "none") if opts.control else ("uncertainty", "random"),
+        progress=opts.progress,
     )
     summary = {
         "oracle": opts.oracle,
@@ -200,7 +213,11 @@ def run(opts: ActiveOptions, model, training) -> dict:
     return summary
 
 
+COLOURS = {"uncertainty": "C3", "random": "C0", "none": "0.5"}
+
+
 def plot(history: dict, path: Path, title: str) -> None:
+    """Test force MAE and RMSE against the oracle per round, one colour per strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,13 +225,18 @@ def plot(history: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for s, recs in history.items():
-        n = [r["n_train"] for r in recs]
-        ax.plot(n, [1e3 * r["test"]["forces_mae_ev_per_a"] for r in recs], "o-", label=f"{s}: force MAE")
-        ax.plot(n, [1e3 * r["test"]["forces_rmse_ev_per_a"] for r in recs], "s--", alpha=0.6, label=f"{s}: RMSE")
-    ax.set_xlabel("labelled training frames")
-    ax.set_ylabel("test error vs oracle (meV/Å)")
+        r = [x["round"] for x in recs]
+        n = " → ".join(str(x["n_train"]) for x in recs)
+        c = COLOURS.get(s)
+        ax.plot(r, [1e3 * x["test"]["forces_mae_ev_per_a"] for x in recs], "o-", color=c, label=f"{s} MAE ({n} frames)")
+        ax.plot(
+            r, [1e3 * x["test"]["forces_rmse_ev_per_a"] for x in recs], "s--", color=c, alpha=0.5, label=f"{s} RMSE"
+        )
+    ax.set_xticks(r)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test force error vs oracle (meV/Å)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
