@@ -342,6 +342,20 @@ def explore_and_select(pot, params, data: Dataset, val: Dataset, oracle, md_cfg,
     return new, record
 
 
+def write_labelled(path: Path, ds: Dataset, r: int) -> None:
+    """Append the frames the oracle labelled in round ``r`` to ``path`` (extxyz, energy and forces through the
+    single-point calculator, ``active_learning_round`` in info)."""
+    import ase.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for k in range(len(ds)):
+        a = ds[k].to_ase()
+        a.info["active_learning_round"] = int(r)
+        frames.append(a)
+    ase.io.write(path, frames, format="extxyz", append=path.exists())
+
+
 def run_loop(
     cfg,
     initial: Dataset,
@@ -355,7 +369,8 @@ def run_loop(
     progress: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """The loop for each strategy from the same initial set (round 0 trained once and shared). Run folders
-    ``out/round0`` and ``out/<strategy>/round<r>``. Returns per strategy one record per round."""
+    ``out/round0`` and ``out/<strategy>/round<r>``, the labelled frames in ``out/<strategy>/labelled.extxyz``.
+    Returns per strategy one record per round."""
     from so3lib.training import load_potential, train
 
     if not cfg.training.ensemble:
@@ -390,6 +405,7 @@ def run_loop(
                 new, sel = explore_and_select(pot, params, data[s], val, oracle, md_cfg, loop, s, r)
                 if new is not None:
                     data[s] = Dataset.concatenate([data[s], new])
+                    write_labelled(out / s / "labelled.extxyz", new, r)
                 rec.update(sel)
             history[s].append(rec)
             log.info(

@@ -185,6 +185,13 @@ def test_the_loop_selects_within_the_bounds_fine_tunes_and_its_error_falls(tmp_p
     cfg = json.loads((tmp_path / "al" / "uncertainty" / "round2" / "members" / "m1" / "results.json").read_text())
     assert cfg["init"]["from"].endswith("uncertainty/round1/members/m1/model")
     assert (tmp_path / "al" / "active_learning.png").stat().st_size > 0
+    # the labelled frames, with the oracle's labels, read back by so3lib
+    for s, h in res["history"].items():
+        ds = d.read(tmp_path / "al" / s / "labelled.extxyz")
+        assert len(ds) == h[-1]["n_train"] - 6 and np.isfinite(ds.forces).all()
+        ref = ds[0].to_ase()
+        ref.calc = EMT()
+        np.testing.assert_allclose(ds.forces[: len(ref)], ref.get_forces(), atol=1e-6)
 
 
 @pytest.mark.slow
