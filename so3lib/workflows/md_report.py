@@ -19,7 +19,35 @@ from so3lib.training.run_folder import RunFolder, to_json, write_atomic
 from so3lib.workflows.common import Options, command_section
 
 
-class MDOptions(Options):
+class DynamicsOptions(Options):
+    """The integration options shared by ``so3lib md`` and the exploration MD of ``so3lib active``; they become
+    an `MDConfig` through `md_config`."""
+
+    temperature: float = Field(300.0, gt=0, description="K: initial velocities and thermostat target")
+    steps: int = Field(1000, ge=1, description="MD steps (of each trajectory)")
+    dt: float = Field(0.5, gt=0, description="time step (fs)")
+    save_every: int = Field(10, ge=1, description="save a frame every K steps")
+    friction: float = Field(10.0, gt=0, description="Langevin friction (1/ps)")
+    tau: float = Field(100.0, gt=0, description="Berendsen / Nosé–Hoover time constant (fs)")
+    skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
+
+    def md_config(self, **fields):
+        """The `MDConfig` of these options; ``fields`` (MDConfig's names) add to or override them."""
+        from so3lib.md import MDConfig
+
+        own = {
+            "temperature_k": self.temperature,
+            "steps": self.steps,
+            "dt_fs": self.dt,
+            "save_every": self.save_every,
+            "friction_per_ps": self.friction,
+            "tau_fs": self.tau,
+            "skin_angstrom": self.skin,
+        }
+        return MDConfig(**{**own, **fields})
+
+
+class MDOptions(DynamicsOptions):
     """Options of ``so3lib md``."""
 
     run: str = Field(..., description="a trained so3lib run folder")
@@ -30,15 +58,8 @@ class MDOptions(Options):
         "nve", description="ensemble"
     )
     pressure: float | None = Field(None, description="bar: NPT target pressure (with --ensemble npt)")
-    temperature: float = Field(300.0, gt=0, description="K: initial velocities and thermostat target")
     ramp: tuple[float, float] | None = Field(None, description="Berendsen ramp T0 T1 (K) over the run")
-    steps: int = Field(1000, ge=1, description="MD steps")
-    dt: float = Field(0.5, gt=0, description="time step (fs)")
-    save_every: int = Field(10, ge=1, description="save a frame every K steps")
-    friction: float = Field(10.0, gt=0, description="Langevin friction (1/ps)")
-    tau: float = Field(100.0, gt=0, description="Berendsen / Nosé–Hoover time constant (fs)")
     barostat_tau: float = Field(500.0, gt=0, description="NPT barostat time constant (fs)")
-    skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
     seed: int = Field(0, description="seed of the initial velocities and the Langevin noise")
     engine: Literal["jax-md", "ase", "openmm", "lammps"] = Field(
         "jax-md",
@@ -245,7 +266,7 @@ def write_csv(path: Path, res, monitor=None) -> None:
 
 def run(opts: MDOptions) -> dict:
     """Run MD from ``opts.structure`` with the run's best model and write the report; returns it."""
-    from so3lib.md import MDConfig, run_md, stability
+    from so3lib.md import run_md, stability
     from so3lib.training import load_potential
 
     if opts.engine == "openmm":  # before anything is loaded: a missing engine is a one-line error
@@ -254,18 +275,12 @@ def run(opts: MDOptions) -> dict:
         import_openmm()
     if not Path(opts.run).exists():
         raise FileNotFoundError(f"{opts.run}: no such run folder (train one with so3lib train / md17 / spice)")
-    cfg = MDConfig(
+    cfg = opts.md_config(
         ensemble=opts.ensemble,
         temperature_k=opts.ramp[0] if opts.ramp else opts.temperature,
         ramp_k=tuple(opts.ramp) if opts.ramp else None,
-        steps=opts.steps,
-        dt_fs=opts.dt,
-        save_every=opts.save_every,
-        friction_per_ps=opts.friction,
-        tau_fs=opts.tau,
         pressure_bar=opts.pressure,
         barostat_tau_fs=opts.barostat_tau,
-        skin_angstrom=opts.skin,
         seed=opts.seed,
     )
     if opts.engine == "lammps":
