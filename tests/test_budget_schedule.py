@@ -210,6 +210,34 @@ def test_a_killed_and_resumed_run_continues_the_budget_schedule_exactly(tmp_path
     np.testing.assert_array_equal(np.asarray(end2.params["w"]), np.asarray(end.params["w"]))  # ... and parameters
 
 
+def test_several_processes_follow_process_0s_clock(tmp_path):
+    """With ``agree`` (a run of several processes) the rate and the time budget follow the training time that
+    process 0 gives at every log_every_steps steps, never the local clock, so every process applies the same
+    updates. Here process 0's clock is 30 s ahead of the local one."""
+    cfg = TrainingConfig(
+        max_minutes=1.0,
+        max_epochs=None,
+        learning_rate=0.1,
+        schedule="linear",
+        warmup_steps=0,
+        grad_clip=None,
+        ema_decay=None,
+        eval_every_steps=3,
+        checkpoint_every_steps=100,
+        log_every_steps=2,
+        early_stopping_patience=None,
+    )
+    opt, state = _fresh(cfg)
+    rec = Recorder(opt)
+    loop = _loop(cfg, tmp_path / "c", rec)
+    loop.agree = lambda elapsed_s: elapsed_s + 30.0
+    _, progress, _ = loop.run(state, Progress())
+    assert progress.stopped == "max_minutes" and progress.step == 12  # agreed 3·12 + 30 > 60 at the 6th check
+    sched = BudgetSchedule(cfg, None)
+    agreed = [0.0 if s < 2 else 3.0 * (s - s % 2) + 30.0 for s in range(12)]  # the last agreement at or before s
+    assert rec.rates == pytest.approx([sched(s, t) for s, t in zip(range(12), agreed, strict=True)], rel=1e-6)
+
+
 def test_budget_options_round_trip_through_yaml(tmp_path):
     cfg = RunConfig(
         name="b",

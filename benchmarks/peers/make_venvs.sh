@@ -12,8 +12,9 @@
 #
 # SchnetPack 2.2.0 declares Requires-Python >= 3.12 while the local CPU torch wheel is for 3.11, and 2.1.1 (the
 # newest release pip takes on 3.11) pins sympy<=1.12 against torch 2.13's sympy>=1.13.3, so pip would fall back
-# to 2.0.4, which fails to import with torch 2.13. On Python < 3.12 the script therefore installs 2.2.0 with
-# --ignore-requires-python (its code imports and trains on 3.11; checked on 2026-11-24).
+# to 2.0.4, which fails to import with torch 2.13. On Python < 3.12 the script therefore installs the 2.2.0 wheel
+# alone with --ignore-requires-python, then its declared requirements resolved normally for this Python (its
+# code imports and trains on 3.11).
 set -u
 DIR="${1:-${SO3LIB_PEERS_DIR:-$HOME/.cache/so3lib-peers}}"
 shift || true
@@ -50,11 +51,15 @@ for peer in "${PEERS[@]}"; do
     if [ "$kind" = torch ]; then
       "$venv/bin/python" -m pip install "torch==$TORCH_VERSION"
       # keep the installed torch: the peer's own "torch" requirement is then already satisfied
-      extra=()
       if [ "$peer" = schnetpack ] && "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then
-        extra=(--ignore-requires-python)
+        # the package alone past its Requires-Python, then its own requirements resolved for this Python
+        "$venv/bin/python" -m pip install --no-deps --ignore-requires-python "$pkg"
+        "$venv/bin/python" -c 'import importlib.metadata as m
+print("\n".join(r for r in m.requires("schnetpack") if "extra ==" not in r))' >"$DIR/$peer.requirements.txt"
+        "$venv/bin/python" -m pip install -r "$DIR/$peer.requirements.txt" "torch==$TORCH_VERSION"
+      else
+        "$venv/bin/python" -m pip install "$pkg" "torch==$TORCH_VERSION"
       fi
-      "$venv/bin/python" -m pip install "${extra[@]}" "$pkg" "torch==$TORCH_VERSION"
     else
       "$venv/bin/python" -m pip install "$pkg"
     fi
