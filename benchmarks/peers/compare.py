@@ -197,10 +197,12 @@ def plot(results: dict, path: Path, title: str) -> None:
         lo = [1e3 * (v["ops"][op]["median_s"] - v["ops"][op]["min_s"]) for _, v in done]
         hi = [1e3 * (v["ops"][op]["max_s"] - v["ops"][op]["median_s"]) for _, v in done]
         ax.barh(y, ms, xerr=[lo, hi], color=[colours.get(v["family"], "grey") for _, v in done], alpha=0.85)
-        for yi, (_, v), m in zip(y, done, ms, strict=True):
+        for yi, (_, v), m, h in zip(y, done, ms, hi, strict=True):
             ratio = v.get("time_ratio_to_so3lib", {}).get(op)
-            tag = f"{m:.3g}" + ("" if v.get("so3lib_reference") or ratio is None else f"  ({ratio:.2f}× so3lib)")
-            ax.text(m, yi, " " + tag, va="center", fontsize=8)
+            tag = (f"{m:,.0f}" if m >= 100 else f"{m:.3g}") + (
+                "" if v.get("so3lib_reference") or ratio is None else f"  ({ratio:.2f}× so3lib)"
+            )
+            ax.text(m + h, yi, " " + tag, va="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_title(titles[op], fontsize=10)
         ax.set_xlim(right=max(ms) * 8)
@@ -222,7 +224,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, choices=[1], default=None, help="1: every runner single-threaded")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
     ap.add_argument("--logs", default=str(ROOT / "runs" / "peers"))
+    ap.add_argument("--plot-only", metavar="JSON", help="draw the PNG of a results file again, measure nothing")
     a = ap.parse_args(argv)
+    if a.plot_only:
+        doc = json.loads(Path(a.plot_only).read_text())
+        title = f"rMD17 ethanol, {doc['label']}, {doc['date']} (median of {doc['rounds']} rounds)"
+        plot(doc["runners"], Path(a.plot_only).with_suffix(".png"), title)
+        return doc
     known = [r[0] for r in RUNNERS]
     for name in a.only or []:
         if name not in known:
@@ -306,7 +314,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     if any("ops" in r for r in results.values()):
-        plot(results, out.with_suffix(".png"), f"rMD17 ethanol, {a.label}, {doc['date']} (median of {a.rounds} rounds)")
+        title = f"rMD17 ethanol, {a.label}, {doc['date']} (median of {a.rounds} rounds)"
+        plot(results, out.with_suffix(".png"), title)
     print(f"wrote {out}")
     return doc
 
