@@ -31,7 +31,7 @@ from so3lib.training.checkpoint import Checkpointer, NoCheckpointer
 from so3lib.training.config import DataConfig, RunConfig
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, evaluate, fmt, make_eval_fn, to_mev
 from so3lib.training.loop import NonFiniteLossError, TrainingLoop, step_budget
-from so3lib.training.optim import learning_rate_schedule, make_optimizer, plateau_scale
+from so3lib.training.optim import BudgetSchedule, budget_driven, current_learning_rate, make_optimizer
 from so3lib.training.saving import save_potential
 from so3lib.training.state import Progress, TrainState, init_state
 from so3lib.training.step import make_train_step
@@ -75,6 +75,8 @@ def build_potential(cfg: RunConfig, train_ds) -> Potential:
         if "species" in type(model).model_fields and model.species is None:
             model = model.replace(species=list(train_ds.species))  # every element, not only the sample's
     scale, shift = fit_scale_shift(fit_ds, ref)
+    if cfg.training.output_scale_ev is not None:  # chosen by the user instead of the fitted RMS force
+        scale = float(cfg.training.output_scale_ev)
     model = model.fit(fit_ds)
     if model != cfg.model:
         log.info(
@@ -276,7 +278,6 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     else:
         local = (lambda t: t) if mesh is None else (lambda t: jax.device_put(t, jax.local_devices()[0]))
     eval_fn = make_eval_fn(pot, tc.stress_weight > 0)
-    lr_schedule = learning_rate_schedule(tc)
     metrics_csv = MetricsCSV(out / "metrics.csv") if writer else _NoMetrics()
 
     def validate(ema):
@@ -296,11 +297,12 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         train_step,
         train_loader,
         validate=validate,
-        learning_rate=lambda step, opt_state: float(lr_schedule(step)) * plateau_scale(opt_state),
+        learning_rate=lambda step, opt_state: current_learning_rate(tc, step, opt_state),
         checkpointer=ckpt,
         metrics=metrics_csv,
         pbar=pbar,
-        agree=(lambda over: bool(distributed.broadcast_json(over))) if multi else None,
+        agree=(lambda value: distributed.broadcast_json(value)) if multi else None,
+        budget_schedule=BudgetSchedule(tc, step_budget(tc, steps_per_epoch)) if budget_driven(tc) else None,
     )
     try:
         state, run_progress, timing = loop.run(state, run_progress)
