@@ -2,7 +2,9 @@
 
 A batch is a `jraph.GraphsTuple` (numpy on the host, moved to the device by the loader):
   nodes   = {positions (N, 3) Å, species (N,) int32 atomic numbers (0 = padding), forces (N, 3) eV/Å}
-  edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell}
+  edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell,
+             [pair_sign (E,) +1/−1: present when the edges come in reverse pairs, edge 2k + 1 being edge 2k
+             reversed (i → j with −S, so r_{2k+1} = −r_{2k}): +1 on the first and −1 on the second of each pair]}
   globals = {[triplets (T, 2) edge-index pairs, triplet_mask (T,) for angular descriptors,]
              energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³,
              cell (G, 3, 3) Å, pbc (G, 3),
@@ -143,11 +145,31 @@ def triplets_from_edges(receivers: np.ndarray, distances: np.ndarray, cutoff: fl
     return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 2), np.int32)
 
 
+def reverse_pair_order(senders: np.ndarray, receivers: np.ndarray, shifts: np.ndarray) -> np.ndarray | None:
+    """Permutation of one frame's full neighbour list putting every edge j → i (cell shift S) right before its
+    reverse i → j (−S): in the reordered list edges 2k and 2k + 1 are one unordered pair, with the same distance
+    and opposite vectors. None when some edge has no single reverse partner (a half or truncated list)."""
+    n = len(senders)
+    if n % 2:
+        return None
+    s, r, sh = senders.astype(np.int64), receivers.astype(np.int64), shifts.astype(np.int64)
+    lex = np.sign(sh[:, 0]) * 4 + np.sign(sh[:, 1]) * 2 + np.sign(sh[:, 2])  # > 0 iff S is lexicographically > 0
+    forward = (s < r) | ((s == r) & (lex > 0))
+    key_sh = np.where(forward[:, None], sh, -sh)
+    keys = np.stack([np.minimum(s, r), np.maximum(s, r), key_sh[:, 0], key_sh[:, 1], key_sh[:, 2]], axis=1)
+    order = np.lexsort((~forward, *keys.T[::-1]))  # by pair key, the forward edge first
+    k, f = keys[order], forward[order]
+    if not (np.all(k[0::2] == k[1::2]) and f[0::2].all() and not f[1::2].any()):
+        return None
+    return order
+
+
 @dataclasses.dataclass
 class NeighbourTable:
     """Neighbour lists of all frames of a dataset, packed: local senders/receivers (E,), shifts (E, 3),
     offsets (F+1,) into the edge arrays; with ``triplet_cutoff``, also triplets (T, 2) of frame-local edge
-    indices and their offsets (F+1,)."""
+    indices and their offsets (F+1,). ``paired``: every frame's edges are in reverse pairs (`reverse_pair_order`;
+    True for the symmetric lists `neighbour_list` returns)."""
 
     cutoff: float
     senders: np.ndarray
@@ -157,6 +179,7 @@ class NeighbourTable:
     triplets: np.ndarray | None = None
     triplet_offsets: np.ndarray | None = None
     triplet_cutoff: float | None = None
+    paired: bool = False
 
     @property
     def n_edges(self) -> np.ndarray:
@@ -173,6 +196,7 @@ class NeighbourTable:
         from tqdm.auto import tqdm
 
         s_all, r_all, sh_all, counts = [], [], [], np.zeros(len(dataset), np.int64)
+        paired = True
         t_all, t_counts = [], np.zeros(len(dataset), np.int64)
         it = range(len(dataset))
         for f in tqdm(it, desc=f"neighbour lists (cutoff {cutoff} Å)", disable=not progress, leave=False):
@@ -180,6 +204,11 @@ class NeighbourTable:
             s, r, sh, d = neighbour_list(
                 dataset.positions[a:b], dataset.cell[f], dataset.pbc[f], cutoff, return_distances=True
             )
+            order = reverse_pair_order(s, r, sh)
+            if order is None:
+                paired = False
+            else:
+                s, r, sh, d = s[order], r[order], sh[order], d[order]
             s_all.append(s)
             r_all.append(r)
             sh_all.append(sh)
@@ -202,6 +231,7 @@ class NeighbourTable:
             tri[0],
             tri[1],
             triplet_cutoff,
+            paired,
         )
 
 
@@ -253,6 +283,9 @@ def build_batch(
     receivers[:E] = table.receivers[edge_idx] + node_base
     shift = np.zeros((pe, 3), dtype)
     shift[:E] = table.shifts[edge_idx]
+    edges = {"shift": shift}
+    if table.paired and pe % 2 == 0:  # frames' pairs stay aligned (even counts); padding edges pair up too
+        edges["pair_sign"] = np.tile(np.array([1, -1], dtype), pe // 2)
     energy = np.zeros(pg, dtype)
     e = dataset.energy[frames]
     energy[:G] = np.nan_to_num(e)
@@ -294,7 +327,7 @@ def build_batch(
         tmask = np.zeros(budget.n_triplet, bool)
         tmask[:T] = True
         glob["triplets"], glob["triplet_mask"] = trip, tmask
-    nodes, edges = {"positions": positions, "species": species, "forces": forces}, {"shift": shift}
+    nodes = {"positions": positions, "species": species, "forces": forces}
     if descriptor_cache is not None:
         from so3lib.models.bpnn import CACHED_G, CACHED_JACOBIAN, CACHED_VECTORS
 
