@@ -16,7 +16,8 @@ T0 to T1, and NPT (jax-md's isotropic Martyna–Tuckerman–Klein barostat with 
 `simulate.npt_nose_hoover`, on the model's virial −∂E/∂ε, periodic cells only). Temperatures, degrees of freedom
 (3N − 3: the centre-of-mass momentum is removed and conserved, the Langevin noise projected off it, the
 Nosé–Hoover chains told n_dof) and the Maxwell–Boltzmann start are `so3lib.md.thermo`'s, shared with the ASE
-engine. The blow-up guards are `so3lib.md.guards`'.
+engine. Langevin (BAOAB) records the momenta right after its noise step, where they are canonical (at the end of
+the step they run (ωΔt)²/4 cold per mode). The blow-up guards are `so3lib.md.guards`'.
 """
 
 from __future__ import annotations
