@@ -9,7 +9,8 @@ D_0 (round 0 is trained once and shared):
    scale and shift kept, so every round's energies stand on round 0's reference; a fresh optimiser for
    ``finetune_steps`` steps), or trained from scratch (``retrain="scratch"``);
 2. **test**: the ensemble mean against the oracle on an independent test set;
-3. **explore**: ``walkers`` Langevin trajectories of the ensemble, each from a frame of D_r drawn at random,
+3. **explore**: ``walkers`` Langevin trajectories of the ensemble, each from a frame of D_r drawn at random
+   (another batch, up to ``max_batches``, while fewer than ``n_select`` frames can be selected),
    with the calibrated spread σ = max_i ‖σ_F,i‖ (eV/Å, `so3lib.md.uncertainty`) on every saved frame; a
    trajectory stops at the first frame with σ > σ_hi: beyond it the model extrapolates and the MD leaves the
    physical region (broken, compressed geometries), and such frames teach nothing about the dynamics the model
@@ -17,7 +18,8 @@ D_0 (round 0 is trained once and shared):
 4. **select**: the candidates are the saved frames after step 0 with σ ≤ σ_hi and no two atoms closer than half
    the sum of their covalent radii; ``uncertainty`` takes those with σ ≥ σ_lo in decreasing σ, ``random`` draws
    from all candidates uniformly; both skip a frame fewer than ``min_gap`` saved frames from one already taken
-   from the same trajectory (neighbouring frames carry the same information) and take at most ``n_select``;
+   from the same trajectory (neighbouring frames carry the same information) and take at most ``n_select``
+   (``random`` as many as ``uncertainty`` took in the round: the same number of frames);
 5. **label**: the oracle's energy and forces, kept when finite and max_i ‖F_i‖ ≤ ``max_force_ev_per_a`` (refused
    frames are counted, never NaN); D_{r+1} = D_r ∪ the labelled frames.
 
@@ -52,7 +54,8 @@ class LoopConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rounds: int = Field(3, ge=1)
     n_select: int = Field(10, ge=1, description="frames labelled per round (at most)")
-    walkers: int = Field(4, ge=1, description="exploration trajectories per round, each from a training frame")
+    walkers: int = Field(4, ge=1, description="exploration trajectories per batch, each from a training frame")
+    max_batches: int = Field(3, ge=1, description="batches of walkers per round, more only while too few frames")
     bounds: Literal["validation", "absolute"] = "validation"
     min_uncertainty: float = Field(1.0, ge=0, description="σ_lo: eV/Å, or × the validation median")
     max_uncertainty: float = Field(4.0, gt=0, description="σ_hi: eV/Å, or × the validation median")
@@ -285,32 +288,39 @@ def _mean(x) -> float | None:
     return float(np.mean(x)) if len(x) else None
 
 
-def explore_and_select(pot, params, data: Dataset, val: Dataset, oracle, md_cfg, loop, strategy, r):
-    """Round ``r``'s exploration, selection and labelling for ``strategy``: (labelled Dataset or None, record)."""
+def explore_and_select(pot, params, data: Dataset, val: Dataset, oracle, md_cfg, loop, strategy, r, n=None):
+    """Round ``r``'s exploration, selection and labelling of ``n`` frames (default ``loop.n_select``) for
+    ``strategy``: (labelled Dataset or None, record). While fewer than ``n`` frames can be selected, another batch
+    of ``loop.walkers`` runs explores, up to ``loop.max_batches`` batches (short runs that all stop early leave
+    few frames far enough apart)."""
     t0 = time.perf_counter()
+    n = loop.n_select if n is None else n
     lo, hi, med = _bounds(pot, params, val, loop)
     rng = np.random.default_rng([loop.seed, 1, r])  # the starts: the same for both strategies in round 0
-    starts = rng.choice(len(data), loop.walkers, replace=loop.walkers > len(data))
-    atoms = [data[int(k)].to_ase() for k in starts]
-    md = md_cfg.model_copy(update={"seed": md_cfg.seed + 1000 * r})
-    trajs = explore(pot, params, atoms, starts, md, hi)
-    frames, sigma, traj, pos, close = [], [], [], [], 0
-    for w, t in enumerate(trajs):
-        for k, (a, s) in enumerate(zip(t.frames, t.sigma_ev_per_a)):
-            if s > hi or not np.isfinite(s):
-                continue  # the frame the run stopped at
-            if too_close(a):
-                close += 1
-                continue
-            frames.append(a)
-            sigma.append(s)
-            traj.append(w)
-            pos.append(k)
+    trajs, starts, frames, sigma, traj, pos, close = [], [], [], [], [], [], 0
+    for batch in range(loop.max_batches):
+        first = rng.choice(len(data), loop.walkers, replace=loop.walkers > len(data))
+        atoms = [data[int(k)].to_ase() for k in first]
+        md = md_cfg.model_copy(update={"seed": md_cfg.seed + 1000 * r + 100 * batch})
+        for t in explore(pot, params, atoms, first, md, hi):
+            for k, (a, s) in enumerate(zip(t.frames, t.sigma_ev_per_a)):
+                if s > hi or not np.isfinite(s):
+                    continue  # the frame the run stopped at
+                if too_close(a):
+                    close += 1
+                    continue
+                frames.append(a)
+                sigma.append(s)
+                traj.append(len(trajs))
+                pos.append(k)
+            trajs.append(t)
+        starts += [int(k) for k in first]
+        s_arr = np.asarray(sigma, float)
+        pick = select(s_arr, n, strategy, np.random.default_rng([loop.seed, 2, r]), lo, hi, traj, pos, loop.min_gap)
+        if len(pick) >= n:
+            break
     sigma = np.asarray(sigma, float)
     t_explore = time.perf_counter() - t0
-    pick = select(
-        sigma, loop.n_select, strategy, np.random.default_rng([loop.seed, 2, r]), lo, hi, traj, pos, loop.min_gap
-    )
     t1 = time.perf_counter()
     new, refused = label([frames[i] for i in pick], oracle, f"<oracle, {strategy} round {r}>", loop.max_force_ev_per_a)
     record = {
@@ -318,7 +328,8 @@ def explore_and_select(pot, params, data: Dataset, val: Dataset, oracle, md_cfg,
         "bounds_ev_per_a": [lo, hi],
         "exploration": {
             "trajectories": len(trajs),
-            "start_frames": [int(k) for k in starts],
+            "batches": batch + 1,
+            "start_frames": starts,
             "steps": [t.steps for t in trajs],
             "stopped_above_bound": sum(t.stopped_at_step is not None for t in trajs),
             "saved_frames": int(sum(len(t.frames) for t in trajs)),
@@ -402,7 +413,10 @@ def run_loop(
                 "test": oracle_errors(pot, params, test),
             }
             if r < loop.rounds and s != "none":  # the control: no exploration, no new frames
-                new, sel = explore_and_select(pot, params, data[s], val, oracle, md_cfg, loop, s, r)
+                n = loop.n_select  # random: as many frames as the uncertainty strategy took this round
+                if s == "random" and "uncertainty" in history and len(history["uncertainty"]) > r:
+                    n = history["uncertainty"][r]["selected"]
+                new, sel = explore_and_select(pot, params, data[s], val, oracle, md_cfg, loop, s, r, n)
                 if new is not None:
                     data[s] = Dataset.concatenate([data[s], new])
                     write_labelled(out / s / "labelled.extxyz", new, r)

@@ -180,6 +180,7 @@ def test_the_loop_selects_within_the_bounds_fine_tunes_and_its_error_falls(tmp_p
         # more oracle data and more steps: the error against the oracle falls
         assert h[-1]["test"]["forces_mae_ev_per_a"] < h[0]["test"]["forces_mae_ev_per_a"]
     u, r = res["history"]["uncertainty"], res["history"]["random"]
+    assert [x["selected"] for x in u[:-1]] == [x["selected"] for x in r[:-1]]  # the same number of frames
     assert u[0]["test"] == r[0]["test"]  # round 0 is the same ensemble
     assert u[0]["exploration"]["start_frames"] == r[0]["exploration"]["start_frames"]
     cfg = json.loads((tmp_path / "al" / "uncertainty" / "round2" / "members" / "m1" / "results.json").read_text())

@@ -2,8 +2,9 @@
 initial training set at ``initial_temperature``, independent validation and test sets at ``temperature``, one
 frame every ``reference_every`` steps after a burn-in), then ``rounds`` rounds: ``walkers`` Langevin runs of the
 ensemble at ``temperature`` from training frames, each stopped above ``max_uncertainty``; up to ``n_select``
-frames between the bounds, most uncertain first, labelled by the oracle and the ensemble fine-tuned on them;
-the same with as many frames drawn at random from the same kind of trajectories as the baseline. Writes
+frames between the bounds, most uncertain first (another batch of runs while too few), labelled by the oracle
+and the ensemble fine-tuned on them; the same with as many frames drawn at random from the same kind of
+trajectories as the baseline. Writes
 active_learning.json (per round and strategy: training-set size, the test errors against the oracle, the
 exploration, the candidates and the selected frames) and active_learning.png (the curves).
 
@@ -55,7 +56,10 @@ class ActiveOptions(RunOptions, DynamicsOptions):
     )
     rounds: int = Field(3, ge=1, description="rounds of exploration, selection, labelling and fine-tuning")
     n_select: int = Field(10, ge=1, description="frames labelled per round (at most)")
-    walkers: int = Field(4, ge=1, description="exploration trajectories per round, each from a training frame")
+    walkers: int = Field(4, ge=1, description="exploration trajectories per batch, each from a training frame")
+    max_batches: int = Field(
+        3, ge=1, description="batches of --walkers runs per round: another only while fewer than --n-select frames"
+    )
     n_initial: int = Field(10, ge=2, description="initial training frames (oracle MD at --initial-temperature)")
     n_val: int = Field(20, ge=1, description="validation frames (oracle MD at --temperature; calibration, bounds)")
     n_test: int = Field(100, ge=1, description="test frames (independent oracle MD at --temperature)")
@@ -95,6 +99,7 @@ class ActiveOptions(RunOptions, DynamicsOptions):
             rounds=self.rounds,
             n_select=self.n_select,
             walkers=self.walkers,
+            max_batches=self.max_batches,
             bounds=self.bounds,
             min_uncertainty=self.min_uncertainty,
             max_uncertainty=self.max_uncertainty,
