@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def main(argv=None) -> dict:
     doc = {
         "what": "time to accuracy: the same wall-clock training budget, the same split and test frames",
         "label": a.label,
-        "command": "python benchmarks/peers/time_to_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/peers/time_to_accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "budget_minutes": a.budget_minutes,
