@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import subprocess
 import sys
 import time
@@ -297,7 +298,7 @@ def main(argv=None) -> dict:
     doc = {
         "what": "so3lib and peers on the same batches, interleaved rounds; median over rounds of per-round medians",
         "label": a.label,
-        "command": "python benchmarks/peers/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/peers/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {
             "platform": platform.platform(),

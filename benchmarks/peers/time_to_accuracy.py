@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -135,6 +136,10 @@ def _shown(cmd: list[str]) -> str:
     return " ".join(str(c).replace(str(ROOT) + "/", "").replace(str(Path.home()), "~") for c in cmd)
 
 
+def _title(doc: dict) -> str:
+    return f"rMD17 ethanol, {doc['budget_minutes']:g} min of training each, {doc['date']}\n{doc['label']}"
+
+
 def plot(runs: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -147,8 +152,9 @@ def plot(runs: dict, path: Path, title: str) -> None:
             continue
         t = [c["time_s"] for c in r["curve"]]
         v = [c["val_forces_mae_mev_per_a"] for c in r["curve"]]
-        (line,) = ax.plot(t, v, lw=1.2, label=f"{r['label']}: test F {r['test']['forces_mae_mev_per_a']:.1f} meV/Å")
-        ax.plot([r["train_time_s"]], [r["test"]["forces_mae_mev_per_a"]], "o", color=line.get_color())
+        label = f"{r['label']}: test F {r['test']['forces_mae_mev_per_a']:.1f} meV/Å"
+        (line,) = ax.plot(t, v, "-", marker=".", ms=3, lw=1.2, label=label)
+        ax.plot([r["train_time_s"]], [r["test"]["forces_mae_mev_per_a"]], "o", ms=7, color=line.get_color())
     ax.set_xlabel("training wall time (s)")
     ax.set_ylabel("validation force MAE (meV/Å); dot: test")
     ax.set_yscale("log")
@@ -170,7 +176,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--so3lib-args", nargs=argparse.REMAINDER, default=[], help="more flags for every so3lib run")
     ap.add_argument("--work", default=str(ROOT / "runs" / "time_to_accuracy"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_accuracy.json"))
+    ap.add_argument("--plot-only", metavar="JSON", help="draw the PNG of a results file again, train nothing")
     a = ap.parse_args(argv)
+    if a.plot_only:
+        doc = json.loads(Path(a.plot_only).read_text())
+        plot(doc["runs"], Path(a.plot_only).with_suffix(".png"), _title(doc))
+        return doc
     work, venvs = Path(a.work), Path(a.venvs).expanduser()
     split = work / "split.npz"
     data = export_split(split, a.data_dir)
@@ -197,7 +208,7 @@ def main(argv=None) -> dict:
     doc = {
         "what": "time to accuracy: the same wall-clock training budget, the same split and test frames",
         "label": a.label,
-        "command": "python benchmarks/peers/time_to_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/peers/time_to_accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "budget_minutes": a.budget_minutes,
@@ -208,7 +219,7 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    plot(runs, out.with_suffix(".png"), f"rMD17 ethanol, {a.budget_minutes:g} min each, {a.label}, {doc['date']}")
+    plot(runs, out.with_suffix(".png"), _title(doc))
     print("| run | steps | test E MAE (meV) | test F MAE (meV/Å) |\n|---|---|---|---|")
     for r in runs.values():
         if "test" in r:

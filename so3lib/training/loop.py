@@ -6,7 +6,8 @@ An evaluation runs every ``eval_every_steps`` steps (None: at each epoch's end) 
 with the lowest validation loss is kept as ``state.best``. A run stops when it reaches its step or epoch budget,
 its minutes, or ``early_stopping_patience`` evaluations without improvement; a checkpoint is written every
 ``checkpoint_every_steps`` steps and at the stop. A budget-driven learning rate (`BudgetSchedule`) is written
-into the optimiser state before every step, from the step count and the training time summed over sessions.
+into the optimiser state every ``log_every_steps`` steps, from the step count and the training time summed over
+sessions (the checkpoint keeps the rate written last, so a resumed run continues the same staircase).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from so3lib.graph.batching import GraphLoader
 from so3lib.training.checkpoint import Checkpointer
 from so3lib.training.config import TrainingConfig
 from so3lib.training.evaluation import fmt, metric_row, validation_loss
-from so3lib.training.optim import BudgetSchedule, set_learning_rate
+from so3lib.training.optim import BudgetSchedule, injected_paths, set_learning_rate
 from so3lib.training.state import Progress, TrainState
 from so3lib.training.step import TrainStep
 
@@ -80,7 +81,8 @@ class TrainingLoop:
             steps): the time budget and the budget-driven learning rate follow it. None: the local clock, read
             at every step.
         budget_schedule: the budget-driven learning rate (`so3lib.training.optim.BudgetSchedule`), written
-            into the optimiser state before every step; None: the optimiser's own step schedule.
+            into the optimiser state before every ``log_every_steps``-th step; None: the optimiser's own step
+            schedule.
         clock: seconds (``time.perf_counter``; tests give a clock of their own): the training time t that the
             time budget and the budget-driven schedule read, summed over sessions through ``Progress.elapsed_s``.
     """
@@ -127,6 +129,7 @@ class TrainingLoop:
         self.state, self.progress = state, progress
         self._elapsed0 = progress.elapsed_s
         self._agreed_elapsed = progress.elapsed_s  # several processes: process 0's time at the last agreement
+        self._lr_paths = None  # where the budget schedule writes the learning rate in the optimiser state
         self._pending: list[tuple[int, int, jax.Array]] = []  # (step, epoch, loss on the device), unchecked
         self._loss_window: list[float] = []  # checked losses since the last evaluation
         self._t_other = 0.0  # evaluation and checkpoint time inside the timed window, excluded from steps_per_s
@@ -172,10 +175,13 @@ class TrainingLoop:
     def _step(self, graph) -> None:
         """One update, then what falls due at its step: loss check, epoch end, evaluation, stop, checkpoint."""
         cfg, p = self.cfg, self.progress
-        if self.budget_schedule is not None:
+        if self.budget_schedule is not None and p.step % cfg.log_every_steps == 0:
+            # between these steps the rate stays as written, also in a checkpoint: a resumed run continues it
             t = self._elapsed() if self.agree is None else self._agreed_elapsed
             lr = self.budget_schedule(p.step, t)
-            self.state = self.state.replace(opt_state=set_learning_rate(self.state.opt_state, lr))
+            if self._lr_paths is None:
+                self._lr_paths = injected_paths(self.state.opt_state)
+            self.state = self.state.replace(opt_state=set_learning_rate(self.state.opt_state, lr, self._lr_paths))
         t0 = time.perf_counter()
         self.state, loss, _ = self.train_step(self.state, graph)
         if self._compile_time_s is None:
