@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -150,9 +151,9 @@ def test_two_processes_train_as_one(store, tmp_path):
 
 @pytest.mark.slow
 def test_killed_process_stops_the_others_and_resume_is_exact(store, tmp_path):
-    """Process 1 is SIGKILLed after step 3: process 0 stops at once with one line naming the last checkpoint
-    (step 2); both processes started again with --resume finish the 6 steps exactly as one uninterrupted
-    single-process run."""
+    """Process 1 is SIGKILLed after step 3: process 0 stops at once (at step 3 or 4) with one line naming the
+    last checkpoint (step 2); both processes started again with --resume finish the 6 steps exactly as one
+    uninterrupted single-process run."""
     out = tmp_path / "multi"
     common = ["--store", str(store), "--max-steps", "6", *TRAIN, "--out", str(out)]
     port = free_port()
@@ -160,7 +161,8 @@ def test_killed_process_stops_the_others_and_resume_is_exact(store, tmp_path):
     assert rc1 == -9
     lines = error_lines(err0)
     assert rc0 == 2 and len(lines) == 1, err0[-3000:]
-    assert lines[0].startswith("so3lib: error: process 0: another process stopped during training (at step 3): ")
+    # process 0 may have dispatched one more step before its collective saw process 1 gone
+    assert re.match(r"so3lib: error: process 0: another process stopped during training \(at step [34]\): ", lines[0])
     assert lines[0].endswith(
         ". Every process stops; start all of them again with --resume (the last checkpoint is at step 2)"
     )

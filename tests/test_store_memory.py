@@ -1,6 +1,6 @@
 """A store's split costs its frame index and nothing more per frame (issue #20): the reductions over a view
 (species, energy reference fit, its diagnostics, the run fingerprint, the per-batch reference energies) read
-the memory map chunk by chunk, so the heap they need is the same for 4·10⁴ and 1.6·10⁵ conformations; chunked,
+the memory map chunk by chunk, so the heap they need is the same for 2·10⁴ and 8·10⁴ conformations; chunked,
 they equal the reductions over the whole view at once. The test predictions kept for parity plots are
 bounded too."""
 
@@ -95,12 +95,12 @@ def test_chunked_reductions_equal_the_whole_view(tmp_path, monkeypatch):
     assert whole[4]["sha256"] == run_folder._sha(src, split.frames, split.n_atoms, split.energy)
 
 
-@pytest.mark.parametrize("n_small, n_large", [(40_000, 160_000)])
+@pytest.mark.parametrize("n_small, n_large", [(20_000, 80_000)])
 def test_split_heap_is_its_frame_index(tmp_path, monkeypatch, n_small, n_large):
-    """A split holds 8 bytes per frame (its index); the reductions over it need the same heap for 4·10⁴ and
-    1.6·10⁵ conformations (one more float64 per frame of the larger store would add 0.5 MB), chunks of 2048
+    """A split holds 8 bytes per frame (its index); the reductions over it need the same heap for 2·10⁴ and
+    8·10⁴ conformations (one more float64 per frame of the larger store would add 0.24 MB), chunks of 1024
     frames (both splits are several chunks long)."""
-    monkeypatch.setattr(store_mod, "CHUNK_FRAMES", 2048)
+    monkeypatch.setattr(store_mod, "CHUNK_FRAMES", 1024)
     peaks, split_bytes = [], []
     for n in (n_small, n_large):
         view = synthetic_store(tmp_path / str(n), n)
