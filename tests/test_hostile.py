@@ -193,7 +193,7 @@ CASES = [
     Case(
         "invalid choice",
         ("train", "--train", "{ok}", "--schedule", "weekly"),
-        r"argument --schedule: invalid choice 'weekly' \(choose from constant, exponential, plateau\)",
+        r"argument --schedule: invalid choice 'weekly' \(choose from constant, exponential, cosine, linear, plateau\)",
     ),
     Case(
         "batch size zero",
