@@ -56,6 +56,25 @@ def mean_over_seeds(runs: dict) -> dict:
     return out
 
 
+def labelled_frames(run_dir: Path, run: dict) -> dict:
+    """Per strategy: the mean oracle energy (eV) and the largest atomic force (eV/Å) of the frames it labelled
+    (its labelled.extxyz), and the mean energy of the 600 K test set (reference_test.extxyz, None where absent)."""
+    import numpy as np
+
+    from so3lib import data
+
+    out = {}
+    for s in run["history"]:
+        f = run_dir / s / "labelled.extxyz"
+        if f.exists():
+            ds = data.read(f)
+            fmax = float(np.linalg.norm(ds.forces, axis=1).max())
+            out[s] = {"energy_mean_ev": float(np.mean(ds.energy)), "max_force_ev_per_a": fmax, "frames": len(ds)}
+    test = run_dir / "reference_test.extxyz"
+    out["test_energy_mean_ev"] = float(np.mean(data.read(test).energy)) if test.exists() else None
+    return out
+
+
 COLOURS = {"uncertainty": "C3", "random": "C0", "none": "0.5"}
 
 
@@ -107,12 +126,14 @@ if __name__ == "__main__":
                 sys.exit(code)
         runs[seed] = json.loads((out / "active_learning.json").read_text())
     summary = mean_over_seeds(runs)
+    labelled = {str(k): labelled_frames(work / f"seed{k}", runs[k]) for k in runs}
     seeds = " ".join(map(str, ns.seeds))
     result = {
         "command": f"python benchmarks/active_learning.py --seeds {seeds} {' '.join(extra)}".strip(),
         "so3lib_active_args": [*ARGS, *extra],
         "seeds": ns.seeds,
         "mean_over_seeds": summary,
+        "labelled_frames": labelled,
         "runs": {str(k): v for k, v in runs.items()},
         "wall_time_s_per_seed": {str(k): v["wall_time_s"] for k, v in runs.items()},
         "machine": f"{os.cpu_count()} CPU cores (shared)",
