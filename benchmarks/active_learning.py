@@ -4,7 +4,7 @@ independent 600 K oracle-MD test set per round. Runs ``so3lib active`` once per 
 reference data, initial set, ensembles and exploration) and writes benchmarks/results/active_learning.json
 (every seed's rounds and the mean over seeds) and active_learning.png (the curves).
 
-usage: python benchmarks/active_learning.py [--seeds 0 1 2] [extra so3lib active flags]
+usage: python benchmarks/active_learning.py [--seeds 0 1 2] [--work DIR] [extra so3lib active flags]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +56,25 @@ def mean_over_seeds(runs: dict) -> dict:
     return out
 
 
+def labelled_frames(run_dir: Path, run: dict) -> dict:
+    """Per strategy: the mean oracle energy (eV) and the largest atomic force (eV/Å) of the frames it labelled
+    (its labelled.extxyz), and the mean energy of the 600 K test set (reference_test.extxyz, None where absent)."""
+    import numpy as np
+
+    from so3lib import data
+
+    out = {}
+    for s in run["history"]:
+        f = run_dir / s / "labelled.extxyz"
+        if f.exists():
+            ds = data.read(f)
+            fmax = float(np.linalg.norm(ds.forces, axis=1).max())
+            out[s] = {"energy_mean_ev": float(np.mean(ds.energy)), "max_force_ev_per_a": fmax, "frames": len(ds)}
+    test = run_dir / "reference_test.extxyz"
+    out["test_energy_mean_ev"] = float(np.mean(data.read(test).energy)) if test.exists() else None
+    return out
+
+
 COLOURS = {"uncertainty": "C3", "random": "C0", "none": "0.5"}
 
 
@@ -92,28 +110,32 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the committed JSON")
+    ap.add_argument("--work", type=Path, default=None, help="folder of the runs; a seed finished there is reused")
     ns, extra = ap.parse_known_args()
     if ns.replot:
         res = json.loads((OUT / "active_learning.json").read_text())
         plot(res["runs"], res["mean_over_seeds"], OUT / "active_learning.png")
         sys.exit(0)
-    work = Path(tempfile.mkdtemp(prefix="so3lib_al_"))
-    runs, t0 = {}, time.perf_counter()
+    work = ns.work or Path(tempfile.mkdtemp(prefix="so3lib_al_"))
+    runs = {}
     for seed in ns.seeds:
         out = work / f"seed{seed}"
-        code = main(["active", *ARGS, *extra, "--seed", str(seed), "--out", str(out), "--no-progress"])
-        if code != 0:
-            sys.exit(code)
+        if not (out / "active_learning.json").exists():
+            code = main(["active", *ARGS, *extra, "--seed", str(seed), "--out", str(out), "--no-progress"])
+            if code != 0:
+                sys.exit(code)
         runs[seed] = json.loads((out / "active_learning.json").read_text())
     summary = mean_over_seeds(runs)
+    labelled = {str(k): labelled_frames(work / f"seed{k}", runs[k]) for k in runs}
     seeds = " ".join(map(str, ns.seeds))
     result = {
         "command": f"python benchmarks/active_learning.py --seeds {seeds} {' '.join(extra)}".strip(),
         "so3lib_active_args": [*ARGS, *extra],
         "seeds": ns.seeds,
         "mean_over_seeds": summary,
+        "labelled_frames": labelled,
         "runs": {str(k): v for k, v in runs.items()},
-        "wall_time_s": time.perf_counter() - t0,
+        "wall_time_s_per_seed": {str(k): v["wall_time_s"] for k, v in runs.items()},
         "machine": f"{os.cpu_count()} CPU cores (shared)",
     }
     (OUT / "active_learning.json").write_text(json.dumps(result, indent=1))

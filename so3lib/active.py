@@ -353,18 +353,18 @@ def explore_and_select(pot, params, data: Dataset, val: Dataset, oracle, md_cfg,
     return new, record
 
 
-def write_labelled(path: Path, ds: Dataset, r: int) -> None:
-    """Append the frames the oracle labelled in round ``r`` to ``path`` (extxyz, energy and forces through the
-    single-point calculator, ``active_learning_round`` in info)."""
+def write_frames(path: Path, ds: Dataset, info: dict[str, Any] | None = None, append: bool = False) -> None:
+    """Write (or append) the labelled frames of ``ds`` to ``path`` (extxyz, energy and forces through the
+    single-point calculator, ``info`` in every frame's info)."""
     import ase.io
 
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = []
     for k in range(len(ds)):
         a = ds[k].to_ase()
-        a.info["active_learning_round"] = int(r)
+        a.info.update(info or {})
         frames.append(a)
-    ase.io.write(path, frames, format="extxyz", append=path.exists())
+    ase.io.write(path, frames, format="extxyz", append=append and path.exists())
 
 
 def run_loop(
@@ -419,7 +419,7 @@ def run_loop(
                 new, sel = explore_and_select(pot, params, data[s], val, oracle, md_cfg, loop, s, r, n)
                 if new is not None:
                     data[s] = Dataset.concatenate([data[s], new])
-                    write_labelled(out / s / "labelled.extxyz", new, r)
+                    write_frames(out / s / "labelled.extxyz", new, {"active_learning_round": r}, append=True)
                 rec.update(sel)
             history[s].append(rec)
             log.info(

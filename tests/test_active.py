@@ -75,6 +75,16 @@ def test_label_uses_the_oracle_and_refuses_what_is_not_sane():
     assert active.too_close(squeezed) and not active.too_close(atoms)
 
 
+def test_labelled_frames_are_written_and_read_back(tmp_path):
+    ds, _ = active.label([_ethanol()], EMT())
+    for r in (0, 1):
+        active.write_frames(tmp_path / "labelled.extxyz", ds, {"active_learning_round": r}, append=True)
+    back = d.read(tmp_path / "labelled.extxyz")
+    assert len(back) == 2
+    np.testing.assert_allclose(back.energy, [ds.energy[0]] * 2)
+    np.testing.assert_allclose(back.forces, np.concatenate([ds.forces] * 2), atol=1e-6)
+
+
 def test_label_counts_an_oracle_that_raises():
     class Failing(EMT):
         def calculate(self, *args, **kwargs):
@@ -186,6 +196,7 @@ def test_the_loop_selects_within_the_bounds_fine_tunes_and_its_error_falls(tmp_p
     cfg = json.loads((tmp_path / "al" / "uncertainty" / "round2" / "members" / "m1" / "results.json").read_text())
     assert cfg["init"]["from"].endswith("uncertainty/round1/members/m1/model")
     assert (tmp_path / "al" / "active_learning.png").stat().st_size > 0
+    assert len(d.read(tmp_path / "al" / "reference_test.extxyz")) == 20
     # the labelled frames, with the oracle's labels, read back by so3lib
     for s, h in res["history"].items():
         ds = d.read(tmp_path / "al" / s / "labelled.extxyz")

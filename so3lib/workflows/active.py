@@ -4,9 +4,10 @@ frame every ``reference_every`` steps after a burn-in), then ``rounds`` rounds: 
 ensemble at ``temperature`` from training frames, each stopped above ``max_uncertainty``; up to ``n_select``
 frames between the bounds, most uncertain first (another batch of runs while too few), labelled by the oracle
 and the ensemble fine-tuned on them; the same with as many frames drawn at random from the same kind of
-trajectories as the baseline. Writes
-active_learning.json (per round and strategy: training-set size, the test errors against the oracle, the
-exploration, the candidates and the selected frames) and active_learning.png (the curves).
+trajectories as the baseline. Writes the reference sets (reference_{initial,val,test}.extxyz), each strategy's
+labelled frames (<strategy>/labelled.extxyz), active_learning.json (per round and strategy: training-set size,
+the test errors against the oracle, the exploration, the candidates and the selected frames) and
+active_learning.png (the curves).
 
 Oracles: ``gfn2-xtb`` / ``gfn1-xtb`` (tblite, ``pip install 'so3lib[active]'``), ``emt`` (ASE's EMT: fast, for
 trying the loop, not chemistry)."""
@@ -175,6 +176,7 @@ def run(opts: ActiveOptions, model, training) -> dict:
         if ds is None:
             raise ValueError(f"the {opts.oracle} oracle failed on every {name} frame from {opts.structure}: {refused}")
         ref[name] = ds
+        active.write_frames(out / f"reference_{name}.extxyz", ds, {"oracle_md_temperature_k": temp})
     t_ref = time.perf_counter() - t0
     cfg = RunConfig(
         name=opts.name or "active",
