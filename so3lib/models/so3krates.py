@@ -76,9 +76,36 @@ def degree_index(l_max: int) -> np.ndarray:
 
 
 def per_degree_sum(v: jnp.ndarray, l_max: int) -> jnp.ndarray:
-    """(..., D) → (..., L): sum of components within each degree (a contraction with a 0/1 matrix)."""
-    onehot = jnp.asarray(np.eye(l_max)[degree_index(l_max)], v.dtype)  # (D, L)
-    return v @ onehot
+    """(..., D) → (..., L): sum of the 2l + 1 components of each degree l (slices of a row: fused with the
+    elementwise work around it, where a product with a 0/1 matrix is a separate kernel with transposed copies)."""
+    return jnp.stack([v[..., l * l - 1 : (l + 1) ** 2 - 1].sum(-1) for l in range(1, l_max + 1)], axis=-1)
+
+
+def per_degree_repeat(a: jnp.ndarray, l_max: int) -> jnp.ndarray:
+    """(..., L) → (..., D): the coefficient of degree l on each of its 2l + 1 components (``a[..., degree_index]``
+    as broadcasts, not a gather)."""
+    return jnp.concatenate(
+        [jnp.broadcast_to(a[..., l - 1 : l], (*a.shape[:-1], 2 * l + 1)) for l in range(1, l_max + 1)], axis=-1
+    )
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` (same parameters scale, bias; ε = 1e-6; var = E[x²] − E[x]², clipped at 0), with both
+    row statistics from one matrix product: fewer kernels than two reductions (XLA's CPU backend splits every
+    row reduction in two), which matters at a molecule's size."""
+
+    dtype: object = jnp.float32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        n, F = x.shape
+        scale = self.param("scale", nn.initializers.ones_init(), (F,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (F,), self.dtype)
+        stats = jnp.concatenate([x, x * x], axis=0) @ jnp.full((F, 1), 1.0 / F, x.dtype)  # (2N, 1)
+        mean, mean_sq = stats[:n], stats[n:]
+        var = jnp.maximum(0.0, mean_sq - mean * mean)
+        return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
 
 
 class DenseParams(nn.Module):
@@ -153,17 +180,21 @@ class SO3kratesLayer(nn.Module):
         d = F // H
         inv_n = 1.0 / float(c.avg_num_neighbors or 1.0)
         act = ACTIVATIONS[c.activation]
-        ln = lambda i: nn.LayerNorm(dtype=dt, param_dtype=dt, name=f"LayerNorm_{i}")  # noqa: E731
+        ln = lambda i: LayerNorm(dt, name=f"LayerNorm_{i}")  # noqa: E731
         dense = lambda i, n, bias=False: DenseParams(n, bias, dt, name=f"Dense_{i}")  # noqa: E731
-        deg = degree_index(L)
         # 1. pair invariants c_ij^l and 2. filter w_ij = MLP_r(rbf) + MLP_s(c) and its map w^x to the degrees,
         # once per unordered pair when the edges are paired
         s_p, r_p = (senders[0::2], receivers[0::2]) if paired else (senders, receivers)
         dx = x[s_p] - x[r_p]  # (P, D)
         c_p = per_degree_sum(dx * dx, L)  # (P, L)
-        (r1, rb1), (r2, rb2) = MLPParams((F, F), dt, name="MLP_0")(rbf_p.shape[-1])
+        K = rbf_p.shape[-1]
+        (r1, rb1), (r2, rb2) = MLPParams((F, F), dt, name="MLP_0")(K)
         (s1, sb1), (s2, sb2) = MLPParams((F, F), dt, name="MLP_1")(L)
-        w = act(rbf_p @ r1 + rb1) @ r2 + act(c_p @ s1 + sb1) @ s2 + (rb2 + sb2)  # (P, F)
+        # both hidden layers as one product with the block-diagonal [[W_r1, 0], [0, W_s1]], both output layers
+        # as one product with the stacked [W_r2; W_s2]
+        w1 = jnp.zeros((K + L, 2 * F), dt).at[:K, :F].set(r1).at[K:, F:].set(s1)
+        hid = act(jnp.concatenate([rbf_p, c_p], axis=-1) @ w1 + jnp.concatenate([rb1, sb1]))  # (P, 2F)
+        w = hid @ jnp.concatenate([r2, s2], axis=0) + (rb2 + sb2)  # (P, F)
         kx_w, kx_b = dense(5, L * d, bias=True)(F)
         wx = w @ kx_w + kx_b  # (P, L·d)
         if paired:
@@ -172,22 +203,25 @@ class SO3kratesLayer(nn.Module):
         h = ln(0)(f)
         kq, kk, kv = (dense(i, F)(F)[0] for i in range(3))
         qkv = h @ jnp.concatenate([kq, kk, kv], axis=1)  # (N, 3F)
-        q, kv_s = qkv[:, :F][receivers], qkv[:, F:][senders]
+        q, k, v = qkv[:, :F][receivers], qkv[:, F : 2 * F][senders], qkv[:, 2 * F :][senders]  # (E, F) each
         scale = (phi / np.sqrt(d))[:, None]
-        alpha = jnp.sum((q * w * kv_s[:, :F]).reshape(-1, H, d), axis=-1) * scale  # (E, H)
-        msg = (alpha[:, :, None] * kv_s[:, F:].reshape(-1, H, d)).reshape(-1, F)
+        alpha = jnp.sum((q * w * k).reshape(-1, H, d), axis=-1) * scale  # (E, H)
+        msg = (alpha[:, :, None] * v.reshape(-1, H, d)).reshape(-1, F)
         f = f + inv_n * jax.ops.segment_sum(msg, receivers, num_segments=n_node)
         # 4. equivariant attention: one coefficient per degree (q^x, k^x in one product)
         h = ln(1)(f)
         kqx, kkx = (dense(i, L * d)(F)[0] for i in (3, 4))
         qk = h @ jnp.concatenate([kqx, kkx], axis=1)  # (N, 2·L·d)
         alpha_l = jnp.sum((qk[:, : L * d][receivers] * wx * qk[:, L * d :][senders]).reshape(-1, L, d), axis=-1)
-        x = x + inv_n * jax.ops.segment_sum((alpha_l * scale)[:, deg] * sh, receivers, num_segments=n_node)
+        x = x + inv_n * jax.ops.segment_sum(per_degree_repeat(alpha_l * scale, L) * sh, receivers, num_segments=n_node)
         # 5. exchange between f and x
+        # (the first layer's kernel split into its rows for h and for ⟨x, x⟩, the second's into the columns of
+        # a and b: products of aligned shapes, no concatenation of the input)
         h = ln(2)(f)
-        ab = MLP((F, F + L), c.activation, dt, name="MLP_2")(jnp.concatenate([h, per_degree_sum(x * x, L)], axis=-1))
-        a, b = ab[:, :F], ab[:, F:]
-        return f + a, x + b[:, deg] * x
+        (e1, eb1), (e2, eb2) = MLPParams((F, F + L), dt, name="MLP_2")(F + L)
+        hid = act(h @ e1[:F] + per_degree_sum(x * x, L) @ e1[F:] + eb1)  # (N, F)
+        a, b = hid @ e2[:, :F] + eb2[:F], hid @ e2[:, F:] + eb2[F:]  # (N, F), (N, L)
+        return f + a, x + per_degree_repeat(b, L) * x
 
 
 class SO3krates(nn.Module):
@@ -221,5 +255,5 @@ class SO3krates(nn.Module):
             f, x = SO3kratesLayer(c, name=f"SO3kratesLayer_{t}")(
                 f, x, rbf_p, sh, phi, graph.senders, graph.receivers, paired, n_node
             )
-        h = nn.LayerNorm(dtype=dt, param_dtype=dt, name="LayerNorm_0")(f)
+        h = LayerNorm(dt, name="LayerNorm_0")(f)
         return MLP((c.features, 1), c.activation, dt, name="MLP_0")(h)[:, 0]
