@@ -74,6 +74,7 @@ def test_triplet_overflow_is_flagged_as_neighbour_overflow(li_cell):
     assert bool(tight(u, nbrs, box).did_buffer_overflow)
 
 
+@pytest.mark.slow  # 15 s; the triplets' exactness (energies and forces equal the batch path) is tested by default
 def test_nve_with_an_angular_bpnn_conserves_energy(li_cell):
     ds, pot, params = li_cell
     atoms = ds[0].to_ase()

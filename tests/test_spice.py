@@ -167,6 +167,7 @@ def test_spice_command_splits_by_molecule(spice_like, tmp_path):
     )
 
 
+@pytest.mark.slow  # 17 s; resume and md5 of the download helper are tested by default (test_experiments)
 def test_spice_download_option_offline(tmp_path, server, monkeypatch):  # noqa: F811
     """--download fetches from the (here: local) address, resumes a partial file, checks the md5, then runs."""
     from so3lib.cli import invoke
