@@ -83,10 +83,11 @@ def test_heads_differ_and_the_spread_is_their_std(ethanol):
     np.testing.assert_allclose(cheap["forces"], out["forces"], atol=1e-12)
 
 
+@pytest.mark.slow
 def test_nll_training_lowers_the_held_out_nll_and_the_force_error():
-    """40 steps on 48 real rMD17 ethanol frames, the same seed and batches with and without the NLL term:
-    the NLL of the heads' spread on 48 held-out frames falls below mean-only training, and the mean's force
-    error falls in both."""
+    """100 steps on 48 real rMD17 ethanol frames, the same seed and batches with and without the energy NLL: the
+    NLL of the heads' energy spread on 48 held-out frames falls, below mean-only training (the loss on the
+    mean never reaches the heads' deviations), and the mean's force error falls in both."""
     from so3lib.graph import NeighbourTable, build_batch
     from so3lib.training.loss import gaussian_nll
     from so3lib.training.optim import make_optimizer
@@ -95,26 +96,29 @@ def test_nll_training_lowers_the_held_out_nll_and_the_force_error():
 
     tr, te = d.read(data("rmd17", "rmd17_ethanol_train_01.npz")), d.read(ETHANOL)
     pot, params0 = shallow(tr, heads=4)
-    pot = pot.with_force_spread(True)
+    pot = pot.with_force_spread(False)  # the default: the energy NLL, no per-head forces in the step
 
-    def batches(ds, n):
+    def batches(ds):
         table = NeighbourTable.build(ds, pot.cutoff)
-        return [build_batch(ds, table, list(range(i, i + 16)), None, np.float64, pot.reference.energy(ds)) for i in n]
+        return [
+            build_batch(ds, table, list(range(i, i + 16)), None, np.float64, pot.reference.energy(ds))
+            for i in (0, 16, 32)
+        ]
 
-    train_b, held = batches(tr, (0, 16, 32)), batches(te, (0, 16, 32))
+    train_b, held = batches(tr), batches(te)
     fn = jax.jit(pot.__call__)
 
     def score(params):
         nll, f_sq = [], []
         for g in held:
             out = fn(params, g)
-            de = np.asarray(out["forces"] - g.nodes["forces"])[:-1]
-            var = np.var(np.asarray(out["forces_members"]), axis=0)[:-1]
-            nll.append(np.mean(gaussian_nll(de, var)))
-            f_sq.append(np.mean(de**2))
+            de = np.asarray(out["energy_residual"] - g.globals["energy_residual"])[:-1]
+            nll.append(np.mean(gaussian_nll(de, np.var(np.asarray(out["energy_residual_members"]), axis=0)[:-1])))
+            f_sq.append(np.mean(np.asarray(out["forces"] - g.nodes["forces"])[:-1] ** 2))
         return float(np.mean(nll)), float(np.sqrt(np.mean(f_sq)))
 
-    tc = TrainingConfig(max_steps=40, learning_rate=3e-3, warmup_steps=0)
+    n_steps = 100
+    tc = TrainingConfig(max_steps=n_steps, learning_rate=1e-2, warmup_steps=0)
     start = score(params0)
     ends = {}
     for w in (0.0, 0.1):
@@ -122,12 +126,12 @@ def test_nll_training_lowers_the_held_out_nll_and_the_force_error():
         step = make_train_step(pot, opt, 0.99, 0.0, None, False, w)
         params = jax.tree_util.tree_map(jax.numpy.copy, params0)  # the step donates its state
         state = init_state(params, opt.init(params))
-        for i in range(40):
+        for i in range(n_steps):
             state, loss, aux = step(state, train_b[i % 3])
-        assert np.isfinite(float(loss)) and ("nll_forces" in aux) == (w > 0)
+        assert np.isfinite(float(loss)) and ("nll_energy" in aux) == (w > 0)
         ends[w] = score(state.params)
-    assert ends[0.1][0] < ends[0.0][0] - 0.5 and ends[0.1][0] < start[0], (start, ends)
-    assert ends[0.1][1] < 0.7 * start[1] and ends[0.0][1] < 0.7 * start[1], (start, ends)
+    assert ends[0.1][0] < ends[0.0][0] - 0.5 and ends[0.1][0] < start[0] - 0.5, (start, ends)
+    assert ends[0.1][1] < 0.8 * start[1] and ends[0.0][1] < 0.8 * start[1], (start, ends)
 
 
 def test_predict_writes_the_spread_where_ase_reads_it(ethanol, tmp_path):
@@ -146,7 +150,7 @@ def test_predict_writes_the_spread_where_ase_reads_it(ethanol, tmp_path):
     atoms.calc = So3libCalculator(back, params)
     f = atoms.get_forces()
     np.testing.assert_allclose(frames[6].get_forces(), f, atol=1e-8)
-    np.testing.assert_allclose(frames[6].arrays["forces_std"], atoms.calc.results["forces_std"], rtol=1e-6)
+    np.testing.assert_allclose(frames[6].arrays["forces_std"], atoms.calc.results["forces_std"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(frames[6].info["energy_std"], atoms.calc.results["energy_std"], rtol=1e-6)
     assert frames[6].info["energy_std"] > 0 and frames[6].arrays["forces_std"].min() > 0
     u = json.loads(out.with_suffix(".json").read_text())["metrics"]["uncertainty"]
