@@ -58,7 +58,7 @@ class SchNet(nn.Module):
             y = dense(c.n_atom_basis, use_bias=False)(x)
             v = jax.ops.segment_sum(y[graph.senders] * w, graph.receivers, num_segments=n_node)
             x = x + dense(c.n_atom_basis)(shifted_softplus(dense(c.n_atom_basis)(v)))
-        h = shifted_softplus(dense(max(c.n_atom_basis // 2, 1))(x))
-        if c.readout_heads:
-            return ReadoutHeads(c.readout_heads, dt)(h)
-        return dense(1)(h)[:, 0]
+        if c.readout_heads:  # the hidden layer is Dense_{5T}, the heads ReadoutHeads_0
+            return ReadoutHeads(c.readout_heads, dt)(shifted_softplus(dense(max(c.n_atom_basis // 2, 1))(x)))
+        # the output layer is built first (Dense_{5T}), the hidden one second: the names saved runs hold
+        return dense(1)(shifted_softplus(dense(max(c.n_atom_basis // 2, 1))(x)))[:, 0]
