@@ -1,10 +1,11 @@
 """Shallow ensembles (issue #17 item 3, the cheap alternative): one model whose last readout layer has K heads.
-The mean's forces are −∂E/∂r of the mean energy (float64 finite differences), each head's forces those of its
-own energy, the stress of the mean that of a strain; the heads differ, so the spread is not zero; training with
-the Gaussian NLL lowers the held-out NLL of the spread below mean-only training while the mean's force error
-falls; ``so3lib predict`` writes energy_std/forces_std where ASE reads them; contradicting options are one-line
-errors. The slow tier trains a shallow SchNet on real rMD17 ethanol end to end: calibration on the validation
-set, the spread ranking the force errors on original MD17 ethanol, MD stopping above --max-uncertainty."""
+Default tier: the mean's forces are −∂E/∂r of the mean energy (float64 finite differences), each head's forces
+those of its own energy; the heads differ, so the spread is not zero; ``so3lib predict`` writes
+energy_std/forces_std where ASE reads them; configs round-trip and one-output models keep their parameters;
+contradicting options are one-line errors. Slow tier: the stress of the mean and the mean-only path of MD; the
+Gaussian NLL lowers the held-out NLL of the spread below mean-only training while the force error falls; a
+shallow SchNet trained on real rMD17 ethanol end to end: calibration on the validation set, the spread ranking
+the force errors on original MD17 ethanol, MD stopping above --max-uncertainty."""
 
 from __future__ import annotations
 
@@ -61,10 +62,19 @@ def test_forces_are_minus_the_gradient_of_the_mean_energy(ethanol):
     np.testing.assert_allclose(out["forces_members"][k, 4, 1], -(e_k[0] - e_k[1]) / (2 * h), atol=1e-7)
 
 
-def test_stress_is_the_strain_derivative_of_the_mean_energy(tial):
+@pytest.mark.slow
+def test_stress_and_the_mean_only_path(tial):
+    """The stress of the mean is (1/V) ∂E/∂ε (finite differences of a strain); MD and export use the mean only
+    (`residual_energy`, and ``force_spread=False``: one backward pass), the same energy and forces."""
     pot, params = shallow(tial.subset([0, 1]), heads=3)
-    out = jitted(pot)(params, graph(pot, tial, [0]), compute_stress=True)
+    g = graph(pot, tial, [0, 1])
+    out = jitted(pot)(params, g, compute_stress=True)
     np.testing.assert_allclose(out["stress"][0], fd_stress(pot, params, tial[0]), atol=1e-7)
+    np.testing.assert_allclose(jax.jit(pot.residual_energy)(params, g)[:2], out["energy_residual"][:2], rtol=1e-12)
+    cheap = jax.jit(pot.with_force_spread(False).__call__, static_argnames="compute_stress")(params, g, True)
+    assert "forces_std" not in cheap and "forces_std" in out
+    np.testing.assert_allclose(cheap["forces"], out["forces"], atol=1e-12)
+    np.testing.assert_allclose(cheap["stress"], out["stress"], atol=1e-12)
 
 
 def test_heads_differ_and_the_spread_is_their_std(ethanol):
@@ -75,12 +85,6 @@ def test_heads_differ_and_the_spread_is_their_std(ethanol):
     np.testing.assert_allclose(out["energy_std"][:3], e_k.std(axis=0), rtol=1e-10)
     np.testing.assert_allclose(out["energy"][:3], e_k.mean(axis=0), rtol=1e-12)
     assert np.asarray(out["forces_std"])[:27].min() > 0
-    # MD and export use the mean: one forward and one backward pass, the same energy as the full call
-    e_mean = jax.jit(pot.residual_energy)(params, graph(pot, ethanol, [0, 1, 2]))
-    np.testing.assert_allclose(e_mean[:3], out["energy_residual"][:3], rtol=1e-12)
-    cheap = jax.jit(pot.with_force_spread(False).__call__)(params, graph(pot, ethanol, [0, 1, 2]))
-    assert "forces_std" not in cheap
-    np.testing.assert_allclose(cheap["forces"], out["forces"], atol=1e-12)
 
 
 @pytest.mark.slow
