@@ -59,8 +59,8 @@ def nll_sums(pred: dict, graph: jraph.GraphsTuple, gm: jax.Array, nm: jax.Array)
 
 
 def loss_from_sums(s: dict, beta: float, stress_weight: float = 0.0, nll_weight: float = 0.0):
-    """L = (1 − β)·mean_graphs (E − Ẽ)² + β·Σ_atoms |F − F̃|² / (3 N_real) [+ w·mean (σ − σ̃)²]
-    [+ w_NLL·(NLL_E + NLL_F), shallow ensembles: mean NLL per labelled structure and per force component].
+    """L = (1 − β)·mean_graphs (E − Ẽ)² + β·Σ_atoms |F − F̃|² / (3 N_real) [+ w·mean (σ − σ̃)²], plus for a
+    shallow ensemble w_nll·(NLL_E + NLL_F) (the mean NLL per labelled structure and per force component).
     Returns (loss, aux) with the energy and force MSE terms (and the NLL terms)."""
     mse_e = s["e_sq"] / jnp.maximum(s["n_e"], 1.0)
     mse_f = s["f_sq"] / jnp.maximum(s["n_f"], 1.0)
