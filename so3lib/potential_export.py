@@ -77,6 +77,8 @@ def _programs(potential, params):
     import jax.numpy as jnp
     import jraph
 
+    if hasattr(potential, "with_force_spread"):  # a shallow ensemble exports its mean: no per-head forces
+        potential = potential.with_force_spread(False)
     table64 = np.asarray(potential.reference.table(), np.float64)
     intercept = float(potential.reference.intercept_ev)
     dt = potential.dtype

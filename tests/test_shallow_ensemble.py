@@ -283,3 +283,20 @@ def test_md_command_stops_above_the_uncertainty(ethanol_shallow, tmp_path):
     atoms.get_forces()
     worst = np.linalg.norm(atoms.calc.results["forces_std"], axis=1).max()
     np.testing.assert_allclose(u["forces_std_max_ev_per_a"][0], worst, rtol=1e-8)
+
+
+@pytest.mark.slow
+def test_export_holds_the_heads_mean(ethanol_shallow, tmp_path):
+    """`so3lib export` of a shallow ensemble: the exported energy and forces are the heads' mean."""
+    from test_export import _inputs
+
+    from so3lib.potential_export import load_export
+
+    out, _, _ = ethanol_shallow
+    assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
+    meta, prog = load_export(tmp_path / "exp")
+    atoms = d.read(ETHANOL)[3].to_ase()
+    e, f, _ = prog["potential"].call(*_inputs(atoms, meta))
+    atoms.calc = load_calculator(out, skin=0.0)
+    np.testing.assert_allclose(float(e), atoms.get_potential_energy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(f)[: len(atoms)], atoms.get_forces(), atol=1e-6)
