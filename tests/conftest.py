@@ -127,3 +127,61 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+def train_ethanol_schnet(out, n_atom_basis: int, n_train: int, val: range, training: dict) -> dict:
+    """A float64 SchNet (T=2) trained on the first ``n_train`` frames of the bundled rMD17 ethanol split and
+    validated on the frames ``val``."""
+    import so3lib.data as d
+    from so3lib.models import make_config
+    from so3lib.training import DataConfig, RunConfig, train
+
+    ds = d.read(ETHANOL_TRAIN)
+    cfg = RunConfig(
+        model=make_config("schnet", n_atom_basis=n_atom_basis, n_interactions=2, dtype="float64"),
+        training={"batch_size": 16, "max_epochs": None, **training},
+        data=DataConfig(energy_reference="average"),  # one molecule: least squares cannot fix e_Z
+    )
+    return train(cfg, ds.subset(np.arange(n_train)), ds.subset(np.asarray(val)), None, out_dir=out, progress=False)
+
+
+@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
+def ethanol_run(tmp_path_factory):
+    """The MD tests' small potential: a float64 SchNet (F=16, T=2) trained for 150 steps on 400 frames of the
+    bundled rMD17 ethanol split (the jax-md, ASE, OpenMM and LAMMPS tests share it)."""
+    out = tmp_path_factory.mktemp("md") / "run"
+    res = train_ethanol_schnet(
+        out, 16, 400, range(900, 950), {"max_steps": 150, "eval_every_steps": 75, "learning_rate": 3e-3}
+    )
+    assert res["val"]["forces_mae_ev_per_a"] < 1.0
+    return out
+
+
+@pytest.fixture(scope="session")
+def ethanol():
+    """Frame 0 of the bundled rMD17 ethanol test split (ase.Atoms, no calculator)."""
+    import so3lib.data as d
+
+    return d.read(ETHANOL_TEST)[0].to_ase()
+
+
+@pytest.fixture(scope="session")
+def aspirin_run(tmp_path_factory):
+    """The slow MD tests' potential: a float64 SchNet (F=32, T=2) trained for 3000 steps on 950 frames of the full
+    rMD17 aspirin split 01 (validation: the other 50), stable at 300 K for 20 ps under every thermostat (trained on
+    the 100 committed frames it breaks apart within 2 ps). Reads ``shared()`` data: tests using it are marked
+    ``data``."""
+    import so3lib.data as d
+    from so3lib.models import make_config
+    from so3lib.training import DataConfig, RunConfig, train
+
+    ds = d.read(shared("rmd17", "rmd17_aspirin_train_01.npz"))
+    cfg = RunConfig(
+        model=make_config("schnet", n_atom_basis=32, n_interactions=2, dtype="float64"),
+        training={"batch_size": 16, "max_epochs": None, "max_steps": 3000, "eval_every_steps": 1000},
+        data=DataConfig(energy_reference="average"),  # one molecule: least squares cannot fix e_Z
+    )
+    out = tmp_path_factory.mktemp("aspirin") / "run"
+    res = train(cfg, ds.subset(np.arange(950)), ds.subset(np.arange(950, 1000)), None, out_dir=out, progress=False)
+    print(f"\naspirin SchNet: validation forces MAE {1e3 * res['val']['forces_mae_ev_per_a']:.0f} meV/Å")
+    return out

@@ -49,7 +49,7 @@ def test_presets_then_config_then_flags(tmp_path):
 
 def test_every_preset_names_real_options():
     from so3lib import data
-    from so3lib.workflows import common, md17, spice, sweeps, train
+    from so3lib.workflows import active, common, md17, spice, sweeps, train
 
     assert typing.get_args(common.Format) == data.FORMATS
     for table, opts in (
@@ -58,6 +58,7 @@ def test_every_preset_names_real_options():
         (spice.SAMPLE, spice.SpiceOptions),
         (spice.FULL, spice.SpiceOptions),
         (train.PRESETS, train.TrainOptions),
+        (active.PRESETS, active.ActiveOptions),
     ):
         table.check(set(opts.model_fields))
     for spec in sweeps.PRESETS.values():
@@ -66,7 +67,7 @@ def test_every_preset_names_real_options():
     from so3lib.models import available, hyperparameters
     from so3lib.training.config import TrainingConfig
 
-    for opts in (train.TrainOptions, md17.MD17Options, spice.SpiceOptions):
+    for opts in (train.TrainOptions, md17.MD17Options, spice.SpiceOptions, active.ActiveOptions):
         for m in available():
             clash = set(opts.model_fields) & (set(hyperparameters(m)) | set(TrainingConfig.model_fields))
             assert not clash, (opts.__name__, m, clash)

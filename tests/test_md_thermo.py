@@ -61,6 +61,56 @@ def test_remove_com_momentum_is_a_mass_weighted_projection():
     np.testing.assert_allclose(v_shift, np.broadcast_to(v_shift[0], v_shift.shape), atol=1e-14)
 
 
+@pytest.mark.parametrize("integrator", ["NoseHooverChainNVT", "IsotropicMTKNPT"])
+def test_ase_chains_are_at_rest_at_the_reported_temperature(integrator):
+    """The chain so3lib gives ASE's Nosé–Hoover NVT and MTK NPT integrators has its fixed point at the
+    temperature so3lib reports (3N − 3): momenta exactly at 300 K (zero total momentum) leave its first
+    thermostat's force Σp²/m − n_dof·kT at zero, so half a step of the chain does not touch them. ASE's own
+    chain counts 3N: it heats the same momenta (towards 300·27/24 = 337.5 K for ethanol)."""
+    from ase import Atoms, units
+    from ase.md import nose_hoover_chain as nhc
+
+    from so3lib.md.ase_engine import _with_chain_for
+
+    masses = ETHANOL_MASSES
+    p = thermo.maxwell_boltzmann_momenta(masses, 300.0, seed=3)
+    atoms = Atoms("C2OH6", positions=np.random.default_rng(0).normal(0, 2, (9, 3)), cell=np.eye(3) * 10, pbc=True)
+    atoms.set_masses(masses)
+    kw = dict(temperature_K=300.0, tdamp=50 * units.fs)
+    if integrator == "IsotropicMTKNPT":
+        kw.update(pressure_au=0.0, pdamp=500 * units.fs)
+    ase_own = getattr(nhc, integrator)(atoms, 0.5 * units.fs, **kw)
+    ours = _with_chain_for(getattr(nhc, integrator)(atoms, 0.5 * units.fs, **kw), 300.0, 50 * units.fs, 24)
+    dt = 5 * units.fs
+    kept = ours._thermostat.integrate_nhc(p.copy(), dt)
+    heated = ase_own._thermostat.integrate_nhc(p.copy(), dt)
+    t_kept, t_heated = (thermo.kinetic_temperature_k(q, masses, 24) for q in (kept, heated))
+    # (ASE's k_B is CODATA 2014's, so3lib's 2018's: 3e-7 apart, hence not exactly zero)
+    np.testing.assert_allclose(kept, p, rtol=1e-8, atol=0)
+    assert t_heated > 300.0 + 1e4 * abs(t_kept - 300.0), (t_kept, t_heated)
+
+
+def test_block_standard_error_matches_the_spread_of_correlated_means():
+    """An AR(1) series x_t = φ x_{t−1} + ε_t (φ = 0.95: correlation time ~20 samples, like a thermostatted
+    temperature saved every 5 fs): over 400 independent series, the block-averaged standard error of each mean
+    agrees with the true spread of the means, σ_ε / (1 − φ) / sqrt(n) (and the naive σ/sqrt(n) is 6× too small)."""
+    rng = np.random.default_rng(0)
+    phi, n, reps = 0.95, 4000, 400
+    eps = rng.standard_normal((reps, n))
+    x = np.empty_like(eps)
+    x[:, 0] = eps[:, 0] / np.sqrt(1 - phi**2)  # stationary start
+    for t in range(1, n):
+        x[:, t] = phi * x[:, t - 1] + eps[:, t]
+    stats = np.array([thermo.mean_and_standard_error(row) for row in x])
+    exact = 1.0 / (1 - phi) / np.sqrt(n)  # the asymptotic SE of the mean
+    assert np.std(stats[:, 0]) == pytest.approx(exact, rel=0.1)
+    assert np.sqrt(np.mean(stats[:, 1] ** 2)) == pytest.approx(exact, rel=0.1)
+    assert np.std(x[0]) / np.sqrt(n) < exact / 5
+    assert np.isnan(thermo.mean_and_standard_error(np.r_[x[0], np.nan])[0])
+    with pytest.raises(ValueError, match="block averaging needs ≥ 2 blocks of ≥ 2 values, got 30 values for 20"):
+        thermo.mean_and_standard_error(np.ones(30))
+
+
 def _result(positions, cell=None, seed=0, periodic=False):
     rng = np.random.default_rng(seed)
     r, n = positions.shape[:2]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -31,6 +33,14 @@ def _step(self, graph):
     if self.progress.step == step:
         os.kill(os.getpid(), 9)
 L.TrainingLoop._step = _step
+from so3lib.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+# a process that dies without a word on entering a function (argv: MODULE.FUNCTION, then so3lib's arguments)
+KILLED_IN = r"""
+import importlib, os, sys
+module, name = sys.argv[1].rsplit(".", 1)
+setattr(importlib.import_module(module), name, lambda *a, **k: os.kill(os.getpid(), 9))
 from so3lib.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -58,18 +68,36 @@ def store(tmp_path_factory):
     )
 
 
-def start(pid: int, n: int, port: int, argv: list[str], killed_after: int | None = None) -> subprocess.Popen:
-    """One process of a run of ``n``: ``so3lib spice --distributed`` with the coordinator on ``port``."""
+def start(
+    pid: int, n: int, port: int, argv: list[str], killed_after: int | None = None, killed_in: str | None = None
+) -> subprocess.Popen:
+    """One process of a run of ``n``: ``so3lib spice --distributed`` with the coordinator on ``port``; SIGKILLed
+    after step ``killed_after`` or on entering the function ``killed_in`` (MODULE.FUNCTION)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     cmd = ["spice", "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n)]
     cmd += ["--process-id", str(pid), "--distributed-timeout-s", "20", *argv]
-    head = [sys.executable, "-c", KILLED_AFTER, str(killed_after)] if killed_after else [sys.executable, "-m", "so3lib"]
+    head = [sys.executable, "-m", "so3lib"]
+    if killed_after:
+        head = [sys.executable, "-c", KILLED_AFTER, str(killed_after)]
+    elif killed_in:
+        head = [sys.executable, "-c", KILLED_IN, killed_in]
     return subprocess.Popen([*head, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[int, str, str]]:
-    return [(*(lambda o: (p.returncode, o[0], o[1]))(p.communicate(timeout=timeout)),) for p in procs]
+    """(exit status, stdout, stderr) of every process; a process still running after ``timeout`` s (all of them
+    together) hangs: all are killed and the test fails saying so."""
+    deadline, out = time.monotonic() + timeout, []
+    for i, p in enumerate(procs):
+        try:
+            o, e = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"process {i} still running after {timeout:g} s: it hangs instead of stopping")
+        out.append((p.returncode, o, e))
+    return out
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -123,9 +151,9 @@ def test_two_processes_train_as_one(store, tmp_path):
 
 @pytest.mark.slow
 def test_killed_process_stops_the_others_and_resume_is_exact(store, tmp_path):
-    """Process 1 is SIGKILLed after step 3: process 0 stops at once with one line naming the last checkpoint
-    (step 2); both processes started again with --resume finish the 6 steps exactly as one uninterrupted
-    single-process run."""
+    """Process 1 is SIGKILLed after step 3: process 0 stops at once (at step 3 or 4) with one line naming the
+    last checkpoint (step 2); both processes started again with --resume finish the 6 steps exactly as one
+    uninterrupted single-process run."""
     out = tmp_path / "multi"
     common = ["--store", str(store), "--max-steps", "6", *TRAIN, "--out", str(out)]
     port = free_port()
@@ -133,8 +161,12 @@ def test_killed_process_stops_the_others_and_resume_is_exact(store, tmp_path):
     assert rc1 == -9
     lines = error_lines(err0)
     assert rc0 == 2 and len(lines) == 1, err0[-3000:]
-    assert "process 0: another process stopped during training" in lines[0]
-    assert "--resume (the last checkpoint is at step 2)" in lines[0] and "Traceback" not in err0
+    # process 0 may have dispatched one more step before its collective saw process 1 gone
+    assert re.match(r"so3lib: error: process 0: another process stopped during training \(at step [34]\): ", lines[0])
+    assert lines[0].endswith(
+        ". Every process stops; start all of them again with --resume (the last checkpoint is at step 2)"
+    )
+    assert "Traceback" not in err0
     port = free_port()
     procs = [start(i, 2, port, [*common, "--resume"]) for i in range(2)]
     single_process(store, tmp_path / "single", 6)
@@ -150,7 +182,10 @@ def test_coordinator_unreachable(store, tmp_path):
     ((rc, _, err),) = finish([p], timeout=60)
     lines = error_lines(err)
     assert rc == 2 and len(lines) == 1, err[-3000:]
-    assert f"process 1 of 2: the coordinator 127.0.0.1:{port} (process 0) cannot be reached within 3 s" in lines[0]
+    assert lines[0] == (
+        f"so3lib: error: process 1 of 2: the coordinator 127.0.0.1:{port} (process 0) cannot be reached within 3 s "
+        "(Connection refused): start process 0 there, or check the address and port"
+    )
 
 
 def test_process_counts_differ(store, tmp_path):
@@ -158,10 +193,10 @@ def test_process_counts_differ(store, tmp_path):
     port = free_port()
     argv = ["--store", str(store), "--out", str(tmp_path / "r")]
     results = finish([start(0, 2, port, argv), start(1, 3, port, argv)], timeout=120)
-    for rc, _, err in results:
+    why = f"process 1 on {socket.gethostname()} was started for 3 processes, process 0 for 2"
+    for (rc, _, err), line in zip(results, (why, f"process 1: the coordinator refused the start: {why}")):
         lines = error_lines(err)
-        assert rc == 2 and len(lines) == 1, err[-3000:]
-        assert "was started for 3 processes, process 0 for 2" in lines[0]
+        assert rc == 2 and lines == [f"so3lib: error: {line}"], err[-3000:]
     assert not (tmp_path / "r").exists()
 
 
@@ -176,11 +211,44 @@ def test_store_missing_on_one_process(store, tmp_path):
         timeout=200,
     )
     (rc0, _, err0), (rc1, _, err1) = results
-    for rc, err in ((rc0, err0), (rc1, err1)):
+    why = (
+        f"{missing}: no packed store on process 1 on {socket.gethostname()}: every process reads the store process 0 "
+        "converted; put --store on a file system all processes see, or copy the store folder to this path on every "
+        "node"
+    )
+    for rc, err, line in ((rc0, err0, f"process 1 of 2 stopped while opening the store: {why}"), (rc1, err1, why)):
         lines = error_lines(err)
-        assert rc == 2 and len(lines) == 1, err[-3000:]
-        assert f"{missing}: no packed store on process 1" in lines[0]
-    assert error_lines(err0)[0].startswith("so3lib: error: process 1 of 2 stopped while opening the store")
+        assert rc == 2 and lines == [f"so3lib: error: {line}"], err[-3000:]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_process_killed_before_training_stops_the_others(store, tmp_path):
+    """Process 1 dies without a word while the processes prepare the training (fitting the reference): process
+    0, waiting for it at the end of that phase, stops with one line naming the phase, not a hang or gloo's
+    message alone; no checkpoint is written."""
+    port, out = free_port(), tmp_path / "r"
+    argv = ["--store", str(store), *TINY, "--max-steps", "2", "--no-progress", "--out", str(out)]
+    procs = [start(0, 2, port, argv), start(1, 2, port, argv, killed_in="so3lib.training.trainer.build_potential")]
+    (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=200)
+    assert rc1 == -9
+    lines = error_lines(err0)
+    assert rc0 == 2 and len(lines) == 1, err0[-3000:]
+    assert lines[0].startswith("so3lib: error: process 0: another process stopped while preparing the training: ")
+    assert lines[0].endswith(". Every process stops; start all of them again") and "Traceback" not in err0
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_process_that_never_comes(store, tmp_path):
+    """Process 0 started for 2 processes, process 1 never started: process 0 stops within its timeout (3 s) with
+    one line naming the missing process; the run folder is not written."""
+    port = free_port()
+    argv = ["--store", str(store), "--out", str(tmp_path / "r"), "--distributed-timeout-s", "3"]
+    ((rc, _, err),) = finish([start(0, 2, port, argv)], timeout=90)
+    assert rc == 2 and error_lines(err) == [
+        f"so3lib: error: process(es) 1 of 2 did not reach the coordinator 127.0.0.1:{port} within 3 s"
+    ], err[-3000:]
     assert not (tmp_path / "r").exists()
 
 

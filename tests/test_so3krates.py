@@ -4,8 +4,9 @@ Euclidean variables carry no channels; invalid settings are named; short trainin
 import jax
 import numpy as np
 import pytest
-from physics import graph, make_potential
+from physics import graph, jitted, make_potential, structure_graph
 
+from so3lib.data import Structure
 from so3lib.graph import GraphBudget
 from so3lib.models import make_config
 from so3lib.models.so3krates import degree_index
@@ -23,6 +24,34 @@ def test_sweep_settings_compile_once_per_shape(l_max, layers, ethanol_test):
     assert all(np.isfinite(np.asarray(o["forces"])).all() for o in outs)
     d = (l_max + 1) ** 2 - 1
     assert len(degree_index(l_max)) == d
+
+
+def test_pair_shared_filters_equal_per_edge_evaluation(li_test):
+    """Filters, radial basis and spherical harmonics evaluated once per reverse pair of edges and the messages
+    sent both ways give the energies and forces of evaluating every edge on its own (same parameters, float64),
+    on periodic Li and on a one-atom bcc cell whose every edge joins the atom to one of its images (that atom's
+    force is 0 by symmetry: only the energy is compared there). One padded shape, so one compilation per mode;
+    the stress of the paired path is checked against finite differences in test_model_physics."""
+    pot, params = make_potential(
+        "so3krates", {"features": 8, "heads": 2, "n_rbf": 6, "l_max": 3, "layers": 2, "cutoff": 4.0}, li_test
+    )
+    fn = jitted(pot)
+    budget = GraphBudget(128, 4096, 3)
+    bcc_cell = 1.72 * (np.ones((3, 3)) - 2 * np.eye(3))  # primitive bcc, a = 3.44 Å
+    bcc = Structure(numbers=np.array([3]), positions=np.zeros((1, 3)), cell=bcc_cell, pbc=np.ones(3, bool))
+    cases = (
+        (graph(pot, li_test, [0, 5], budget), ("energy_residual", "forces")),
+        (structure_graph(pot, bcc, budget), ("energy_residual",)),
+    )
+    for g, keys in cases:
+        assert "pair_sign" in g.edges and g.n_edge[0] > 0
+        unpaired = g._replace(edges={"shift": g.edges["shift"]})
+        a, b = fn(params, g, compute_stress=False), fn(params, unpaired, compute_stress=False)
+        for key in keys:
+            x, y = np.asarray(a[key]), np.asarray(b[key])
+            assert np.abs(y).max() > 1e-8, key
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12 * np.abs(y).max(), err_msg=key)
+    assert fn._cache_size() == 2
 
 
 def test_euclidean_variables_have_no_channels(ethanol_test):

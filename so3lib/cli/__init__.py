@@ -366,6 +366,18 @@ def invoke(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return res
 
 
+def _peer_failure(exc: Exception) -> Exception:
+    """In a run of several processes, a collective that failed because another process went away becomes the
+    one line that says so (`so3lib.training.distributed.collective_failure`); any other error stays itself."""
+    if "jax" not in sys.modules:
+        return exc
+    from so3lib.training import distributed
+
+    if not distributed.started():
+        return exc
+    return distributed.collective_failure(exc, during="while running") or exc
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
@@ -413,6 +425,7 @@ def _main(argv: list[str]) -> int:
     except Exception as exc:
         if debug:
             raise
+        exc = _peer_failure(exc)
         msg = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, _user_errors()):
             if isinstance(exc, KeyError):

@@ -62,9 +62,13 @@ class EnergyReference:
 
     def energy(self, dataset) -> np.ndarray:
         """(F,) reference energy of every frame (eV), of a `Dataset` or a store's `DatasetView`."""
-        if not isinstance(dataset, Dataset):  # a store view: from the stored composition, no atom scan
+        if not isinstance(dataset, Dataset):  # a store view: from the stored composition, chunk by chunk
             self.check_species(np.asarray(dataset.species, np.int64), dataset.source)
-            return dataset.composition(self.species) @ np.asarray(self.energies_ev) + self.intercept_ev
+            e, out, start = np.asarray(self.energies_ev), np.empty(len(dataset)), 0
+            for part in dataset.chunks():
+                out[start : start + len(part)] = part.composition(self.species) @ e + self.intercept_ev
+                start += len(part)
+            return out
         self.check_species(dataset.numbers, str(dataset.meta["source"][0]))
         per_atom = self.table()[dataset.numbers]
         return np.add.reduceat(per_atom, dataset.offsets[:-1]) + self.intercept_ev
@@ -240,12 +244,13 @@ def fit_energy_reference(
     solution, recorded as ``determined=False``."""
     method = _resolve_method(method, intercept, isolated_atom_energies_ev)
     species = list(dataset.species)
-    labelled = np.isfinite(dataset.energy)
-    if not labelled.any():
+    chunks = _labelled_chunks(dataset, species)
+    n_labelled, sum_e_per_atom = 0, 0.0
+    for _, y, n_atoms in chunks():
+        n_labelled += len(y)
+        sum_e_per_atom += np.sum(y / n_atoms)
+    if n_labelled == 0:
         raise DataError(_source(dataset), "no frame has an energy label: cannot fit an energy reference", "energy")
-    A = composition_matrix(dataset, species)[labelled]
-    y = np.asarray(dataset.energy, np.float64)[labelled]
-    n_atoms = np.asarray(dataset.n_atoms)[labelled]
     c, determined = 0.0, True
     if method == "isolated_atoms":
         iso = normalize_isolated_atom_energies(isolated_atom_energies_ev)
@@ -258,11 +263,16 @@ def fit_energy_reference(
             )
         coef = np.array([iso[z] for z in species])
     elif method == "average":
-        coef = np.full(len(species), float(np.mean(y / n_atoms)))
+        coef = np.full(len(species), float(sum_e_per_atom / n_labelled))
     else:
         with_c = method == "lstsq+intercept"
-        X = np.concatenate([A, np.ones((len(A), 1))], axis=1) if with_c else A
-        distinct = np.unique(X, axis=0)  # same rank, far fewer rows
+        if isinstance(dataset, Dataset):  # in memory: least squares on every labelled frame
+            ((A, y, _),) = chunks()
+            X = np.concatenate([A, np.ones((len(A), 1))], axis=1) if with_c else A
+            distinct = np.unique(X, axis=0)  # same rank, far fewer rows
+        else:  # a store view: the same normal equations from its distinct compositions (weights: frames each)
+            distinct, frames_each, energy_sums = _distinct_rows(chunks(), with_c)
+            X, y = distinct * np.sqrt(frames_each)[:, None], energy_sums / np.sqrt(frames_each)
         rank = int(np.linalg.matrix_rank(distinct))
         if rank < X.shape[1]:
             determined = False
@@ -283,15 +293,69 @@ def fit_energy_reference(
             )
         sol, *_ = np.linalg.lstsq(X, y, rcond=None)
         coef, c = (sol[:-1], float(sol[-1])) if with_c else (sol, 0.0)
-    resid = (y - A @ coef - c) / n_atoms
-    raw = y / n_atoms
+    resid_std, resid_mae, raw_std = _residual_stats(chunks, coef, c, n_labelled)
     return EnergyReference(
         species=tuple(species),
         energies_ev=tuple(float(x) for x in coef),
         intercept_ev=c,
         method=method,
-        residual_std_per_atom_ev=float(np.std(resid)),
-        residual_mae_per_atom_ev=float(np.mean(np.abs(resid - resid.mean()))),
-        raw_std_per_atom_ev=float(np.std(raw)),
+        residual_std_per_atom_ev=resid_std,
+        residual_mae_per_atom_ev=resid_mae,
+        raw_std_per_atom_ev=raw_std,
         determined=determined,
     )
+
+
+def _labelled_chunks(dataset, species: Sequence[int]):
+    """A callable giving the labelled frames as (A (F', S) counts, y (F',) eV, n (F',) atoms) chunks: one chunk
+    for an in-memory `Dataset` (computed once), chunks of a store view's frames read anew on each call (so no
+    per-frame array of the whole view is held)."""
+    if isinstance(dataset, Dataset):
+        y = np.asarray(dataset.energy, np.float64)
+        labelled = np.isfinite(y)
+        one = [(composition_matrix(dataset, species)[labelled], y[labelled], np.asarray(dataset.n_atoms)[labelled])]
+        return lambda: one
+
+    def read():
+        for part in dataset.chunks():
+            y = part.energy
+            labelled = np.isfinite(y)
+            yield part.composition(species)[labelled], y[labelled], part.n_atoms[labelled]
+
+    return read
+
+
+def _distinct_rows(chunks, with_c: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(G, S[+1]) distinct rows x_g of X = [A | 1], the frames with each and the sum of their energies: the
+    least squares Σ_i (y_i − x_i·c)² equals Σ_g (√w_g ȳ_g − √w_g x_g·c)² up to a constant (w_g frames, ȳ_g
+    their mean energy), so it has the same solutions."""
+    rows: dict[bytes, list] = {}
+    for A, y, _ in chunks:
+        X = np.concatenate([A, np.ones((len(A), 1))], axis=1) if with_c else A
+        if not len(X):
+            continue
+        u, inv, cnt = np.unique(X, axis=0, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv.reshape(-1), weights=y, minlength=len(u))
+        for row, k, e in zip(u, cnt, sums):
+            acc = rows.setdefault(row.tobytes(), [row, 0, 0.0])
+            acc[1] += int(k)
+            acc[2] += float(e)
+    distinct = np.array([r[0] for r in rows.values()])
+    return distinct, np.array([r[1] for r in rows.values()], np.float64), np.array([r[2] for r in rows.values()])
+
+
+def _residual_stats(chunks, coef: np.ndarray, c: float, n: int) -> tuple[float, float, float]:
+    """Standard deviation and mean absolute deviation of the residual per atom r = (E − A·e − c)/N, and the
+    standard deviation of E/N, over the labelled frames (eV/atom), in two passes over the chunks."""
+    sum_r = sum_raw = 0.0
+    for A, y, na in chunks():
+        sum_r += np.sum((y - A @ coef - c) / na)
+        sum_raw += np.sum(y / na)
+    mean_r, mean_raw = sum_r / n, sum_raw / n
+    sq_r = abs_r = sq_raw = 0.0
+    for A, y, na in chunks():
+        d = (y - A @ coef - c) / na - mean_r
+        sq_r += np.sum(d**2)
+        abs_r += np.sum(np.abs(d))
+        sq_raw += np.sum((y / na - mean_raw) ** 2)
+    return float(np.sqrt(sq_r / n)), float(abs_r / n), float(np.sqrt(sq_raw / n))

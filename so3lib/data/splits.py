@@ -55,8 +55,20 @@ def split_by_group(
     names: Sequence[str] = ("train", "val", "test"),
 ) -> dict[str, np.ndarray]:
     """Split frames so that every group (molecule) lies in exactly one split. Fractions count molecules."""
-    groups = np.asarray(groups).astype(str)
-    uniq = np.unique(groups)
+    _, rank = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    return split_by_group_rank(rank.reshape(-1), fractions, seed, names)
+
+
+def split_by_group_rank(
+    rank: np.ndarray,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] = ("train", "val", "test"),
+) -> dict[str, np.ndarray]:
+    """`split_by_group` with each frame's group given by the rank of its name among the sorted names (an int
+    array: a store's frames need no per-frame strings): the same splits."""
+    rank = np.asarray(rank)
+    uniq = np.unique(rank)
     if len(uniq) < sum(1 for f in fractions if f > 0):
         raise DataError("<split>", f"only {len(uniq)} molecules for {len(fractions)} splits by molecule")
     perm = np.random.default_rng(seed).permutation(len(uniq))
@@ -71,7 +83,7 @@ def split_by_group(
     out, start = {}, 0
     for name, size in zip(names, sizes):
         chosen = uniq[perm[start : start + size]]
-        out[name] = np.nonzero(np.isin(groups, chosen))[0]
+        out[name] = np.nonzero(np.isin(rank, chosen))[0]
         start += size
     return out
 

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +39,7 @@ STORE_VERSION = 2  # 2: the drop report has its own "nonfinite" reason; the fing
 STORE_MARKER = ".so3lib-store"
 _ATOM = {"numbers": (np.int8, ()), "positions": (np.float64, (3,)), "forces": (np.float64, (3,))}
 _FRAME = {"energy": (np.float64, ()), "molecule": (np.int32, ()), "frame": (np.int32, ())}
+CHUNK_FRAMES = 1 << 16  # frames per chunk of a reduction over a view (a few MB of per-frame arrays)
 
 
 def fingerprint(
@@ -237,30 +238,51 @@ class DatasetView:
 
     def __post_init__(self):
         self.frames = np.asarray(self.frames, np.int64)
+
+    # n_atoms and energy are read from the memory map on each use, not kept: a view holds only its frame index
+    # (8 bytes per frame), so a process's heap does not grow with the store. Reductions go through `chunks`.
+    @property
+    def n_atoms(self) -> np.ndarray:
+        """(F,) atoms of each selected frame (from the stored offsets)."""
         off = self.base.offsets
-        self.n_atoms = (np.asarray(off[self.frames + 1]) - np.asarray(off[self.frames])).astype(np.int64)
-        self.energy = np.asarray(self.base.energy[self.frames], np.float64)
+        return (np.asarray(off[self.frames + 1]) - np.asarray(off[self.frames])).astype(np.int64)
+
+    @property
+    def energy(self) -> np.ndarray:
+        """(F,) energy label of each selected frame (eV; NaN: unlabelled)."""
+        return np.asarray(self.base.energy[self.frames], np.float64)
+
+    def chunks(self, size: int | None = None) -> Iterator[DatasetView]:
+        """Consecutive sub-views of at most ``size`` (default `CHUNK_FRAMES`) frames, in order: for reductions
+        over a view that never hold per-frame arrays of all its frames at once."""
+        size = size or CHUNK_FRAMES
+        for start in range(0, len(self.frames), size):
+            yield dataclasses.replace(self, frames=self.frames[start : start + size])
 
     @property
     def species(self) -> list[int]:
         """Atomic numbers present in these frames."""
         present = np.zeros(len(self.store_species), bool)
-        for s in range(0, len(self.frames), 1 << 16):
-            present |= np.asarray(self.composition_counts[self.frames[s : s + (1 << 16)]]).any(axis=0)
+        for s in range(0, len(self.frames), CHUNK_FRAMES):
+            present |= np.asarray(self.composition_counts[self.frames[s : s + CHUNK_FRAMES]]).any(axis=0)
         return [z for z, p in zip(self.store_species, present) if p]
 
     def composition(self, species: Sequence[int]) -> np.ndarray:
         """(F, S') counts of the given species per frame (raises for species of the frames not listed)."""
-        full = np.asarray(self.composition_counts[self.frames], np.float64)
         col = {z: i for i, z in enumerate(self.store_species)}
         missing = [z for z in self.species if z not in species]
         if missing:
             raise DataError(self.source, f"elements {missing} are not in {list(species)}", "numbers")
+        counts = np.asarray(self.composition_counts[self.frames])  # int16: 2 bytes per species and frame
         out = np.zeros((len(self.frames), len(species)))
         for j, z in enumerate(species):
             if z in col:
-                out[:, j] = full[:, col[z]]
+                out[:, j] = counts[:, col[z]]
         return out
+
+    def molecule_index(self) -> np.ndarray:
+        """(F,) index of each selected frame's molecule into ``molecules`` (4 bytes per frame, no strings)."""
+        return np.asarray(self.base.meta["molecule"][self.frames])
 
     @property
     def meta(self) -> dict:

@@ -8,6 +8,7 @@ from so3lib.graph.batching import (
     budget_key,
     build_batch,
     dynamic_budget,
+    reverse_pair_order,
     round_up_ladder,
 )
 from so3lib.graph.geometry import edge_vectors, node_graph_index, safe_norm
@@ -21,6 +22,7 @@ __all__ = [
     "budget_key",
     "build_batch",
     "dynamic_budget",
+    "reverse_pair_order",
     "round_up_ladder",
     "edge_vectors",
     "node_graph_index",

@@ -2,7 +2,9 @@
 
 A batch is a `jraph.GraphsTuple` (numpy on the host, moved to the device by the loader):
   nodes   = {positions (N, 3) Å, species (N,) int32 atomic numbers (0 = padding), forces (N, 3) eV/Å}
-  edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell}
+  edges   = {shift (E, 3) float: integer cell shifts, so r_ij = r_j − r_i + shift · cell,
+             [pair_sign (E,) +1/−1: present when the edges come in reverse pairs, edge 2k + 1 being edge 2k
+             reversed (i → j with −S, so r_{2k+1} = −r_{2k}): +1 on the first and −1 on the second of each pair]}
   globals = {[triplets (T, 2) edge-index pairs, triplet_mask (T,) for angular descriptors,]
              energy (G,) eV, energy_residual (G,) eV (energy − per-element reference), stress (G, 3, 3) eV/Å³,
              cell (G, 3, 3) Å, pbc (G, 3),
@@ -15,13 +17,14 @@ first padding node, so jraph's padding masks apply), so `jit` compiles once per 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jraph
 import numpy as np
@@ -142,11 +145,31 @@ def triplets_from_edges(receivers: np.ndarray, distances: np.ndarray, cutoff: fl
     return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 2), np.int32)
 
 
+def reverse_pair_order(senders: np.ndarray, receivers: np.ndarray, shifts: np.ndarray) -> np.ndarray | None:
+    """Permutation of one frame's full neighbour list putting every edge j → i (cell shift S) right before its
+    reverse i → j (−S): in the reordered list edges 2k and 2k + 1 are one unordered pair, with the same distance
+    and opposite vectors. None when some edge has no single reverse partner (a half or truncated list)."""
+    n = len(senders)
+    if n % 2:
+        return None
+    s, r, sh = senders.astype(np.int64), receivers.astype(np.int64), shifts.astype(np.int64)
+    lex = np.sign(sh[:, 0]) * 4 + np.sign(sh[:, 1]) * 2 + np.sign(sh[:, 2])  # > 0 iff S is lexicographically > 0
+    forward = (s < r) | ((s == r) & (lex > 0))
+    key_sh = np.where(forward[:, None], sh, -sh)
+    keys = np.stack([np.minimum(s, r), np.maximum(s, r), key_sh[:, 0], key_sh[:, 1], key_sh[:, 2]], axis=1)
+    order = np.lexsort((~forward, *keys.T[::-1]))  # by pair key, the forward edge first
+    k, f = keys[order], forward[order]
+    if not (np.all(k[0::2] == k[1::2]) and f[0::2].all() and not f[1::2].any()):
+        return None
+    return order
+
+
 @dataclasses.dataclass
 class NeighbourTable:
     """Neighbour lists of all frames of a dataset, packed: local senders/receivers (E,), shifts (E, 3),
     offsets (F+1,) into the edge arrays; with ``triplet_cutoff``, also triplets (T, 2) of frame-local edge
-    indices and their offsets (F+1,)."""
+    indices and their offsets (F+1,). ``paired``: every frame's edges are in reverse pairs (`reverse_pair_order`;
+    True for the symmetric lists `neighbour_list` returns)."""
 
     cutoff: float
     senders: np.ndarray
@@ -156,6 +179,7 @@ class NeighbourTable:
     triplets: np.ndarray | None = None
     triplet_offsets: np.ndarray | None = None
     triplet_cutoff: float | None = None
+    paired: bool = False
 
     @property
     def n_edges(self) -> np.ndarray:
@@ -172,6 +196,7 @@ class NeighbourTable:
         from tqdm.auto import tqdm
 
         s_all, r_all, sh_all, counts = [], [], [], np.zeros(len(dataset), np.int64)
+        paired = True
         t_all, t_counts = [], np.zeros(len(dataset), np.int64)
         it = range(len(dataset))
         for f in tqdm(it, desc=f"neighbour lists (cutoff {cutoff} Å)", disable=not progress, leave=False):
@@ -179,6 +204,11 @@ class NeighbourTable:
             s, r, sh, d = neighbour_list(
                 dataset.positions[a:b], dataset.cell[f], dataset.pbc[f], cutoff, return_distances=True
             )
+            order = reverse_pair_order(s, r, sh)
+            if order is None:
+                paired = False
+            else:
+                s, r, sh, d = s[order], r[order], sh[order], d[order]
             s_all.append(s)
             r_all.append(r)
             sh_all.append(sh)
@@ -201,6 +231,7 @@ class NeighbourTable:
             tri[0],
             tri[1],
             triplet_cutoff,
+            paired,
         )
 
 
@@ -252,6 +283,9 @@ def build_batch(
     receivers[:E] = table.receivers[edge_idx] + node_base
     shift = np.zeros((pe, 3), dtype)
     shift[:E] = table.shifts[edge_idx]
+    edges = {"shift": shift}
+    if table.paired and pe % 2 == 0:  # frames' pairs stay aligned (even counts); padding edges pair up too
+        edges["pair_sign"] = np.tile(np.array([1, -1], dtype), pe // 2)
     energy = np.zeros(pg, dtype)
     e = dataset.energy[frames]
     energy[:G] = np.nan_to_num(e)
@@ -293,7 +327,7 @@ def build_batch(
         tmask = np.zeros(budget.n_triplet, bool)
         tmask[:T] = True
         glob["triplets"], glob["triplet_mask"] = trip, tmask
-    nodes, edges = {"positions": positions, "species": species, "forces": forces}, {"shift": shift}
+    nodes = {"positions": positions, "species": species, "forces": forces}
     if descriptor_cache is not None:
         from so3lib.models.bpnn import CACHED_G, CACHED_JACOBIAN, CACHED_VECTORS
 
@@ -325,24 +359,54 @@ def budget_key(graph: jraph.GraphsTuple) -> tuple[int, ...]:
     return key
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameEstimate:
+    """Edges and triplets of a frame estimated from its atom count N alone: ⌈r_E·N⌉ and ⌈r_T·N⌉, bounded by
+    the atom pairs N(N−1) and triples N(N−1)(N−2)/2 for free molecules. The ratios r are per-atom counts of a
+    sample; a frame's estimate needs nothing but N, so no per-frame array of a whole store is kept."""
+
+    edges_per_atom: float
+    triplets_per_atom: float | None
+    periodic: bool
+
+    def __call__(self, n_atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(edges, triplets or None) of frames with ``n_atoms`` atoms."""
+        n = np.asarray(n_atoms, np.int64)
+
+        def estimate(ratio, cap):
+            est = np.ceil(ratio * n).astype(np.int64)
+            return est if self.periodic else np.minimum(est, cap)  # free molecules: bounded by the atom pairs
+
+        n_trip = None
+        if self.triplets_per_atom is not None:
+            n_trip = estimate(self.triplets_per_atom, n * (n - 1) * (n - 2) // 2)
+        return estimate(self.edges_per_atom, n * (n - 1)), n_trip
+
+
+def frame_estimator(
+    view, cutoff: float, triplet_cutoff: float | None = None, sample_size: int = 1000, seed: int = 0, quantile=0.99
+) -> FrameEstimate:
+    """The `FrameEstimate` of a streamed dataset: neighbour and triplet counts per atom measured on a sample of
+    frames, their ``quantile`` + 5 %. Deterministic for a (view, seed)."""
+    sample = view.sample(sample_size, seed)
+    t = NeighbourTable.build(sample, cutoff, triplet_cutoff=triplet_cutoff)
+
+    def ratio(counts):
+        return float(np.quantile(counts / sample.n_atoms, quantile)) * 1.05
+
+    return FrameEstimate(
+        ratio(t.n_edges),
+        ratio(t.n_triplets) if triplet_cutoff is not None else None,
+        bool(np.asarray(sample.pbc).any()),
+    )
+
+
 def frame_estimates(
     view, cutoff: float, triplet_cutoff: float | None = None, sample_size: int = 1000, seed: int = 0, quantile=0.99
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(edges, triplets or None) per frame of a streamed dataset, estimated without reading the frames:
-    neighbour and triplet counts per atom measured on a sample of frames, their ``quantile`` + 5 % times each
-    frame's atom count (bounded by the atom pairs for free molecules). Deterministic for a (view, seed)."""
-    sample = view.sample(sample_size, seed)
-    t = NeighbourTable.build(sample, cutoff, triplet_cutoff=triplet_cutoff)
-    n = np.asarray(view.n_atoms, np.int64)
-    periodic = bool(np.asarray(sample.pbc).any())
-
-    def estimate(counts, cap):
-        ratio = float(np.quantile(counts / sample.n_atoms, quantile)) * 1.05
-        est = np.ceil(ratio * n).astype(np.int64)
-        return est if periodic else np.minimum(est, cap)  # free molecules: bounded by the atom pairs
-
-    n_trip = estimate(t.n_triplets, n * (n - 1) * (n - 2) // 2) if triplet_cutoff is not None else None
-    return estimate(t.n_edges, n * (n - 1)), n_trip
+    """(edges, triplets or None) per frame of a streamed dataset, estimated without reading the frames
+    (`frame_estimator` applied to every frame's atom count)."""
+    return frame_estimator(view, cutoff, triplet_cutoff, sample_size, seed, quantile)(view.n_atoms)
 
 
 def ladder_from_sample(
@@ -364,7 +428,9 @@ class GraphLoader:
     `DatasetView` (streaming: each batch's frames are read from disk and their neighbour lists built in the
     worker threads, so memory does not grow with the dataset). With ``n_shards`` > 1 (data parallelism) every
     batch is split into ``n_shards`` equal sub-batches padded to one budget and stacked on a leading axis
-    (n_shards, ...), then placed with ``sharding`` (a `jax.sharding.NamedSharding` over the mesh's data axis)."""
+    (n_shards, ...), then placed with ``sharding`` (a `jax.sharding.NamedSharding` over the mesh's data axis).
+    ``energy_offset``: the reference energy of every frame (eV), an (F,) array or, for a streamed dataset, a
+    function of frame indices computing it per batch (so nothing per frame of the store is kept)."""
 
     def __init__(
         self,
@@ -380,7 +446,7 @@ class GraphLoader:
         table: NeighbourTable | None = None,
         device_put: bool = True,
         sharding=None,
-        energy_offset: np.ndarray | None = None,
+        energy_offset: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
         triplet_cutoff: float | None = None,
         n_shards: int = 1,
         workers: int | None = None,
@@ -417,27 +483,43 @@ class GraphLoader:
         self.wait_s = 0.0  # time the consumer waited for a batch, the first batch of each epoch() call excluded
         self.energy_offset = energy_offset
         self.local_shards = list(range(n_shards))
-        self.global_sizes = None  # several processes: (n_node, n_edge, n_triplet) per frame, the same everywhere
+        self.agreed_sizes = False  # several processes: every process derives the padding from every shard
+        self.global_estimate: FrameEstimate | None = None  # ... of a streamed dataset: from the atom counts
         if n_shards > 1 and sharding is not None:  # several processes: this one builds only its devices' shards
             import jax
 
             if jax.process_count() > 1:
                 me = jax.process_index()
                 self.local_shards = [i for i, d in enumerate(sharding.mesh.devices.flat) if d.process_index == me]
-                self.global_sizes = self._global_sizes(shard_size)
+                self.agreed_sizes = True
+                if self.streaming:
+                    self._add_global_rung(shard_size)
 
-    def _global_sizes(self, shard_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Per frame (atoms, edges, triplets) that every process knows without reading other processes' frames:
-        exact for an in-memory dataset; for a streamed one the atoms are exact and the edges and triplets the
-        largest per-atom counts of a sample (+ 5 %) times the atoms, so all processes pick the same padding."""
-        n_atoms = np.asarray(self.dataset.n_atoms, np.int64)
-        if not self.streaming:
-            return n_atoms, np.asarray(self.table.n_edges), self.table.n_triplets
-        n_edge, n_trip = frame_estimates(self.dataset, self.cutoff, self.triplet_cutoff, quantile=1.0)
+    def _add_global_rung(self, shard_size: int) -> None:
+        """A streamed dataset in several processes: the atoms of every frame are known to every process, its
+        edges and triplets are estimated from them with the largest per-atom counts of a sample (+ 5 %), so
+        all processes pick the same padding; the ladder gets a rung that holds the largest such batch."""
+        self.global_estimate = frame_estimator(self.dataset, self.cutoff, self.triplet_cutoff, quantile=1.0)
+        n_atoms = self.dataset.n_atoms
+        n_edge, n_trip = self.global_estimate(n_atoms)
         top = BudgetLadder.from_counts(n_atoms, n_edge, shard_size, n_triplets=n_trip).rungs[-1]
         if not any(r.n_edge >= top.n_edge and r.n_node >= top.n_node for r in self.ladder.rungs):
             self.ladder = BudgetLadder(self.ladder.rungs + (top,))
-        return n_atoms, n_edge, n_trip
+
+    def _global_sizes(self, frames: np.ndarray) -> tuple[int, int, int]:
+        """(atoms, edges, triplets) of a sub-batch that every process knows without reading other processes'
+        frames: exact for an in-memory dataset; for a streamed one the atoms are exact, the edges and triplets
+        `global_estimate`'s (read per batch: nothing per frame of the whole dataset is kept)."""
+        if not self.streaming:
+            n_trip = self.table.n_triplets
+            return (
+                int(np.sum(self.dataset.offsets[frames + 1] - self.dataset.offsets[frames])),
+                int(self.table.n_edges[frames].sum()),
+                int(n_trip[frames].sum()) if n_trip is not None else 0,
+            )
+        n_atoms = self.dataset.subset(frames).n_atoms
+        n_edge, n_trip = self.global_estimate(n_atoms)
+        return int(n_atoms.sum()), int(n_edge.sum()), int(n_trip.sum()) if n_trip is not None else 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
@@ -455,7 +537,9 @@ class GraphLoader:
             return None
         ds = self.dataset.materialize(frames)
         table = NeighbourTable.build(ds, self.cutoff, triplet_cutoff=self.triplet_cutoff)
-        off = self.energy_offset[frames] if self.energy_offset is not None else None
+        off = self.energy_offset
+        if off is not None:
+            off = off(frames) if callable(off) else off[frames]
         return ds, table, np.arange(len(frames)), off
 
     def _select(self, n_node: int, n_edge: int, n_graph: int, n_trip: int) -> GraphBudget:
@@ -485,11 +569,9 @@ class GraphLoader:
     def _make(self, frames: np.ndarray):
         parts = np.array_split(frames, self.n_shards) if self.n_shards > 1 else [frames]
         agreed = None
-        if self.global_sizes is not None:  # the budget every process computes alike, from every shard
-            n_at, n_ed, n_tr = self.global_sizes
-            agreed = np.array(
-                [[n_at[p].sum(), n_ed[p].sum(), len(p), n_tr[p].sum() if n_tr is not None else 0] for p in parts]
-            ).max(axis=0)
+        if self.agreed_sizes:  # the budget every process computes alike, from every shard
+            sizes = [self._global_sizes(p) for p in parts]
+            agreed = np.array([[n_at, n_ed, len(p), n_tr] for (n_at, n_ed, n_tr), p in zip(sizes, parts)]).max(axis=0)
         parts = [parts[i] for i in self.local_shards]
         prepared = [self._prepare(p) for p in parts]
         filler = next(x for x in prepared if x is not None)
@@ -534,16 +616,19 @@ class GraphLoader:
 
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[jraph.GraphsTuple]:
         order = self.order(epoch)
-        chunks = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][start_batch:]
+        starts = range(start_batch * self.batch_size, len(order), self.batch_size)
+        chunk = lambda k: order[starts[k] : starts[k] + self.batch_size]  # noqa: E731  (batch k, made when due)
         with cf.ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures = [pool.submit(self._make, c) for c in chunks[: self.prefetch]]
-            for k in range(len(chunks)):
+            futures = collections.deque(
+                pool.submit(self._make, chunk(k)) for k in range(min(self.prefetch, len(starts)))
+            )
+            for k in range(len(starts)):
                 t_wait = time.perf_counter()
-                g = futures[k].result()
+                g = futures.popleft().result()  # released once consumed
                 if k:
                     self.wait_s += time.perf_counter() - t_wait
-                if k + self.prefetch < len(chunks):
-                    futures.append(pool.submit(self._make, chunks[k + self.prefetch]))
+                if k + self.prefetch < len(starts):
+                    futures.append(pool.submit(self._make, chunk(k + self.prefetch)))
                 key = budget_key(g)
                 if key not in self.shapes_seen:
                     self.shapes_seen.add(key)
@@ -552,7 +637,6 @@ class GraphLoader:
                         key,
                         len(self.shapes_seen),
                     )
-                futures[k] = None  # release the batch once consumed
                 yield g
 
     def __iter__(self):

@@ -3,8 +3,11 @@ recorded like the on-device engine so both feed the same analysis.
 
 Same conventions as the on-device engine (`so3lib.md.thermo`): the Maxwell–Boltzmann start of the same seed,
 n_dof = 3N − 3, held by a `FixCom` constraint (ASE then counts 3N − 3 in ``get_temperature``, so NVTBerendsen
-and Langevin target the temperature so3lib reports); ASE's NoseHooverChainNVT counts 3N in its chain, so it is
-given a chain thermostat built for 3N − 3 degrees of freedom. The blow-up guards are `so3lib.md.guards`'."""
+and Langevin target the temperature so3lib reports); ASE's NoseHooverChainNVT and IsotropicMTKNPT count 3N in
+their chain, so both are given a chain built for 3N − 3 degrees of freedom (`chain_thermostat`; NPT takes no
+constraint, and keeps the zero total momentum of the start). NPT is isotropic only (ASE's and jax-md's MTK
+barostats scale the cell uniformly; an anisotropic or triclinic-flexible barostat is not offered). The blow-up
+guards are `so3lib.md.guards`'."""
 
 from __future__ import annotations
 
@@ -13,22 +16,31 @@ import time
 import numpy as np
 
 from so3lib.md import guards, thermo
-from so3lib.md.engine import MDBlowUp, MDConfig, MDResult
+from so3lib.md.engine import MDBlowUp, MDConfig, MDResult, add_record, new_records
 from so3lib.md.thermo import KB_EV_PER_K
 
 
-def _nose_hoover(atoms, dt: float, temperature_k: float, tdamp: float, n_dof: int):
-    """ASE's NoseHooverChainNVT whose chain drives the kinetic energy to n_dof·kT/2 (ASE's own counts 3N)."""
-    from ase.md.nose_hoover_chain import NoseHooverChainNVT, NoseHooverChainThermostat
+def chain_thermostat(masses: np.ndarray, temperature_k: float, tdamp: float, n_dof: int, tchain: int = 3):
+    """ASE's Nosé–Hoover chain (`NoseHooverChainThermostat`) built for ``n_dof`` degrees of freedom: its first
+    thermostat's force Σp²/m − n_dof·kT vanishes at the kinetic temperature so3lib reports, so the chain drives
+    E_kin to n_dof·kT/2. (ASE's integrators build it with 3N, which with the total momentum zero and conserved
+    settles a molecule at T·3N/(3N − 3).) ``masses`` (N, 1) amu; ``tdamp`` in ASE's time unit."""
+    from ase.md.nose_hoover_chain import NoseHooverChainThermostat
 
-    dyn = NoseHooverChainNVT(atoms, dt, temperature_K=temperature_k, tdamp=tdamp)
+    # the chain counts 3·num_atoms_global degrees of freedom in its force, its first mass and its energy
+    return NoseHooverChainThermostat(
+        num_atoms_global=n_dof / 3, masses=masses, temperature_K=temperature_k, tdamp=tdamp, tchain=tchain
+    )
+
+
+def _with_chain_for(dyn, temperature_k: float, tdamp: float, n_dof: int):
+    """``dyn`` (ASE's NoseHooverChainNVT or IsotropicMTKNPT) with its chain replaced by `chain_thermostat`."""
+    from ase.md.nose_hoover_chain import NoseHooverChainThermostat
+
     old = getattr(dyn, "_thermostat", None)
     if not isinstance(old, NoseHooverChainThermostat):
-        raise ImportError("this ASE version's NoseHooverChainNVT has no chain thermostat to set the degrees of freedom")
-    # the chain counts 3·num_atoms_global degrees of freedom in its force, its first mass and its energy
-    dyn._thermostat = NoseHooverChainThermostat(
-        num_atoms_global=n_dof / 3, masses=dyn.masses, temperature_K=temperature_k, tdamp=tdamp, tchain=old._tchain
-    )
+        raise ImportError(f"{type(dyn).__name__} of this ASE version has no chain thermostat to set its dof on")
+    dyn._thermostat = chain_thermostat(dyn.masses, temperature_k, tdamp, n_dof, old._tchain)
     return dyn
 
 
@@ -90,18 +102,25 @@ def run_md_ase(
             rng=np.random.default_rng(cfg.seed),
         )
     elif cfg.ensemble == "nvt-nose-hoover":
-        dyn = _nose_hoover(atoms, dt, t0k, cfg.tau_fs * units.fs, dof)
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+        tdamp = cfg.tau_fs * units.fs
+        dyn = _with_chain_for(NoseHooverChainNVT(atoms, dt, temperature_K=t0k, tdamp=tdamp), t0k, tdamp, dof)
     elif cfg.ensemble == "npt":
         from ase.md.nose_hoover_chain import IsotropicMTKNPT
 
+        tdamp = cfg.tau_fs * units.fs
         dyn = IsotropicMTKNPT(
             atoms,
             dt,
             temperature_K=t0k,
             pressure_au=cfg.pressure_bar * units.bar,
-            tdamp=cfg.tau_fs * units.fs,
+            tdamp=tdamp,
             pdamp=cfg.barostat_tau_fs * units.fs,
         )
+        # its chain, too, counts 3N; the total momentum is zero and conserved, so 3N − 3 (the barostat's
+        # 1 + 1/N coupling factor stays ASE's: an O(1/N²) difference)
+        dyn = _with_chain_for(dyn, t0k, tdamp, dof)
     else:
         from ase.md.nvtberendsen import NVTBerendsen
 
@@ -115,18 +134,23 @@ def run_md_ase(
             return None
         return float(-np.mean(atoms.get_stress(voigt=True, include_ideal_gas=True)[:3]) / units.bar)
 
-    def record():
-        rec["pos"].append(atoms.positions.copy())
-        rec["F"].append(atoms.get_forces(apply_constraint=False).copy())
-        rec["v"].append(atoms.get_velocities())
-        rec["cell"].append(atoms.cell.array.copy())
-        rec["P"].append(pressure_bar())
-        if periodic:
-            rec["S"].append(atoms.get_stress(voigt=False).copy())
+    def record(step: int) -> None:
+        add_record(
+            rec,
+            step=step,
+            potential_ev=atoms.get_potential_energy(),
+            kinetic_ev=atoms.get_kinetic_energy(),
+            temperature_k=temperature(),
+            positions=atoms.positions.copy(),
+            forces=atoms.get_forces(apply_constraint=False).copy(),
+            velocities=atoms.get_velocities(),
+            cells=atoms.cell.array.copy() if periodic else None,
+            pressure_bar=pressure_bar(),
+            stress=atoms.get_stress(voigt=False).copy() if periodic else None,
+        )
 
-    rec = {"step": [0], "pot": [atoms.get_potential_energy()], "kin": [atoms.get_kinetic_energy()]}
-    rec.update(T=[temperature()], pos=[], F=[], v=[], S=[], cell=[], P=[])
-    record()
+    rec = new_records()
+    record(0)
     per_step = {"T": [], "disp": []}
 
     def observe():  # every step: the guards see each step's temperature and largest displacement |v|·dt
@@ -135,10 +159,10 @@ def run_md_ase(
 
     dyn.attach(observe, interval=1)
     fragments0 = None if periodic else guards.n_fragments(atoms.positions, calc.potential.cutoff)
-    e0 = rec["pot"][0] + rec["kin"][0]
+    e0 = rec["potential_ev"][0] + rec["kinetic_ev"][0]
 
     stopped, step = None, 0
-    halt = monitor is not None and monitor(0, rec["pos"][0])
+    halt = monitor is not None and monitor(0, rec["positions"][0])
     t_start = time.perf_counter()
     with tqdm(total=cfg.steps, desc=f"MD (ASE) {cfg.ensemble}", unit="step", disable=not progress) as bar:
         while step < cfg.steps and not halt:
@@ -147,7 +171,7 @@ def run_md_ase(
                 dyn.set_temperature(temperature_K=float(cfg.target_k(np.array(step + k))))
             per_step["T"].clear(), per_step["disp"].clear()
             dyn.run(k)
-            temp, epot = temperature(), atoms.get_potential_energy()
+            epot = atoms.get_potential_energy()
             ts, ds = (np.asarray(per_step[q][-k:] or [np.nan]) for q in ("T", "disp"))
             err = abs(epot + atoms.get_kinetic_energy() - e0) / n if cfg.ensemble == "nve" else None
             fail = guards.failure(cfg, ts, ds, atoms.positions, epot, err, fragments0, calc.potential.cutoff)
@@ -156,41 +180,17 @@ def run_md_ase(
                 at = step + j + 1
                 stopped = (
                     f"MD blew up at step {at} (t = {at * cfg.dt_fs:.1f} fs): {what}; last recorded temperature "
-                    f"{rec['T'][-1]:.0f} K"
+                    f"{rec['temperature_k'][-1]:.0f} K"
                 )
                 break
             step += k
-            rec["step"].append(step)
-            rec["pot"].append(epot)
-            rec["kin"].append(atoms.get_kinetic_energy())
-            rec["T"].append(temp)
-            record()
+            record(step)
             bar.update(k)
-            if monitor is not None and monitor(step, rec["pos"][-1]):
+            if monitor is not None and monitor(step, rec["positions"][-1]):
                 break
     if stopped and raise_on_blowup:
         raise MDBlowUp(stopped)
-    steps = np.asarray(rec["step"])
-    m = len(steps)  # a blow-up stops before its chunk is recorded
-    return MDResult(
-        step=steps,
-        time_fs=steps * cfg.dt_fs,
-        potential_ev=np.asarray(rec["pot"]),
-        kinetic_ev=np.asarray(rec["kin"]),
-        temperature_k=np.asarray(rec["T"]),
-        positions=np.stack(rec["pos"][:m]),
-        n_atoms=n,
-        wall_s=time.perf_counter() - t_start,
-        compile_s=0.0,
-        reallocations=0,
-        stopped=stopped,
-        cells=np.stack(rec["cell"][:m]) if periodic else None,
-        pressure_bar=np.asarray(rec["P"][:m], float) if periodic else None,
-        forces=np.stack(rec["F"][:m]),
-        velocities=np.stack(rec["v"][:m]),
-        stress=np.stack(rec["S"][:m]) if periodic else None,
-        n_dof=dof,
-    )
+    return MDResult.from_records(rec, cfg.dt_fs, n, wall_s=time.perf_counter() - t_start, stopped=stopped, n_dof=dof)
 
 
 __all__ = ["run_md_ase", "KB_EV_PER_K"]

@@ -71,3 +71,29 @@ def failure(
                 f"(started as {fragments0})"
             )
     return None
+
+
+def frame_failure(
+    cfg, frame: dict, e0_ev: float, n_atoms: int, fragments0: int | None, cutoff_angstrom: float
+) -> str | None:
+    """The reason `failure` gives for one saved frame (an `so3lib.md.engine.add_record` dict) of an engine that
+    runs the steps between frames itself (OpenMM, LAMMPS), or None: its temperature, the largest displacement
+    |v|·Δt one step makes at its velocities (ASE's unit), the NVE energy error against ``e0_ev`` (the total energy
+    of the first frame) and its pieces."""
+    from ase import units
+
+    v_angstrom_per_fs = np.asarray(frame["velocities"], float) * units.fs
+    disp = float(np.max(np.linalg.norm(v_angstrom_per_fs, axis=1))) * cfg.dt_fs
+    e_tot = frame["potential_ev"] + frame["kinetic_ev"]
+    err = abs(e_tot - e0_ev) / n_atoms if cfg.ensemble == "nve" else None
+    fail = failure(
+        cfg,
+        [frame["temperature_k"]],
+        [disp],
+        np.asarray(frame["positions"], float),
+        frame["potential_ev"],
+        err,
+        fragments0,
+        cutoff_angstrom,
+    )
+    return None if fail is None else fail[1]

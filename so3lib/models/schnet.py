@@ -26,6 +26,11 @@ class SchNetConfig(ModelConfig):
     n_rbf: int = Field(20, ge=2, le=256, description="radial basis functions")
     rbf: Literal["gaussian", "bessel"] = "gaussian"
     cutoff_fn: Literal["cosine", "polynomial"] = "cosine"
+    embedding_init_std: float | None = Field(
+        None,
+        gt=0,
+        description="standard deviation of the initial atom embedding A (SchNetPack: 1); default: 1/√F (flax)",
+    )
 
     def build(self) -> nn.Module:
         return SchNet(self)
@@ -52,7 +57,8 @@ class SchNet(nn.Module):
         _, r, emask = edge_geometry(graph, dt)
         rbf = RBFS[c.rbf](r, c.n_rbf, c.cutoff)
         fc = (CUTOFFS[c.cutoff_fn](r, c.cutoff) * emask)[:, None]
-        x = nn.Embed(119, c.n_atom_basis, dtype=dt, param_dtype=dt)(graph.nodes["species"])
+        init = {} if c.embedding_init_std is None else {"embedding_init": nn.initializers.normal(c.embedding_init_std)}
+        x = nn.Embed(119, c.n_atom_basis, dtype=dt, param_dtype=dt, **init)(graph.nodes["species"])
         for _ in range(c.n_interactions):
             w = dense(c.n_atom_basis)(shifted_softplus(dense(c.n_atom_basis)(rbf))) * fc
             y = dense(c.n_atom_basis, use_bias=False)(x)

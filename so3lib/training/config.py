@@ -26,14 +26,38 @@ class TrainingConfig(_Strict):
     stress_weight: float = Field(0.0, ge=0.0, description="weight of the stress term (eV/Å³)² for periodic data")
     optimizer: Literal["adam", "amsgrad"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    schedule: Literal["constant", "exponential", "plateau"] = "exponential"
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up over this many steps")
+    warmup_start_fraction: float = Field(
+        0.01, gt=0, le=1, description="the warm-up starts at learning_rate × this fraction"
+    )
+    schedule: Literal["constant", "exponential", "cosine", "linear", "plateau"] = "exponential"
+    schedule_over: Literal["auto", "steps", "budget"] = Field(
+        "auto",
+        description="what drives the decay: steps (decay_steps, decay_rate), or budget (the fraction of the run's "
+        "budget spent, wall clock or steps, reaching learning_rate × final_lr_fraction at its end); auto: budget "
+        "when max_minutes is set and the schedule decays (exponential, cosine, linear)",
+    )
+    final_lr_fraction: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="learning_rate × this at the end of a budget-driven schedule (and of a steps-driven cosine or "
+        "linear one at decay_steps)",
+    )
     decay_rate: float = Field(0.1, gt=0, le=1, description="exponential: lr × decay_rate every decay_steps")
     decay_steps: int = Field(100_000, ge=1)
     plateau_patience: int = Field(10, ge=1, description="plateau: evaluations without improvement")
     plateau_factor: float = Field(0.5, gt=0, lt=1)
-    grad_clip: float | None = Field(10.0, gt=0)
-    ema_decay: float | None = Field(0.99, ge=0, lt=1)
+    grad_clip: float | None = Field(10.0, gt=0, description="clip the gradient's global norm to this (none: no clip)")
+    ema_decay: float | None = Field(
+        0.99, ge=0, lt=1, description="EMA of the parameters, validated and kept as the best (none or 0: no EMA)"
+    )
+    output_scale_ev: float | None = Field(
+        None,
+        gt=0,
+        description="the per-atom output scale of the potential (eV); default: fitted, the RMS force component "
+        "of the training set × 1 Å",
+    )
     eval_every_steps: int | None = Field(None, ge=1, description="None: after each epoch")
     checkpoint_every_steps: int = Field(500, ge=1)
     early_stopping_patience: int | None = Field(50, ge=1, description="evaluations without improvement")
@@ -87,6 +111,14 @@ class TrainingConfig(_Strict):
     def _budget(self):
         if self.max_epochs is None and self.max_steps is None and self.max_minutes is None:
             raise ValueError("set at least one of max_epochs, max_steps, max_minutes")
+        if self.schedule_over == "budget" and self.schedule not in ("exponential", "cosine", "linear"):
+            raise ValueError(
+                f"schedule_over=budget decays an exponential, cosine or linear schedule, not schedule={self.schedule}"
+            )
+        if self.init_from is not None and self.output_scale_ev is not None:
+            raise ValueError(
+                "output_scale_ev applies to a fresh run: fine-tuning (init_from) keeps the trained run's scale"
+            )
         if self.init_from is None and (self.init_reference != "keep" or self.freeze != "none"):
             raise ValueError(
                 f"init_reference={self.init_reference}, freeze={self.freeze} apply to fine-tuning: give init_from "

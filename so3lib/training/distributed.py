@@ -280,7 +280,15 @@ def agreement(what: str) -> Iterator[None]:
     except Exception as e:
         error = e
     text = "" if error is None else " ".join(str(error).split()) or type(error).__name__
-    messages = allgather_text(text)
+    try:
+        messages = allgather_text(text)
+    except Exception as e:  # a process stopped without a word (killed, out of memory): its peers see it here
+        if error is not None:
+            raise error from None
+        failure = collective_failure(e, during=f"while {what}")
+        if failure is None:
+            raise
+        raise failure from e
     if error is not None:
         raise error
     failed = [(i, m) for i, m in enumerate(messages) if m]
@@ -323,18 +331,25 @@ def to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
-def collective_failure(error: BaseException, step: int | None, checkpoint: int | None) -> DistributedError | None:
+def collective_failure(
+    error: BaseException, step: int | None = None, checkpoint: int | None = None, during: str = "during training"
+) -> DistributedError | None:
     """A `DistributedError` for an exception from a collective whose peer went away (gloo, NCCL, the
-    coordination service), else None."""
+    coordination service), else None. ``during``: when it happened ("during training": at ``step``, and the
+    restart is a --resume from ``checkpoint``; else e.g. "while preparing the training")."""
+    if isinstance(error, DistributedError):
+        return None  # already says which process and why
     text = " ".join(str(error).split())
     signs = ("gloo", "nccl", "connection closed", "connection reset", "coordination service", "heartbeat")
     if not any(s in text.lower() for s in signs):
         return None
     first = text[:300] + ("…" if len(text) > 300 else "")
+    training = during == "during training"
     return DistributedError(
-        f"process {process_index()}: another process stopped during training"
+        f"process {process_index()}: another process stopped {during}"
         + (f" (at step {step})" if step is not None else "")
-        + f": {first}. Every process stops; start all of them again with --resume"
+        + f": {first}. Every process stops; start all of them again"
+        + (" with --resume" if training else "")
         + (f" (the last checkpoint is at step {checkpoint})" if checkpoint is not None else "")
     )
 

@@ -1,6 +1,7 @@
 """Training a deep ensemble (``--ensemble K``): K members trained one after another with seeds seed, seed+1, …
 (different initial parameters and batch orders, the same data and split), each a complete run folder
-``<run>/members/m<k>/``; then the spread is calibrated on the validation set and the ensemble mean is tested.
+``<run>/members/m<k>/`` (fine-tuned from an ensemble run, ``--init-from``, member k starts from its member k);
+then the spread is calibrated on the validation set and the ensemble mean is tested.
 
 Writes, beside the members: ``config.yaml`` (the ensemble's own, ``--config`` repeats it), ``model/ensemble.yaml``
 (members and calibration, read by `so3lib.load_potential` / `load_calculator`), ``results.json`` (the mean's
@@ -13,6 +14,7 @@ Members are trained sequentially, not vmapped over stacked parameters: each keep
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,33 @@ log = logging.getLogger("so3lib.train")
 
 
 def member_config(cfg: RunConfig, k: int) -> RunConfig:
-    """Member ``k``: the run's configuration with seed + k and no ensemble."""
-    tc = cfg.training.model_copy(update={"ensemble": None, "seed": cfg.training.seed + k})
+    """Member ``k``: the run's configuration with seed + k and no ensemble; fine-tuning from an ensemble run
+    (``init_from``), member k starts from its member k (`init_members`)."""
+    update: dict[str, Any] = {"ensemble": None, "seed": cfg.training.seed + k}
+    if cfg.training.init_from and ens_lib.is_ensemble(cfg.training.init_from):
+        update["init_from"] = str(init_members(cfg.training.init_from, int(cfg.training.ensemble))[k])
+    tc = cfg.training.model_copy(update=update)
     return cfg.model_copy(update={"name": f"{cfg.name}_m{k}", "training": tc})
+
+
+def init_members(run: str | Path, n: int) -> list[Path]:
+    """The model folders of the members of the ensemble run ``run`` (``--init-from``), which must have ``n``:
+    fine-tuning an ensemble keeps each member's own weights, so the spread carries over."""
+    import yaml
+
+    d = Path(run)
+    f = (
+        d / "model" / ens_lib.ENSEMBLE_FILE
+        if (d / "model" / ens_lib.ENSEMBLE_FILE).exists()
+        else d / ens_lib.ENSEMBLE_FILE
+    )
+    members = [Path(os.path.normpath(f.parent / m)) for m in yaml.safe_load(f.read_text())["members"]]
+    if len(members) != n:
+        raise ValueError(
+            f"--init-from {run} is an ensemble of {len(members)} members, the options ask for --ensemble {n}: "
+            "fine-tuning an ensemble starts each member from its own (give the same number)"
+        )
+    return members
 
 
 def train_ensemble(

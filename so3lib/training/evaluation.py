@@ -50,15 +50,20 @@ def _square(x: float | None) -> float | None:
     return None if x is None else x**2
 
 
-def evaluate(pot: Potential, params, loader: GraphLoader, eval_fn=None, collect: bool = False) -> dict:
+def evaluate(
+    pot: Potential, params, loader: GraphLoader, eval_fn=None, collect: bool = False, collect_max: int | None = None
+) -> dict:
     """MAE/RMSE over a loader (eV, eV/Å; None where the labels are absent), with mse_energy = RMSE_E² and
-    mse_forces = RMSE_F². With ``collect`` also the labelled predictions for parity plots (``predictions``)."""
+    mse_forces = RMSE_F². With ``collect`` also the labelled predictions for parity plots (``predictions``):
+    of every structure, or with ``collect_max`` of every k-th batch, k = ⌈structures / collect_max⌉ (about
+    ``collect_max`` structures spread over the loader: what is held does not grow with the set)."""
     eval_fn = eval_fn or make_eval_fn(pot)
     sums, coll = None, {"e_ref": [], "e_pred": [], "f_ref": [], "f_pred": [], "n_atoms": []}
-    for g in loader.epoch(0):
+    every = 1 if collect_max is None else max(1, -(-len(loader.dataset) // collect_max))
+    for k, g in enumerate(loader.epoch(0)):
         s, pred = eval_fn(params, g)
         sums = s if sums is None else jax.tree_util.tree_map(jnp.add, sums, s)
-        if collect:
+        if collect and k % every == 0:
             gm, nm = (np.asarray(m) > 0 for m in masks(g))  # labelled real graphs, labelled real atoms
             coll["e_ref"].append(np.asarray(g.globals["energy_residual"])[gm])
             coll["e_pred"].append(np.asarray(pred["energy_residual"])[gm])

@@ -45,8 +45,7 @@ def _model_dir(run: str | Path) -> Path:
     return d / "model" if (d / "model").is_dir() else d
 
 
-def load_init(run: str | Path) -> tuple[Potential, Any]:
-    """(Potential, params) of the run to start from, or FileNotFoundError naming ``--init-from``."""
+def _load(run: str | Path):
     from so3lib.training.saving import load_potential
 
     try:
@@ -55,9 +54,22 @@ def load_init(run: str | Path) -> tuple[Potential, Any]:
         raise FileNotFoundError(f"--init-from {run}: {exc}") from None
 
 
+def load_init(run: str | Path) -> tuple[Potential, Any]:
+    """(Potential, params) of the single-model run to start from, or FileNotFoundError naming ``--init-from``
+    (an ensemble run is fine-tuned member by member: `so3lib.training.ensemble.member_config`)."""
+    from so3lib.ensemble import is_ensemble
+
+    if is_ensemble(run):
+        raise ValueError(
+            f"--init-from {run} is an ensemble run: fine-tune it as an ensemble (--ensemble K, member k from its "
+            "member k), or start from one of its members/m<k>"
+        )
+    return _load(run)
+
+
 def init_model(run: str | Path) -> ModelConfig:
-    """The model configuration of a trained run (for the command line's defaults)."""
-    return load_init(run)[0].model
+    """The model configuration of a trained run, single model or ensemble (for the command line's defaults)."""
+    return _load(run)[0].model
 
 
 def check_model(init: ModelConfig, asked: ModelConfig, run: str | Path) -> None:

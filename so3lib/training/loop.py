@@ -5,7 +5,9 @@ and the metrics file come from the caller (`so3lib.training.trainer.train`).
 An evaluation runs every ``eval_every_steps`` steps (None: at each epoch's end) on the EMA parameters; the one
 with the lowest validation loss is kept as ``state.best``. A run stops when it reaches its step or epoch budget,
 its minutes, or ``early_stopping_patience`` evaluations without improvement; a checkpoint is written every
-``checkpoint_every_steps`` steps and at the stop.
+``checkpoint_every_steps`` steps and at the stop. A budget-driven learning rate (`BudgetSchedule`) is written
+into the optimiser state every ``log_every_steps`` steps, from the step count and the training time summed over
+sessions (the checkpoint keeps the rate written last, so a resumed run continues the same staircase).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from so3lib.graph.batching import GraphLoader
 from so3lib.training.checkpoint import Checkpointer
 from so3lib.training.config import TrainingConfig
 from so3lib.training.evaluation import fmt, metric_row, validation_loss
+from so3lib.training.optim import BudgetSchedule, injected_paths, set_learning_rate
 from so3lib.training.state import Progress, TrainState
 from so3lib.training.step import TrainStep
 
@@ -73,9 +76,15 @@ class TrainingLoop:
         checkpointer: where checkpoints go (``save(step, tree, json)``, ``latest_step()``).
         metrics: receives one row per evaluation (``write(row)``).
         pbar: a progress bar (``update(n)``, ``set_postfix(**values, refresh=False)``, e.g. tqdm) or None.
-        agree: in a run of several processes, ``agree(over_time) -> bool`` gives every process process 0's
-            answer to "is the time budget spent?" (wall clocks differ; a collective, so it is asked only every
-            ``log_every_steps`` steps). None: asked of the local clock at every step.
+        agree: in a run of several processes, ``agree(elapsed_s) -> float`` gives every process process 0's
+            training time (wall clocks differ; a collective, so it is asked only every ``log_every_steps``
+            steps): the time budget and the budget-driven learning rate follow it. None: the local clock, read
+            at every step.
+        budget_schedule: the budget-driven learning rate (`so3lib.training.optim.BudgetSchedule`), written
+            into the optimiser state before every ``log_every_steps``-th step; None: the optimiser's own step
+            schedule.
+        clock: seconds (``time.perf_counter``; tests give a clock of their own): the training time t that the
+            time budget and the budget-driven schedule read, summed over sessions through ``Progress.elapsed_s``.
     """
 
     def __init__(
@@ -88,7 +97,9 @@ class TrainingLoop:
         checkpointer: Checkpointer,
         metrics: MetricsWriter,
         pbar: Any = None,
-        agree: Callable[[bool], bool] | None = None,
+        agree: Callable[[float], float] | None = None,
+        budget_schedule: BudgetSchedule | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.cfg = cfg
         self.train_step = train_step
@@ -103,6 +114,8 @@ class TrainingLoop:
         self.metrics = metrics
         self.pbar = pbar
         self.agree = agree
+        self.budget_schedule = budget_schedule
+        self.clock = clock
 
     def run(self, state: TrainState, progress: Progress) -> tuple[TrainState, Progress, LoopTiming]:
         """Train until a stop; returns the final state (``best`` holds the selected parameters), the progress
@@ -115,6 +128,8 @@ class TrainingLoop:
         """
         self.state, self.progress = state, progress
         self._elapsed0 = progress.elapsed_s
+        self._agreed_elapsed = progress.elapsed_s  # several processes: process 0's time at the last agreement
+        self._lr_paths = None  # where the budget schedule writes the learning rate in the optimiser state
         self._pending: list[tuple[int, int, jax.Array]] = []  # (step, epoch, loss on the device), unchecked
         self._loss_window: list[float] = []  # checked losses since the last evaluation
         self._t_other = 0.0  # evaluation and checkpoint time inside the timed window, excluded from steps_per_s
@@ -123,7 +138,7 @@ class TrainingLoop:
         p.stopped = "early_stopping" if p.stopped == "early_stopping" else None
         if self.budget_steps is not None and p.step >= self.budget_steps:
             p.stopped = p.stopped or "max_steps"
-        self._t_loop = time.perf_counter()
+        self._t_loop = self.clock()
         while p.stopped is None:
             if p.batch_in_epoch >= self.steps_per_epoch:  # resumed with a larger batch: that epoch is over
                 log.warning(
@@ -142,12 +157,13 @@ class TrainingLoop:
         self._check_losses()
         jax.block_until_ready(self.state.params)
         t_end = time.perf_counter()
+        train_time_s = self._elapsed()
         if p.best_step < 0:  # no evaluation ran yet: evaluate once so a best model exists
             self._evaluate()
         self._save()
         timed_s = t_end - self._timed_from - self._t_other if self._timed_from else 0.0
         timing = LoopTiming(
-            train_time_s=self._elapsed0 + (t_end - self._t_loop),
+            train_time_s=train_time_s,
             compile_time_s=self._compile_time_s,
             # absent when too few steps were timed to measure (a short run), never a division by almost zero
             steps_per_s=self._steps_timed / timed_s
@@ -159,6 +175,13 @@ class TrainingLoop:
     def _step(self, graph) -> None:
         """One update, then what falls due at its step: loss check, epoch end, evaluation, stop, checkpoint."""
         cfg, p = self.cfg, self.progress
+        if self.budget_schedule is not None and p.step % cfg.log_every_steps == 0:
+            # between these steps the rate stays as written, also in a checkpoint: a resumed run continues it
+            t = self._elapsed() if self.agree is None else self._agreed_elapsed
+            lr = self.budget_schedule(p.step, t)
+            if self._lr_paths is None:
+                self._lr_paths = injected_paths(self.state.opt_state)
+            self.state = self.state.replace(opt_state=set_learning_rate(self.state.opt_state, lr, self._lr_paths))
         t0 = time.perf_counter()
         self.state, loss, _ = self.train_step(self.state, graph)
         if self._compile_time_s is None:
@@ -182,16 +205,16 @@ class TrainingLoop:
         if self.budget_steps is not None and p.step >= self.budget_steps:
             p.stopped = p.stopped or "max_steps"
         if cfg.max_minutes and (self.agree is None or p.step % cfg.log_every_steps == 0):
-            over = self._elapsed() > 60 * cfg.max_minutes
+            elapsed = self._elapsed()
             if self.agree is not None:
-                over = self.agree(over)
-            if over:
+                elapsed = self._agreed_elapsed = float(self.agree(elapsed))
+            if cfg.max_minutes and elapsed > 60 * cfg.max_minutes:
                 p.stopped = p.stopped or "max_minutes"
         if p.step % cfg.checkpoint_every_steps == 0 or p.stopped:
             self._save()
 
     def _elapsed(self) -> float:
-        return self._elapsed0 + time.perf_counter() - self._t_loop
+        return self._elapsed0 + self.clock() - self._t_loop
 
     def _check_losses(self) -> None:
         """Bring the pending losses to the host; the first non-finite one stops the run."""

@@ -183,9 +183,25 @@ def fingerprint_dataset(ds) -> dict[str, Any]:
 
     if isinstance(ds, Dataset):
         digest = _sha(ds.numbers, ds.positions, ds.energy, ds.forces, ds.stress, ds.cell, ds.pbc, ds.offsets)
-    else:
-        digest = _sha(np.frombuffer(str(ds.source).encode(), np.uint8), ds.frames, ds.n_atoms, ds.energy)
-    return {"frames": len(ds), "atoms": int(np.sum(ds.n_atoms)), "sha256": digest}
+        return {"frames": len(ds), "atoms": int(np.sum(ds.n_atoms)), "sha256": digest}
+    return {"frames": len(ds), "atoms": sum(int(np.sum(p.n_atoms)) for p in ds.chunks()), "sha256": _sha_view(ds)}
+
+
+def _sha_view(view) -> str:
+    """``_sha(source, frames, n_atoms, energy)`` of a store's view, its arrays read chunk by chunk (the same
+    digest, without per-frame arrays of the whole view)."""
+    h = hashlib.sha256()
+    source = np.frombuffer(str(view.source).encode(), np.uint8)
+    h.update(str(source.dtype).encode() + str(source.shape).encode() + source.tobytes())
+    for dtype, read in (
+        (np.int64, lambda p: p.frames),
+        (np.int64, lambda p: p.n_atoms),
+        (np.float64, lambda p: p.energy),
+    ):
+        h.update(str(np.dtype(dtype)).encode() + str((len(view),)).encode())
+        for part in view.chunks():
+            h.update(np.ascontiguousarray(read(part), dtype).tobytes())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(cfg, datasets: Mapping[str, Any], resumable: frozenset[str] = RESUMABLE) -> dict[str, Any]:

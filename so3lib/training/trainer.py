@@ -11,8 +11,10 @@ metrics.csv), `loop` (only the loop), `checkpoint` (orbax).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,8 @@ from so3lib.training import distributed, finetune, run_folder
 from so3lib.training.checkpoint import Checkpointer, NoCheckpointer
 from so3lib.training.config import DataConfig, RunConfig, nll_weight
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, evaluate, fmt, make_eval_fn, to_mev
-from so3lib.training.loop import NonFiniteLossError, TrainingLoop, step_budget
-from so3lib.training.optim import learning_rate_schedule, make_optimizer, plateau_scale
+from so3lib.training.loop import LoopTiming, NonFiniteLossError, TrainingLoop, step_budget
+from so3lib.training.optim import BudgetSchedule, budget_driven, current_learning_rate, make_optimizer
 from so3lib.training.saving import save_potential
 from so3lib.training.state import Progress, TrainState, init_state
 from so3lib.training.step import make_train_step
@@ -75,6 +77,8 @@ def build_potential(cfg: RunConfig, train_ds) -> Potential:
         if "species" in type(model).model_fields and model.species is None:
             model = model.replace(species=list(train_ds.species))  # every element, not only the sample's
     scale, shift = fit_scale_shift(fit_ds, ref)
+    if cfg.training.output_scale_ev is not None:  # chosen by the user instead of the fitted RMS force
+        scale = float(cfg.training.output_scale_ev)
     model = model.fit(fit_ds)
     if model != cfg.model:
         log.info(
@@ -118,13 +122,18 @@ def make_loader(
         shuffle=shuffle,
         seed=seed,
         dtype=dtype,
-        energy_offset=pot.reference.energy(ds),
+        energy_offset=pot.reference.energy(ds) if isinstance(ds, Dataset) else _offset_of(pot.reference, ds),
         triplet_cutoff=pot.model.triplet_cutoff,
         n_shards=n_shards,
         sharding=sharding,
         ladder=ladder,
         descriptor_cache=cache,
     )
+
+
+def _offset_of(reference, view):
+    """Reference energy of frames of a store's view, computed per batch from their stored composition."""
+    return lambda frames: reference.energy(view.subset(frames))
 
 
 def data_mesh(n_devices: int):
@@ -159,7 +168,7 @@ def train(
 
     In a run of several processes (`so3lib.training.distributed`) every process calls this with the same
     arguments; process 0 alone writes ``out_dir`` (the others may not even see it) and returns the results,
-    the others return ``{"process_id", "steps"}``.
+    the others return ``{"process_id", "steps", "train_time_s", "input_wait_s", "out": None}``.
 
     With ``cfg.training.ensemble`` = K, K members (see `so3lib.training.ensemble`)."""
     if cfg.training.ensemble:
@@ -275,7 +284,6 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     else:
         local = (lambda t: t) if mesh is None else (lambda t: jax.device_put(t, jax.local_devices()[0]))
     eval_fn = make_eval_fn(eval_pot, tc.stress_weight > 0)
-    lr_schedule = learning_rate_schedule(tc)
     metrics_csv = MetricsCSV(out / "metrics.csv") if writer else _NoMetrics()
 
     def validate(ema):
@@ -295,11 +303,12 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         train_step,
         train_loader,
         validate=validate,
-        learning_rate=lambda step, opt_state: float(lr_schedule(step)) * plateau_scale(opt_state),
+        learning_rate=lambda step, opt_state: current_learning_rate(tc, step, opt_state),
         checkpointer=ckpt,
         metrics=metrics_csv,
         pbar=pbar,
-        agree=(lambda over: bool(distributed.broadcast_json(over))) if multi else None,
+        agree=(lambda value: distributed.broadcast_json(value)) if multi else None,
+        budget_schedule=BudgetSchedule(tc, step_budget(tc, steps_per_epoch)) if budget_driven(tc) else None,
     )
     try:
         state, run_progress, timing = loop.run(state, run_progress)
@@ -315,25 +324,27 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
     with distributed.agreement("writing the run folder on process 0"):
         results = _finish(
             writer,
-            cfg,
-            pot,
-            state,
-            local,
-            run_progress,
-            timing,
-            out,
-            n_params,
-            train_ds,
-            val_ds,
-            test_ds,
-            train_loader,
-            val_loader,
-            eval_fn,
-            eval_batch_size,
-            mesh,
-            train_step,
-            t_setup,
-            init_summary,
+            _FinishedRun(
+                cfg=cfg,
+                pot=pot,
+                state=state,
+                local=local,
+                progress=run_progress,
+                timing=timing,
+                out=out,
+                n_params=n_params,
+                train_ds=train_ds,
+                val_ds=val_ds,
+                test_ds=test_ds,
+                train_loader=train_loader,
+                val_loader=val_loader,
+                eval_fn=eval_fn,
+                eval_batch_size=eval_batch_size,
+                mesh=mesh,
+                train_step=train_step,
+                t_setup=t_setup,
+                init_summary=init_summary,
+            ),
         )
     return results
 
@@ -348,94 +359,104 @@ class _NoMetrics:
         pass
 
 
-def _finish(
-    writer,
-    cfg,
-    pot,
-    state,
-    local,
-    run_progress,
-    timing,
-    out,
-    n_params,
-    train_ds,
-    val_ds,
-    test_ds,
-    train_loader,
-    val_loader,
-    eval_fn,
-    eval_batch_size,
-    mesh,
-    train_step,
-    t_setup,
-    init_summary,
-) -> dict:
+@dataclasses.dataclass
+class _FinishedRun:
+    """What `_train` hands to `_finish`: the run's configuration and data, the parts it built and the loop's
+    outcome (state, progress, timing)."""
+
+    cfg: RunConfig
+    pot: Potential
+    state: TrainState
+    local: Callable[[Any], Any]  # replicated arrays → this process's own copy
+    progress: Progress
+    timing: LoopTiming
+    out: Path
+    n_params: int
+    train_ds: Any
+    val_ds: Any
+    test_ds: Any
+    train_loader: GraphLoader
+    val_loader: GraphLoader
+    eval_fn: Callable
+    eval_batch_size: int
+    mesh: Any
+    train_step: Callable
+    t_setup: float  # perf_counter() when the run began (for the overhead time)
+    init_summary: dict | None
+
+
+def _finish(writer: bool, run: _FinishedRun) -> dict:
     """Process 0: the best model, the final errors, plots and results.json. Other processes: their step count."""
-    tc = cfg.training
+    tc, pot, out, timing, progress = run.cfg.training, run.pot, run.out, run.timing, run.progress
     if not writer:
         return {
             "process_id": distributed.process_index(),
-            "steps": run_progress.step,
-            "input_wait_s": train_loader.wait_s,
+            "steps": progress.step,
+            "train_time_s": timing.train_time_s,
+            "input_wait_s": run.train_loader.wait_s,
             "out": None,
         }
-    best = local(state.best)
+    best = run.local(run.state.best)
     calibration = None
     if hasattr(pot, "with_calibration"):  # a shallow ensemble: its spread calibrated on the validation set
         from so3lib.training.ensemble import calibrate
 
-        calibration = calibrate(pot, best, _in_memory(val_ds), eval_batch_size)
+        calibration = calibrate(pot, best, _in_memory(run.val_ds), run.eval_batch_size)
         pot = pot.with_calibration(calibration["energy_scale"] or 1.0, calibration["forces_scale"] or 1.0)
     save_potential(out / "model", pot, best)
     results: dict[str, Any] = {
-        "model": cfg.model.name,
-        "n_parameters": n_params,
+        "model": run.cfg.model.name,
+        "n_parameters": run.n_params,
         "train_time_s": timing.train_time_s,
-        "steps": run_progress.step,
-        "epochs_completed": run_progress.epoch,
-        "stopped_because": run_progress.stopped,
-        "best_step": run_progress.best_step,
+        "steps": progress.step,
+        "epochs_completed": progress.epoch,
+        "stopped_because": progress.stopped,
+        "best_step": progress.best_step,
         "compile_time_s": timing.compile_time_s,
         "overhead_time_s": None,
         "steps_per_s": timing.steps_per_s,
-        "input_wait_s": train_loader.wait_s,  # the step waiting for its batch (this session, first batch excluded)
-        "n_train": len(train_ds),
-        "n_val": len(val_ds),
+        "input_wait_s": run.train_loader.wait_s,  # the step waiting for its batch (this session, first batch excluded)
+        "n_train": len(run.train_ds),
+        "n_val": len(run.val_ds),
         "batch_size": tc.batch_size,
         "n_devices": tc.n_devices,
-        "streamed": not isinstance(train_ds, Dataset),
-        "n_compiles_train_step": _cache_size(train_step),
-        "padded_shapes_train": sorted(train_loader.shapes_seen),
+        "streamed": not isinstance(run.train_ds, Dataset),
+        "n_compiles_train_step": _cache_size(run.train_step),
+        "padded_shapes_train": sorted(run.train_loader.shapes_seen),
         "energy_reference": pot.reference.to_dict(),
         "scale_ev": pot.scale,
         "shift_ev_per_atom": pot.shift,
     }
-    if init_summary is not None:
-        results["init"] = init_summary
+    if run.init_summary is not None:
+        results["init"] = run.init_summary
     if calibration is not None:
-        results["readout_heads"] = cfg.model.readout_heads
-        results["nll_weight"] = nll_weight(cfg.model, tc)
+        results["readout_heads"] = run.cfg.model.readout_heads
+        results["nll_weight"] = nll_weight(run.cfg.model, tc)
         results["calibration"] = calibration
     if results["steps_per_s"]:
         results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
-    results["val"] = _without_mse(evaluate(pot, best, val_loader, eval_fn))
-    train_eval = _train_eval_loader(train_ds, pot, train_loader, eval_batch_size, mesh)
-    results["train"] = _without_mse(evaluate(pot, best, train_eval, eval_fn))
+    results["val"] = _without_mse(evaluate(pot, best, run.val_loader, run.eval_fn))
+    train_eval = _train_eval_loader(run.train_ds, pot, run.train_loader, run.eval_batch_size, run.mesh)
+    results["train"] = _without_mse(evaluate(pot, best, train_eval, run.eval_fn))
     from so3lib import plotting
 
-    plotting.learning_curve(out / "metrics.csv", out / "plots" / "learning_curve.png", f"{cfg.name}: {cfg.model.name}")
-    if test_ds is not None:
-        test_loader = make_loader(test_ds, pot, eval_batch_size, False, 0, "test")
+    name = run.cfg.name
+    plotting.learning_curve(out / "metrics.csv", out / "plots" / "learning_curve.png", f"{name}: {run.cfg.model.name}")
+    if run.test_ds is not None:
+        test_ds = run.test_ds
+        test_loader = make_loader(test_ds, pot, run.eval_batch_size, False, 0, "test")
         test_stress = _has_stress(test_ds) and tc.stress_weight == 0
-        test_eval = eval_fn
+        test_eval = run.eval_fn
         if test_stress or calibration is not None:  # a shallow ensemble: the calibrated spread of the full potential
             test_eval = make_eval_fn(pot, test_stress or tc.stress_weight > 0)
-        results["test"] = _test(pot, best, test_loader, test_eval, out / "plots", cfg.name)
+        results["test"] = _test(pot, best, test_loader, test_eval, out / "plots", name)
         _save_test_predictions(pot, best, test_ds, test_loader, test_eval, out / "test_predictions.extxyz")
     if calibration is not None:
-        results["uncertainty"] = _uncertainty_reports(pot, best, val_ds, test_ds, eval_batch_size, out, cfg.name)
+        results["uncertainty"] = _uncertainty_reports(
+            pot, best, run.val_ds, run.test_ds, run.eval_batch_size, out, name
+        )
     # data, neighbour lists, evaluation, plots
-    results["overhead_time_s"] = time.perf_counter() - t_setup - timing.train_time_s
+    results["overhead_time_s"] = time.perf_counter() - run.t_setup - timing.train_time_s
     if distributed.active():
         results["n_processes"] = jax.process_count()
     run_folder.write_atomic(out / "results.json", run_folder.to_json(results))
@@ -508,10 +529,18 @@ def _start_or_resume(
     return state, progress
 
 
+PARITY_MAX_STRUCTURES = 20_000  # a streamed test set's parity plots show about this many structures
+
+
 def _test(pot: Potential, params, loader: GraphLoader, eval_fn, plots: Path, name: str) -> dict:
-    """Test errors of ``params`` (logged, with parity plots of what is labelled)."""
-    m = evaluate(pot, params, loader, eval_fn, collect=True)
-    _parity_plots(m.pop("predictions"), plots, name)
+    """Test errors of ``params`` (logged, with parity plots of what is labelled: of every structure of an
+    in-memory set, of about `PARITY_MAX_STRUCTURES` spread over a streamed one)."""
+    streamed = not isinstance(loader.dataset, Dataset)
+    m = evaluate(pot, params, loader, eval_fn, collect=True, collect_max=PARITY_MAX_STRUCTURES if streamed else None)
+    pred = m.pop("predictions")
+    if streamed and len(pred["n_atoms"]) < m["n_structures"]:
+        log.info("test parity plots: %d of the %d test structures", len(pred["n_atoms"]), m["n_structures"])
+    _parity_plots(pred, plots, name)
     log.info(
         "test: energy MAE %s meV (%s meV/atom), forces MAE %s meV/Å on %d structures%s",
         fmt(to_mev(m["energy_mae_ev"])),

@@ -19,7 +19,35 @@ from so3lib.training.run_folder import RunFolder, to_json, write_atomic
 from so3lib.workflows.common import Options, command_section
 
 
-class MDOptions(Options):
+class DynamicsOptions(Options):
+    """The integration options shared by ``so3lib md`` and the exploration MD of ``so3lib active``; they become
+    an `MDConfig` through `md_config`."""
+
+    temperature: float = Field(300.0, gt=0, description="K: initial velocities and thermostat target")
+    steps: int = Field(1000, ge=1, description="MD steps (of each trajectory)")
+    dt: float = Field(0.5, gt=0, description="time step (fs)")
+    save_every: int = Field(10, ge=1, description="save a frame every K steps")
+    friction: float = Field(10.0, gt=0, description="Langevin friction (1/ps)")
+    tau: float = Field(100.0, gt=0, description="Berendsen / Nosé–Hoover time constant (fs)")
+    skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
+
+    def md_config(self, **fields):
+        """The `MDConfig` of these options; ``fields`` (MDConfig's names) add to or override them."""
+        from so3lib.md import MDConfig
+
+        own = {
+            "temperature_k": self.temperature,
+            "steps": self.steps,
+            "dt_fs": self.dt,
+            "save_every": self.save_every,
+            "friction_per_ps": self.friction,
+            "tau_fs": self.tau,
+            "skin_angstrom": self.skin,
+        }
+        return MDConfig(**{**own, **fields})
+
+
+class MDOptions(DynamicsOptions):
     """Options of ``so3lib md``."""
 
     run: str = Field(..., description="a trained so3lib run folder")
@@ -30,15 +58,8 @@ class MDOptions(Options):
         "nve", description="ensemble"
     )
     pressure: float | None = Field(None, description="bar: NPT target pressure (with --ensemble npt)")
-    temperature: float = Field(300.0, gt=0, description="K: initial velocities and thermostat target")
     ramp: tuple[float, float] | None = Field(None, description="Berendsen ramp T0 T1 (K) over the run")
-    steps: int = Field(1000, ge=1, description="MD steps")
-    dt: float = Field(0.5, gt=0, description="time step (fs)")
-    save_every: int = Field(10, ge=1, description="save a frame every K steps")
-    friction: float = Field(10.0, gt=0, description="Langevin friction (1/ps)")
-    tau: float = Field(100.0, gt=0, description="Berendsen / Nosé–Hoover time constant (fs)")
     barostat_tau: float = Field(500.0, gt=0, description="NPT barostat time constant (fs)")
-    skin: float = Field(1.0, ge=0, description="neighbour-list skin (Å)")
     seed: int = Field(0, description="seed of the initial velocities and the Langevin noise")
     engine: Literal["jax-md", "ase", "openmm", "lammps"] = Field(
         "jax-md",
@@ -70,6 +91,8 @@ class MDOptions(Options):
             raise ValueError("--ensemble npt needs a target pressure: --pressure BAR")
         if self.ensemble != "npt" and self.pressure is not None:
             raise ValueError(f"--pressure {self.pressure} needs --ensemble npt (got --ensemble {self.ensemble})")
+        if self.ensemble == "npt" and self.engine in ("openmm", "lammps"):
+            raise ValueError(f"--ensemble npt needs --engine jax-md or ase (the {self.engine} engine has no barostat)")
         return self
 
 
@@ -91,20 +114,23 @@ def load_structure(path: str, frame: int = 0, supercell=None):
 
 def analyse(res, numbers, cell, pbc, cfg, rdf_threshold: float, r_max: float) -> tuple[dict, list]:
     """The stability report of an MD result, and the RDF of every saved frame."""
-    from so3lib.md import stability
+    from so3lib.md import stability, thermo
 
     frames = res.positions
     cells = res.cells if res.cells is not None else [cell] * len(frames)  # the cell changes under NPT
     g = [stability.rdf(p, c, pbc, r_max)[1] for p, c in zip(frames, cells)]
     sim = np.array([stability.rdf_similarity(x, g[0]) for x in g])
     below = np.nonzero(sim < rdf_threshold)[0]
+    tail_t = res.temperature_k[len(res.temperature_k) // 5 :]
     out = {
         "n_atoms": res.n_atoms,
         "steps": int(res.step[-1]),
         "dt_fs": cfg.dt_fs,
         "ensemble": cfg.ensemble,
         "temperature_target_k": cfg.ramp_k or cfg.temperature_k,
-        "temperature_mean_k": float(np.mean(res.temperature_k[len(res.temperature_k) // 5 :])),
+        "temperature_mean_k": float(np.mean(tail_t)),
+        # block averaging (20 blocks): the mean's standard error, None when too few frames to estimate it
+        "temperature_mean_standard_error_k": thermo.mean_and_standard_error(tail_t)[1] if len(tail_t) >= 40 else None,
         "steps_per_s": res.steps_per_s,
         "atom_steps_per_s": res.steps_per_s * res.n_atoms,
         "compile_s": res.compile_s,
@@ -240,7 +266,7 @@ def write_csv(path: Path, res, monitor=None) -> None:
 
 def run(opts: MDOptions) -> dict:
     """Run MD from ``opts.structure`` with the run's best model and write the report; returns it."""
-    from so3lib.md import MDConfig, run_md, stability
+    from so3lib.md import run_md, stability
     from so3lib.training import load_potential
 
     if opts.engine == "openmm":  # before anything is loaded: a missing engine is a one-line error
@@ -249,18 +275,12 @@ def run(opts: MDOptions) -> dict:
         import_openmm()
     if not Path(opts.run).exists():
         raise FileNotFoundError(f"{opts.run}: no such run folder (train one with so3lib train / md17 / spice)")
-    cfg = MDConfig(
+    cfg = opts.md_config(
         ensemble=opts.ensemble,
         temperature_k=opts.ramp[0] if opts.ramp else opts.temperature,
         ramp_k=tuple(opts.ramp) if opts.ramp else None,
-        steps=opts.steps,
-        dt_fs=opts.dt,
-        save_every=opts.save_every,
-        friction_per_ps=opts.friction,
-        tau_fs=opts.tau,
         pressure_bar=opts.pressure,
         barostat_tau_fs=opts.barostat_tau,
-        skin_angstrom=opts.skin,
         seed=opts.seed,
     )
     if opts.engine == "lammps":
@@ -280,17 +300,10 @@ def run(opts: MDOptions) -> dict:
         from so3lib.calculator import So3libCalculator
         from so3lib.md.openmm import run_md_openmm
 
-        if monitor is not None:
-            raise ValueError(
-                "--max-uncertainty: the openmm engine does not record the uncertainty; use --engine jax-md or ase"
-            )
-        res = run_md_openmm(So3libCalculator(pot, params, skin=opts.skin), atoms, cfg, opts.progress, False)
+        calc = So3libCalculator(pot, params, skin=opts.skin)
+        res = run_md_openmm(calc, atoms, cfg, opts.progress, False, monitor=monitor)
     elif opts.engine == "lammps":
-        if monitor is not None:
-            raise ValueError(
-                "--max-uncertainty: the lammps engine does not record the uncertainty; use --engine jax-md or ase"
-            )
-        res, lammps_rdf = _run_lammps(opts, cfg, pot, params, atoms)
+        res, lammps_rdf = _run_lammps(opts, cfg, pot, params, atoms, monitor)
     else:
         res = run_md(pot, params, atoms, cfg, opts.progress, raise_on_blowup=False, monitor=monitor)
     out = RunFolder(opts.out, kind="MD").claim()
@@ -351,23 +364,16 @@ def _rdf_window_steps(opts: MDOptions, cfg) -> int:
     return window
 
 
-def _run_lammps(opts: MDOptions, cfg, pot, params, atoms):
+def _run_lammps(opts: MDOptions, cfg, pot, params, atoms, monitor=None):
     """LAMMPS MD; on a periodic cell with LAMMPS' compute rdf in ``--rdf-windows`` windows."""
     from so3lib.calculator import So3libCalculator
     from so3lib.md.lammps import run_md_lammps, run_md_lammps_rdf
 
     calc = So3libCalculator(pot, params, skin=opts.skin)
     if not np.all(atoms.pbc):
-        return run_md_lammps(calc, atoms, cfg, opts.progress, False), None
+        return run_md_lammps(calc, atoms, cfg, opts.progress, False, monitor), None
     window = _rdf_window_steps(opts, cfg)
-    try:
-        return run_md_lammps_rdf(calc, atoms, cfg, window, opts.rdf_rmax, RDF_BINS, opts.progress)
-    except Exception as exc:
-        from so3lib.md import MDBlowUp
-
-        if not isinstance(exc, MDBlowUp):
-            raise
-        return run_md_lammps(calc, atoms, cfg, opts.progress, False), None  # the records up to the blow-up
+    return run_md_lammps_rdf(calc, atoms, cfg, window, opts.rdf_rmax, RDF_BINS, opts.progress, False, monitor)
 
 
 def _lammps_rdf_report(opts: MDOptions, cfg, pot, params, atoms, res, lammps_rdf, out: Path) -> dict | None:

@@ -111,11 +111,12 @@ def preset(model: str, options: dict) -> Preset:
 def split_frames(view, how: str, val_fraction: float, test_fraction: float, seed: int) -> tuple[dict, str]:
     """{train, val, test} indices into the view, and a description. By molecule unless fewer than three
     molecules are left (then by conformation, with a note)."""
-    names = view.meta["name"].astype(str)
-    n_mol = len(np.unique(names))
+    _, rank = np.unique(view.molecules["name"].astype(str), return_inverse=True)  # per molecule, not per frame
+    rank = rank.reshape(-1)[view.molecule_index()]  # each frame's molecule name, as its rank among the names
+    n_mol = len(np.unique(rank))
     fr = (round(1 - val_fraction - test_fraction, 6), val_fraction, test_fraction)
     if how == "molecule" and n_mol >= 3:
-        s = data.split_by_group(names, fr, seed=seed)
+        s = data.split_by_group_rank(rank, fr, seed=seed)
         return s, f"by molecule ({n_mol} molecules; fractions {fr}), seed {seed}"
     if how == "molecule":
         log.warning("only %d molecule(s) left after filtering: splitting by conformation instead of by molecule", n_mol)
@@ -136,17 +137,18 @@ def per_subset(run_dir: Path, test_view, batch_size: int) -> list[dict]:
     pot, params = load_potential(run_dir)
     eval_fn = make_eval_fn(pot)
     ladder = make_loader(test_view, pot, batch_size, False, 0, "test").ladder
-    subsets = test_view.meta["subset"].astype(str)
+    molecule = test_view.molecule_index()  # per frame; names and subsets are looked up per molecule
+    mol_subset, mol_name = test_view.molecules["subset"].astype(str), test_view.molecules["name"].astype(str)
     rows = []
-    for name in [*sorted(set(subsets)), "all"]:
-        idx = np.arange(len(test_view)) if name == "all" else np.nonzero(subsets == name)[0]
+    for name in [*sorted(set(mol_subset[np.unique(molecule)])), "all"]:
+        idx = np.arange(len(test_view)) if name == "all" else np.nonzero(mol_subset[molecule] == name)[0]
         loader = make_loader(test_view.subset(idx), pot, batch_size, False, 0, f"test {name}", ladder=ladder)
         m = evaluate(pot, params, loader, eval_fn)
         rows.append(
             {
                 "subset": name,
                 "conformations": len(idx),
-                "molecules": int(len(set(test_view.meta["name"][idx]))),
+                "molecules": int(len(set(mol_name[np.unique(molecule[idx])]))),
                 "energy_mae_mev_per_atom": 1e3 * m["energy_mae_per_atom_ev"],
                 "energy_mae_mev": 1e3 * m["energy_mae_ev"],
                 "forces_mae_mev_per_a": 1e3 * m["forces_mae_ev_per_a"],
