@@ -20,9 +20,14 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 jax.config.update("jax_enable_x64", True)  # float64 models in physics tests; float32 models keep float32
 os.environ.setdefault("TQDM_DISABLE", "1")
-# One compilation cache for the whole test session (and the subprocesses it starts): tests that build the same
-# model configuration share compiled programs. A fresh temporary directory each run, so nothing stale or foreign.
-_CACHE = tempfile.mkdtemp(prefix="so3lib-jax-cache-")
+# One compilation cache for the whole test session, its pytest-xdist workers and the subprocesses it starts: tests
+# that build the same model configuration share compiled programs. The first process (pytest itself, or the
+# controller that starts the workers) makes a fresh temporary directory, so nothing stale or foreign, and removes
+# it at the end; the workers inherit it through the environment.
+_CACHE_OWNER = "SO3LIB_TEST_JAX_CACHE" not in os.environ
+if _CACHE_OWNER:
+    os.environ["SO3LIB_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="so3lib-jax-cache-")
+_CACHE = os.environ["SO3LIB_TEST_JAX_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -71,6 +76,14 @@ UNIT_MODULES = {
     "test_spice_preprocessing",
     "test_splits_reference",
 }
+
+
+def pytest_unconfigure(config):
+    """The process that made the session's compilation cache removes it (the workers leave it alone)."""
+    if _CACHE_OWNER:
+        import shutil
+
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,10 +8,11 @@ slow part (the energy exchanged with the thermostat) decorrelates only over the 
 10 ps of moderately coupled (γ = 20 /ps) Langevin dynamics is known to ~1.5 % only, too loose to test 2 %. Each
 mean therefore comes with its standard error by block averaging (`thermo.mean_and_standard_error`, 20 blocks of
 ~1 ps), and the coupling is tight enough (γ = 100 /ps, Nosé–Hoover τ = 25 fs, Berendsen τ = 50 fs) that over
-19 ps the error is below 0.5 %: the 2 % bound is then four standard errors away from a correct thermostat, while a
-degrees-of-freedom mistake (3N against 3N − 3: +5 %) or heating fails it.
+19 ps the error is at most 2/3 % (measured on jax-md: 0.4 K Berendsen, 1.2 K Langevin, 1.8 K Nosé–Hoover; a
+20-block estimate is itself uncertain by about 16 %): the 2 % bound is then at least three standard errors away
+from a correct thermostat, while a degrees-of-freedom mistake (3N against 3N − 3: +5 %) or heating fails it.
 
-Asserted per method: no run stopped; every engine's standard error ≤ 0.5 % (the test is decisive); every mean
+Asserted per method: no run stopped; every engine's standard error ≤ 2/3 % (the test is decisive); every mean
 within 2 % of 300 K; the four engines' means within 2 % of each other.
 """
 
@@ -73,7 +74,7 @@ def test_each_thermostat_holds_300_k_in_every_engine(ensemble, aspirin_run):
         )
     for engine, (mean, se, stopped, n) in stats.items():
         assert stopped is None and n == (STEPS - EQUILIBRATION_FS / DT_FS) // 10, (engine, stopped, n)
-        assert se <= 0.005 * TARGET_K, (engine, "not decisive", mean, se)
+        assert se <= TARGET_K * 0.02 / 3, (engine, "not decisive", mean, se)
         assert abs(mean - TARGET_K) < 0.02 * TARGET_K, (engine, mean, se)
     means = [s[0] for s in stats.values()]
     assert max(means) - min(means) < 0.02 * TARGET_K, stats

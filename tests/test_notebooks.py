@@ -33,6 +33,11 @@ def test_notebook_is_a_document_with_the_outputs_of_its_real_run(path):
     assert words >= MIN_WORDS, f"{path.name}: {words} words of prose"
 
 
+# The quick smoke runs of the other notebooks take 0.5–2 minutes each on 2 cores (1 of the default tier's 8
+# minutes per notebook): they run in the slow tier, beside the full runs; their committed outputs are checked here.
+DEFAULT_TIER_QUICK_RUNS = ("01_quickstart",)
+
+
 def _execute(path, tmp_path, monkeypatch, quick: bool, timeout_s: int):
     from nbclient import NotebookClient
 
@@ -55,6 +60,9 @@ def _notebook_tests(path):
     def test_runs_quick(self, tmp_path, monkeypatch):
         """Executes end to end in its QUICK smoke mode (fresh kernel) and shows a picture."""
         _check_outputs(path, _execute(path, tmp_path, monkeypatch, quick=True, timeout_s=600))
+
+    if path.stem not in DEFAULT_TIER_QUICK_RUNS:
+        test_runs_quick = pytest.mark.slow(test_runs_quick)
 
     @pytest.mark.slow
     def test_full_run(self, tmp_path, monkeypatch):
