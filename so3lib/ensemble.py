@@ -13,6 +13,9 @@ Per structure the force uncertainty is summarised two ways: ``forces_std_rms`` =
 same measure as a force RMSE, for calibration) and ``forces_std_max`` = max_i ‖σ_F,i‖ (the largest atomic
 force deviation, the usual stopping and selection criterion of active learning, as DP-GEN's model_devi_f).
 
+A shallow ensemble (`so3lib.shallow_ensemble`, one model with K readout heads) gives the same outputs; every
+function here that takes an ensemble takes it too (`gives_spread`).
+
 On disk an ensemble run holds ``members/m<k>/`` (complete run folders, one per seed) and
 ``model/ensemble.yaml`` (their model folders, relative, and the calibration); `so3lib.load_potential` and
 `so3lib.load_calculator` read it like a single run.
@@ -96,6 +99,13 @@ class EnsemblePotential:
         return dataclasses.replace(self, energy_scale=float(energy_scale), forces_scale=float(forces_scale))
 
 
+def gives_spread(pot) -> bool:
+    """The potential reports an uncertainty: an `EnsemblePotential` or a shallow ensemble."""
+    from so3lib.shallow_ensemble import ShallowEnsemblePotential
+
+    return isinstance(pot, (EnsemblePotential, ShallowEnsemblePotential))
+
+
 # --------------------------------------------------------------------------------------------- on disk
 def is_ensemble(run_dir: str | Path) -> bool:
     d = Path(run_dir)
@@ -137,16 +147,16 @@ def load_ensemble(run_dir: str | Path) -> tuple[EnsemblePotential, tuple]:
 
 # --------------------------------------------------------------------------------------------- arrays
 def predict_arrays(pot, params, ds, batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
-    """Batched predictions of a `Potential` or `EnsemblePotential` on every frame of ``ds`` (float64 on the host):
-    energy_ev (F,), forces_ev_per_a (ΣN, 3), and for an ensemble energy_std_ev (F,), forces_std_ev_per_a (ΣN, 3)
-    (calibrated), forces_std_rms_ev_per_a and forces_std_max_ev_per_a (F,)."""
+    """Batched predictions of a `Potential`, `EnsemblePotential` or shallow ensemble on every frame of ``ds``
+    (float64 on the host): energy_ev (F,), forces_ev_per_a (ΣN, 3), and for an ensemble energy_std_ev (F,),
+    forces_std_ev_per_a (ΣN, 3) (calibrated), forces_std_rms_ev_per_a and forces_std_max_ev_per_a (F,)."""
     from tqdm.auto import tqdm
 
     from so3lib.training.trainer import make_loader
 
     loader = make_loader(ds, pot, batch_size, False, 0, "prediction")
     fn = jax.jit(pot.__call__)
-    ens = isinstance(pot, EnsemblePotential)
+    ens = gives_spread(pot)
     keys = ["energy_residual", "forces"] + (["energy_std", "forces_std"] if ens else [])
     acc: dict[str, list] = {k: [] for k in keys}
     for g in tqdm(loader.epoch(0), total=len(loader), desc="predict", disable=not progress):

@@ -98,14 +98,9 @@ class Potential:
         else:
             n_graph = graph.n_node.shape[0]
             strain0 = jnp.zeros((n_graph, 3, 3), self.dtype)
-            cell = graph.globals["cell"]
-            gidx = node_graph_index(graph)
 
             def total(p, strain):
-                sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
-                p_s = p + jnp.einsum("ni,nij->nj", p, sym[gidx])
-                cell_s = cell + jnp.einsum("gij,gjk->gik", cell, sym)
-                g = graph._replace(nodes={**graph.nodes, "positions": p_s}, globals={**graph.globals, "cell": cell_s})
+                g = strained(graph, p, strain)
                 e_atom = self.atomic_residual_energies(params, g)
                 e = self._graph_sum(e_atom, g)
                 return jnp.sum(e), (e, e_atom)
@@ -113,9 +108,7 @@ class Potential:
             (_, (e, e_atom)), (grad_pos, grad_strain) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
                 pos, strain0
             )
-            vol = jnp.abs(jnp.linalg.det(cell))
-            periodic = jnp.any(graph.globals["pbc"], axis=1) & (vol > 0)
-            stress = jnp.where(periodic[:, None, None], grad_strain / jnp.where(periodic, vol, 1.0)[:, None, None], 0.0)
+            stress = stress_from_strain_gradient(graph, grad_strain)
             out = {"energy_residual": e, "forces": -grad_pos, "stress": stress, "atomic_energy_residual": e_atom}
         out["energy"] = out["energy_residual"] + self.reference_energy(graph)
         return out
@@ -131,12 +124,45 @@ class Potential:
 
     @staticmethod
     def from_dict(d: Mapping) -> Potential:
-        return Potential(
-            model=config_from_dict(d["model"]),
-            reference=EnergyReference.from_dict(d["reference"]),
-            scale=float(d["scale"]),
-            shift=float(d["shift"]),
+        """A `Potential`, or for a model with ``readout_heads`` a `ShallowEnsemblePotential` (with the calibration
+        it was saved with)."""
+        pot = make_potential(
+            config_from_dict(d["model"]),
+            EnergyReference.from_dict(d["reference"]),
+            float(d["scale"]),
+            float(d["shift"]),
         )
+        cal = d.get("calibration")
+        return pot.with_calibration(cal["energy_scale"], cal["forces_scale"]) if cal else pot
+
+
+def make_potential(model: ModelConfig, reference: EnergyReference, scale: float = 1.0, shift: float = 0.0) -> Potential:
+    """The potential of ``model``: a `Potential`, or a `so3lib.shallow_ensemble.ShallowEnsemblePotential` when the
+    model has ``readout_heads`` (uncalibrated: spread scales 1)."""
+    if model.readout_heads:
+        from so3lib.shallow_ensemble import ShallowEnsemblePotential
+
+        return ShallowEnsemblePotential(model, reference, scale, shift)
+    return Potential(model, reference, scale, shift)
+
+
+def strained(graph: jraph.GraphsTuple, positions: jax.Array, strain: jax.Array) -> jraph.GraphsTuple:
+    """The graph with ``positions`` deformed by the symmetric part ε of ``strain`` (G, 3, 3): r ← r (1 + ε),
+    cell ← cell (1 + ε), per graph (∂E/∂ε at ε = 0 is the virial)."""
+    sym = 0.5 * (strain + jnp.swapaxes(strain, 1, 2))
+    gidx = node_graph_index(graph)
+    p_s = positions + jnp.einsum("ni,nij->nj", positions, sym[gidx])
+    cell = graph.globals["cell"]
+    cell_s = cell + jnp.einsum("gij,gjk->gik", cell, sym)
+    return graph._replace(nodes={**graph.nodes, "positions": p_s}, globals={**graph.globals, "cell": cell_s})
+
+
+def stress_from_strain_gradient(graph: jraph.GraphsTuple, grad_strain: jax.Array) -> jax.Array:
+    """(G, 3, 3) σ = (1/V) ∂E/∂ε for graphs with a periodic cell of non-zero volume, 0 for the others."""
+    cell = graph.globals["cell"]
+    vol = jnp.abs(jnp.linalg.det(cell))
+    periodic = jnp.any(graph.globals["pbc"], axis=1) & (vol > 0)
+    return jnp.where(periodic[:, None, None], grad_strain / jnp.where(periodic, vol, 1.0)[:, None, None], 0.0)
 
 
 def fit_scale_shift(dataset: Dataset, reference: EnergyReference) -> tuple[float, float]:

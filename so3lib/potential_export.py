@@ -77,6 +77,8 @@ def _programs(potential, params):
     import jax.numpy as jnp
     import jraph
 
+    if hasattr(potential, "with_force_spread"):  # a shallow ensemble exports its mean: no per-head forces
+        potential = potential.with_force_spread(False)
     table64 = np.asarray(potential.reference.table(), np.float64)
     intercept = float(potential.reference.intercept_ev)
     dt = potential.dtype
@@ -112,10 +114,9 @@ def _programs(potential, params):
 
     def atomic_energies_fn(positions, species, cell, senders, receivers, shifts):
         g = graph(positions, species, cell, jnp.zeros(3, bool), senders, receivers, shifts)
-        g = potential._cast(g)
-        e = potential.module.apply(params, g)[:-1]
+        e = potential.atomic_residual_energies(params, potential._cast(g))[:-1]  # a shallow ensemble: the heads' mean
         table = jnp.asarray(table64, dt)
-        return jnp.where(species > 0, potential.scale * e + potential.shift + table[species], 0.0).astype(dt)
+        return jnp.where(species > 0, e + table[species], 0.0).astype(dt)
 
     return jax.jit(potential_fn), jax.jit(atomic_energies_fn)
 

@@ -239,7 +239,13 @@ def parse(argv: Sequence[str]) -> Parsed:
         training = TrainingConfig(**{**defaults_training, **flags["training"]})
     except ValidationError as exc:
         raise UsageError(f"training options: {validation_message(exc)}") from None
-    return Parsed(cmd, module, opts, make_config(model, **{**defaults_model, **flags["model"]}), training)
+    model_cfg = make_config(model, **{**defaults_model, **flags["model"]})
+    from so3lib.training.config import uncertainty_conflict
+
+    problem = uncertainty_conflict(model_cfg, training)
+    if problem:
+        raise UsageError(problem)
+    return Parsed(cmd, module, opts, model_cfg, training)
 
 
 def run_parsed(p: Parsed, argv: Sequence[str]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""The uncertainty of an ensemble along an MD run: a ``monitor`` that `run_md` and `run_md_ase` call on every
-saved frame (step 0 included) with ``(step, positions)``. It evaluates the ensemble there (one extra ensemble
-evaluation per saved frame) and records
+"""The uncertainty of an ensemble (of models, or a shallow ensemble of readout heads) along an MD run: a
+``monitor`` that `run_md` and `run_md_ase` call on every saved frame (step 0 included) with ``(step,
+positions)``. It evaluates the ensemble there (one extra ensemble evaluation per saved frame) and records
 
     energy_std_ev (eV) and forces_std_max_ev_per_a = max_i ‖σ_F,i‖ (eV/Å; calibrated, see `so3lib.ensemble`),
 
@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from so3lib.ensemble import EnsemblePotential
+from so3lib.ensemble import gives_spread
 
 Action = Literal["stop", "mark"]
 
@@ -25,7 +25,7 @@ class UncertaintyMonitor:
 
     def __init__(
         self,
-        potential: EnsemblePotential,
+        potential,
         params,
         atoms,
         max_uncertainty: float | None = None,
@@ -33,8 +33,10 @@ class UncertaintyMonitor:
     ):
         from so3lib.calculator import So3libCalculator
 
-        if not isinstance(potential, EnsemblePotential):
-            raise ValueError("an uncertainty monitor needs an ensemble (a run trained with --ensemble K)")
+        if not gives_spread(potential):
+            raise ValueError(
+                "an uncertainty monitor needs an ensemble (a run trained with --ensemble N or --readout-heads K)"
+            )
         if max_uncertainty is not None and not max_uncertainty > 0:
             raise ValueError(f"max_uncertainty must be > 0 eV/Å, got {max_uncertainty}")
         if action not in ("stop", "mark"):

@@ -183,7 +183,7 @@ class BPNNConfig(ModelConfig):
         """The last layer of every element network (the symmetry functions have no parameters: the hidden
         layers are the learned representation)."""
         n = len(self.hidden)
-        return (f"W{n}", f"b{n}")
+        return (f"W{n}", f"b{n}", f"Wdev{n}", f"bdev{n}") if self.readout_heads else (f"W{n}", f"b{n}")
 
     def describe(self) -> str:
         rows = [
@@ -388,11 +388,19 @@ class BPNN(nn.Module):
         S = len(c.species)
         h = G
         sizes = tuple(c.hidden) + (1,)
-        for li, width in enumerate(sizes):
-            w = self.param(f"W{li}", nn.initializers.lecun_normal(batch_axis=(0,)), (S, h.shape[-1], width), dt)
-            b = self.param(f"b{li}", nn.initializers.zeros, (S, width), dt)
-            h = jnp.einsum("ni,sio->nso", h, w) + b[None]  # every element's network on every atom
-            h = jnp.take_along_axis(h, sidx[:, None, None], axis=1)[:, 0]  # keep the atom's own element
-            if li < len(sizes) - 1:
-                h = ACTIVATIONS[c.activation](h)
-        return h[:, 0]
+        layer = lambda name, x, width: per_element_dense(self, name, x, sidx, S, width, dt)  # noqa: E731
+        for li, width in enumerate(sizes[:-1]):
+            h = ACTIVATIONS[c.activation](layer(str(li), h, width))
+        n = len(sizes) - 1
+        if c.readout_heads:  # K heads: the mean's layer plus centred deviations (as `ReadoutHeads`)
+            dev = layer(f"dev{n}", h, c.readout_heads)
+            return layer(str(n), h, 1) + dev - jnp.mean(dev, axis=-1, keepdims=True)
+        return layer(str(n), h, 1)[:, 0]
+
+
+def per_element_dense(module, name: str, h, sidx, n_species: int, width: int, dt):
+    """(N, width) h W_Z + b_Z with the weights of each atom's own element (parameters W<name>, b<name>)."""
+    w = module.param(f"W{name}", nn.initializers.lecun_normal(batch_axis=(0,)), (n_species, h.shape[-1], width), dt)
+    b = module.param(f"b{name}", nn.initializers.zeros, (n_species, width), dt)
+    out = jnp.einsum("ni,sio->nso", h, w) + b[None]  # every element's network on every atom
+    return jnp.take_along_axis(out, sidx[:, None, None], axis=1)[:, 0]  # keep the atom's own element

@@ -6,6 +6,7 @@ for them, with finite gradients.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jraph
@@ -61,3 +62,20 @@ def edge_geometry(graph: jraph.GraphsTuple, dtype=None):
         vec = vec.astype(dtype)
     mask = jraph.get_edge_padding_mask(graph)
     return vec, safe_norm(vec, mask), mask
+
+
+class ReadoutHeads(nn.Module):
+    """The last readout layer of a shallow ensemble, (N, H) → (N, K): e_k = w̄·h + b̄ + (δ_k − δ̄)·h + (c_k − c̄).
+
+    The heads' mean is one Dense layer (w̄, b̄: a one-output model's last layer); the deviations δ_k, c_k are
+    centred over the heads, so the mean has no gradient to them and they have none to the mean: a loss on the
+    mean trains w̄ alone, the NLL of the spread trains the deviations at the optimiser's full step."""
+
+    n_heads: int
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.dtype, name=name)  # noqa: E731
+        dev = dense(self.n_heads, "deviations")(h)
+        return dense(1, "mean")(h) + dev - jnp.mean(dev, axis=-1, keepdims=True)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 _REGISTRY: dict[str, type[ModelConfig]] = {}
 # built-in models: name -> module that registers it on import (imported on first use)
@@ -28,6 +28,26 @@ class ModelConfig(BaseModel):
     name: str
     cutoff: float = Field(5.0, gt=0.0, le=30.0, description="cutoff radius r_cut in Å")
     dtype: Literal["float32", "float64"] = Field("float32", description="parameter and compute dtype")
+    readout_heads: int | None = Field(
+        None,
+        le=64,
+        description="shallow ensemble: K heads on the last readout layer (one model; energy = their mean, the "
+        "spread of the heads the uncertainty, trained with a Gaussian NLL); none: one output",
+    )
+
+    @field_validator("readout_heads")
+    @classmethod
+    def _heads(cls, v):
+        if v is not None and v < 2:
+            raise ValueError(
+                f"readout_heads {v}: a shallow ensemble needs at least 2 heads (leave it out for one output)"
+            )
+        return v
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the last readout layer: K heads, or 1."""
+        return self.readout_heads or 1
 
     def build(self) -> nn.Module:
         """The flax module for this configuration."""
@@ -57,7 +77,11 @@ class ModelConfig(BaseModel):
         return jnp.float64 if self.dtype == "float64" else jnp.float32
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The fields as plain data; ``readout_heads`` only when set (a one-output model's config stays as it was)."""
+        d = self.model_dump(mode="json")
+        if d.get("readout_heads") is None:
+            d.pop("readout_heads", None)
+        return d
 
     def replace(self, **changes) -> ModelConfig:
         return type(self)(**{**self.to_dict(), **changes})
@@ -95,7 +119,9 @@ def make_config(name: str, **kwargs) -> ModelConfig:
     try:
         return cls(name=name, **kwargs)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
         raise ValueError(
             f"invalid options for model '{name}': {problems}. Valid options: "
             f"{sorted(f for f in cls.model_fields if f != 'name')}"

@@ -2,7 +2,7 @@
 
 x_i⁰ = A[Z_i] ∈ R^F;  W(r_ij) = Dense_F(ssp(Dense_F(rbf(r_ij)))) · φ(r_ij);
 v_i = Σ_j Dense_F(x)_j ⊙ W(r_ij);  x_i ← x_i + Dense_F(ssp(Dense_F(v_i)))  (T times);
-E_i = Dense_1(ssp(Dense_{F/2}(x_i))).
+E_i = Dense_1(ssp(Dense_{F/2}(x_i)))  (`ReadoutHeads` instead of Dense_1: K heads of a shallow ensemble).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax
 import jraph
 from pydantic import Field
 
-from so3lib.models.common import CUTOFFS, RBFS, edge_geometry, shifted_softplus
+from so3lib.models.common import CUTOFFS, RBFS, ReadoutHeads, edge_geometry, shifted_softplus
 from so3lib.models.registry import ModelConfig, register
 
 
@@ -36,13 +36,15 @@ class SchNetConfig(ModelConfig):
         return SchNet(self)
 
     def readout_params(self) -> tuple[str, ...]:
-        """The atom-wise output MLP: the two Dense layers after the T interactions (5 Dense layers each)."""
+        """The atom-wise output MLP: the two Dense layers after the T interactions (5 Dense layers each); with
+        readout heads the hidden Dense layer and the heads."""
         t = 5 * self.n_interactions
-        return (f"Dense_{t}", f"Dense_{t + 1}")
+        return (f"Dense_{t}", "ReadoutHeads_0") if self.readout_heads else (f"Dense_{t}", f"Dense_{t + 1}")
 
 
 class SchNet(nn.Module):
-    """GraphsTuple (positions Å, species Z) → per-atom energies (N,) in units of the potential's scale."""
+    """GraphsTuple (positions Å, species Z) → per-atom energies (N,) in units of the potential's scale; (N, K)
+    with K ``readout_heads``."""
 
     config: SchNetConfig
 
@@ -62,4 +64,7 @@ class SchNet(nn.Module):
             y = dense(c.n_atom_basis, use_bias=False)(x)
             v = jax.ops.segment_sum(y[graph.senders] * w, graph.receivers, num_segments=n_node)
             x = x + dense(c.n_atom_basis)(shifted_softplus(dense(c.n_atom_basis)(v)))
+        if c.readout_heads:  # the hidden layer is Dense_{5T}, the heads ReadoutHeads_0
+            return ReadoutHeads(c.readout_heads, dt)(shifted_softplus(dense(max(c.n_atom_basis // 2, 1))(x)))
+        # the output layer is built first (Dense_{5T}), the hidden one second: the names saved runs hold
         return dense(1)(shifted_softplus(dense(max(c.n_atom_basis // 2, 1))(x)))[:, 0]

@@ -10,7 +10,7 @@ Per atom: invariant features f_i ∈ R^F and ONE set of Euclidean variables x_i 
     α_ijh = Σ_d q_ihd w_ijhd k_jhd / √d · φ(r_ij),   f_i += (1/⟨N⟩) Σ_j α_ijh v_jh  (H heads of size d = F/H)
     α_ij^l = Σ_d q^x_ild w^x_ijld k^x_jld / √d · φ(r_ij),  x_i^l += (1/⟨N⟩) Σ_j α_ij^l Y^l(r̂_ij)
     (a_i, b_i) = MLP([f_i, ⟨x_i^l, x_i^l⟩_l]);  f_i += a_i;  x_i^l += b_i^l x_i^l
-  E_i = MLP(LayerNorm(f_i))
+  E_i = MLP(LayerNorm(f_i))   (its last layer `ReadoutHeads`: K heads of a shallow ensemble, ``readout_heads``)
 
 Only the invariants c^l and ⟨x^l, x^l⟩ reach f, so E is invariant under rotations, translations, permutations
 and also reflections (Y^l(−r̂) = (−1)^l Y^l(r̂) and every contraction is a squared norm): the model does not
@@ -29,7 +29,7 @@ import jraph
 import numpy as np
 from pydantic import Field, model_validator
 
-from so3lib.models.common import ACTIVATIONS, CUTOFFS, RBFS, edge_geometry
+from so3lib.models.common import ACTIVATIONS, CUTOFFS, RBFS, ReadoutHeads, edge_geometry
 from so3lib.models.registry import ModelConfig, register
 
 
@@ -56,8 +56,8 @@ class SO3kratesConfig(ModelConfig):
         return SO3krates(self)
 
     def readout_params(self) -> tuple[str, ...]:
-        """The final layer norm and the output MLP."""
-        return ("LayerNorm_0", "MLP_0")
+        """The final layer norm and the output MLP (with readout heads: its hidden layer and the heads)."""
+        return ("LayerNorm_0", "MLP_0", "ReadoutHeads_0") if self.readout_heads else ("LayerNorm_0", "MLP_0")
 
     def fit(self, dataset) -> SO3kratesConfig:
         """⟨N⟩ = mean neighbour count within the cutoff on (up to 500 frames of) the training set."""
@@ -225,9 +225,9 @@ class SO3kratesLayer(nn.Module):
 
 
 class SO3krates(nn.Module):
-    """GraphsTuple → per-atom energies (N,). With ``edges['pair_sign']`` (batches from `so3lib.graph.build_batch`:
-    edge 2k + 1 is edge 2k reversed) the geometry, radial basis, spherical harmonics (Y^l(−r̂) = (−1)^l Y^l(r̂))
-    and filters are evaluated once per unordered pair of atoms."""
+    """GraphsTuple → per-atom energies (N,); (N, K) with K ``readout_heads``. With ``edges['pair_sign']`` (batches
+    from `so3lib.graph.build_batch`: edge 2k + 1 is edge 2k reversed) the geometry, radial basis, spherical
+    harmonics (Y^l(−r̂) = (−1)^l Y^l(r̂)) and filters are evaluated once per unordered pair of atoms."""
 
     config: SO3kratesConfig
 
@@ -256,4 +256,7 @@ class SO3krates(nn.Module):
                 f, x, rbf_p, sh, phi, graph.senders, graph.receivers, paired, n_node
             )
         h = LayerNorm(dt, name="LayerNorm_0")(f)
+        if c.readout_heads:
+            hidden = ACTIVATIONS[c.activation](MLP((c.features,), c.activation, dt, name="MLP_0")(h))
+            return ReadoutHeads(c.readout_heads, dt, name="ReadoutHeads_0")(hidden)
         return MLP((c.features, 1), c.activation, dt, name="MLP_0")(h)[:, 0]

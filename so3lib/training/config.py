@@ -89,6 +89,17 @@ class TrainingConfig(_Strict):
         "predictions are their mean, the spread their uncertainty (calibrated on the validation set)",
     )
 
+    nll_weight: float | None = Field(
+        None,
+        ge=0,
+        description="shallow ensembles (--readout-heads K): weight w of the Gaussian NLL of the heads' spread, "
+        "L = L_mean + w·(NLL_E [+ NLL_F]) (default 0.01 for a shallow ensemble)",
+    )
+    nll_forces: bool = Field(
+        False,
+        description="shallow ensembles: the NLL of the per-head force spread too (K backward passes per step)",
+    )
+
     @field_validator("ensemble")
     @classmethod
     def _ensemble(cls, v):
@@ -114,6 +125,30 @@ class TrainingConfig(_Strict):
                 "(--init-from RUN)"
             )
         return self
+
+
+DEFAULT_NLL_WEIGHT = 0.01
+
+
+def uncertainty_conflict(model: ModelConfig, training: TrainingConfig) -> str | None:
+    """What contradicts in the model's and the training's uncertainty options (None: nothing)."""
+    heads = getattr(model, "readout_heads", None)
+    if heads and training.ensemble:
+        return (
+            f"readout_heads {heads} and ensemble {training.ensemble}: choose one uncertainty, a shallow ensemble "
+            "(--readout-heads K, one model) or an ensemble of models (--ensemble N)"
+        )
+    if not heads and (training.nll_weight is not None or training.nll_forces):
+        given = "nll_weight" if training.nll_weight is not None else "nll_forces"
+        return f"{given} applies to a shallow ensemble: give the model readout_heads (--readout-heads K, K >= 2)"
+    return None
+
+
+def nll_weight(model: ModelConfig, training: TrainingConfig) -> float:
+    """The NLL weight in effect: the given one, the default for a shallow ensemble, 0 for other models."""
+    if not getattr(model, "readout_heads", None):
+        return 0.0
+    return DEFAULT_NLL_WEIGHT if training.nll_weight is None else float(training.nll_weight)
 
 
 class DataConfig(_Strict):
@@ -167,6 +202,13 @@ class RunConfig(_Strict):
         if isinstance(v, dict):
             return config_from_dict(v)
         raise ValueError(f"model must be a mapping with a 'name', got {type(v).__name__}")
+
+    @model_validator(mode="after")
+    def _uncertainty(self):
+        problem = uncertainty_conflict(self.model, self.training)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_serializer("model")
     def _ser_model(self, v):

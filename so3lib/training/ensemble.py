@@ -134,9 +134,10 @@ def train_ensemble(
         return results
 
 
-def calibrate(ens: ens_lib.EnsemblePotential, params, val_ds, batch_size: int = 64) -> dict[str, Any]:
+def calibrate(ens, params, val_ds, batch_size: int = 64) -> dict[str, Any]:
     """Variance-scaling factors on the validation set: s² = Σ err² / Σ σ_raw² for the energies (per structure)
-    and the force components (None where the labels are absent)."""
+    and the force components (None where the labels are absent). ``ens``: an `EnsemblePotential` or a shallow
+    ensemble (`so3lib.shallow_ensemble.ShallowEnsemblePotential`)."""
     pred = ens_lib.predict_arrays(ens.with_calibration(1.0, 1.0), params, val_ds, batch_size)
     e_err = pred["energy_ev"] - val_ds.energy
     f_err = None if val_ds.forces is None else pred["forces_ev_per_a"] - val_ds.forces

@@ -34,7 +34,7 @@ import numpy as np
 from so3lib.data.errors import DataError, UndeterminedReferenceError
 from so3lib.data.reference import EnergyReference, composition_matrix, fit_energy_reference
 from so3lib.models.registry import ModelConfig
-from so3lib.potential import Potential
+from so3lib.potential import Potential, make_potential
 
 log = logging.getLogger("so3lib.train")
 TRAINED, FROZEN = "trained", "frozen"
@@ -81,9 +81,9 @@ def check_model(init: ModelConfig, asked: ModelConfig, run: str | Path) -> None:
             f"keeps the model it starts from (drop --model, or train a {asked.name} from scratch)"
         )
     a, b = init.config_view(), asked.config_view()
-    diff = [k for k in a if k != "name" and b.get(k) is not None and b.get(k) != a[k]]
+    diff = [k for k in {**a, **b} if k != "name" and b.get(k) is not None and b.get(k) != a.get(k)]
     if diff:
-        shown = "; ".join(f"--{k.replace('_', '-')} {_show(b[k])} (the run has {_show(a[k])})" for k in diff[:6])
+        shown = "; ".join(f"--{k.replace('_', '-')} {_show(b[k])} (the run has {_show(a.get(k))})" for k in diff[:6])
         raise ValueError(
             f"--init-from {run}: the options contradict its {init.name} model: {shown}; fine-tuning keeps the "
             "model it starts from (drop these options, or train from scratch)"
@@ -169,7 +169,7 @@ def unexplained(pot: Potential, params, train_ds):
     ds = train_ds if isinstance(train_ds, Dataset) else train_ds.sample(FIT_SAMPLE)
     species = tuple(int(z) for z in np.asarray(ds.species))
     zero = EnergyReference(species=species, energies_ev=(0.0,) * len(species))
-    e_model = predict_dataset(Potential(pot.model, zero, pot.scale, pot.shift), params, ds, 64)["energy_ev"]
+    e_model = predict_dataset(make_potential(pot.model, zero, pot.scale, pot.shift), params, ds, 64)["energy_ev"]
     out = copy.copy(ds)
     out.energy = np.asarray(ds.energy, np.float64) - e_model
     return out
@@ -243,7 +243,7 @@ def start(cfg, train_ds) -> tuple[Potential, Any, dict[str, Any]]:
     params = jax.tree_util.tree_map(np.asarray, params)
     fit_ds = train_ds if tc.init_reference == "keep" else unexplained(init_pot, params, train_ds)
     ref = energy_reference(init_pot.reference, fit_ds, tc.init_reference, data_cfg, run)
-    pot = Potential(init_pot.model, ref, init_pot.scale, init_pot.shift)
+    pot = make_potential(init_pot.model, ref, init_pot.scale, init_pot.shift)
     summary = {
         "from": str(run),
         "reference": tc.init_reference,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import jraph
+
+NLL_EPS = 1e-8  # eV² and (eV/Å)²: floor of the heads' variance in the NLL (σ ≥ 0.1 meV, 0.1 meV/Å)
 
 
 def masks(graph: jraph.GraphsTuple):
@@ -31,12 +34,34 @@ def loss_sums(pred: dict, graph: jraph.GraphsTuple, stress: bool = False) -> dic
         sm = jraph.get_graph_padding_mask(graph) * graph.globals["has_stress"]
         ds = pred["stress"] - graph.globals["stress"]
         out.update(s_sq=jnp.sum(sm[:, None, None] * ds**2), n_s=9.0 * jnp.sum(sm))
+    if "energy_residual_members" in pred:  # a shallow ensemble: the NLL of its heads' spread
+        out.update(nll_sums(pred, graph, gm, nm))
     return out
 
 
-def loss_from_sums(s: dict, beta: float, stress_weight: float = 0.0):
-    """L = (1 − β)·mean_graphs (E − Ẽ)² + β·Σ_atoms |F − F̃|² / (3 N_real) [+ w·mean (σ − σ̃)²].
-    Returns (loss, aux) with the energy and force MSE terms."""
+def gaussian_nll(err: jax.Array, var: jax.Array) -> jax.Array:
+    """½ [ln(σ² + ε) + sg(err)² / (σ² + ε)] (up to the constant ½ ln 2π). The error's gradient is stopped: the
+    NLL shapes only the spread, the mean is trained by the squared errors alone."""
+    v = var + NLL_EPS
+    return 0.5 * (jnp.log(v) + jax.lax.stop_gradient(err) ** 2 / v)
+
+
+def nll_sums(pred: dict, graph: jraph.GraphsTuple, gm: jax.Array, nm: jax.Array) -> dict:
+    """Sums of the Gaussian NLL of a shallow ensemble (`so3lib.shallow_ensemble`) over the labelled graphs, with
+    σ_E² = var_k(E_k) (raw, uncalibrated), and, where the prediction holds the per-head forces, over the labelled
+    force components with σ_F,ic² = var_k(F_k,ic)."""
+    de = pred["energy_residual"] - graph.globals["energy_residual"]
+    out = {"nll_e": jnp.sum(gm * gaussian_nll(de, jnp.var(pred["energy_residual_members"], axis=0)))}
+    if "forces_members" in pred:
+        df = pred["forces"] - graph.nodes["forces"]
+        out["nll_f"] = jnp.sum(nm[:, None] * gaussian_nll(df, jnp.var(pred["forces_members"], axis=0)))
+    return out
+
+
+def loss_from_sums(s: dict, beta: float, stress_weight: float = 0.0, nll_weight: float = 0.0):
+    """L = (1 − β)·mean_graphs (E − Ẽ)² + β·Σ_atoms |F − F̃|² / (3 N_real) [+ w·mean (σ − σ̃)²], plus for a
+    shallow ensemble w_nll·(NLL_E + NLL_F) (the mean NLL per labelled structure and per force component).
+    Returns (loss, aux) with the energy and force MSE terms (and the NLL terms)."""
     mse_e = s["e_sq"] / jnp.maximum(s["n_e"], 1.0)
     mse_f = s["f_sq"] / jnp.maximum(s["n_f"], 1.0)
     loss = (1.0 - beta) * mse_e + beta * mse_f
@@ -45,12 +70,19 @@ def loss_from_sums(s: dict, beta: float, stress_weight: float = 0.0):
         mse_s = s["s_sq"] / jnp.maximum(s["n_s"], 1.0)
         loss = loss + stress_weight * mse_s
         aux["mse_stress"] = mse_s
+    if nll_weight > 0 and "nll_e" in s:
+        aux["nll_energy"] = s["nll_e"] / jnp.maximum(s["n_e"], 1.0)
+        nll = aux["nll_energy"]
+        if "nll_f" in s:
+            aux["nll_forces"] = s["nll_f"] / jnp.maximum(s["n_f"], 1.0)
+            nll = nll + aux["nll_forces"]
+        loss = loss + nll_weight * nll
     return loss, aux
 
 
-def loss_fn(pred: dict, graph: jraph.GraphsTuple, beta: float, stress_weight: float = 0.0):
+def loss_fn(pred: dict, graph: jraph.GraphsTuple, beta: float, stress_weight: float = 0.0, nll_weight: float = 0.0):
     """The loss of one padded batch (see `loss_from_sums`)."""
-    return loss_from_sums(loss_sums(pred, graph, stress_weight > 0), beta, stress_weight)
+    return loss_from_sums(loss_sums(pred, graph, stress_weight > 0), beta, stress_weight, nll_weight)
 
 
 def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict:

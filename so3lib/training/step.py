@@ -28,6 +28,7 @@ def make_train_step(
     stress_weight: float = 0.0,
     ema_decay: float | None = 0.99,
     sharded: bool = False,
+    nll_weight: float = 0.0,
 ) -> TrainStep:
     """The jitted step ``(state, graph) -> (state, loss, aux)``; the input state's buffers are donated.
 
@@ -41,6 +42,8 @@ def make_train_step(
             with ``n_shards``): each device evaluates its sub-batch (vmap, partitioned by XLA) and the loss is
             formed from the summed squared errors and counts, so it equals the loss of the whole global batch on
             one device; the compiler inserts the gradient all-reduce. Parameters stay replicated.
+        nll_weight: shallow ensembles (`so3lib.shallow_ensemble`): weight of the Gaussian NLL of the heads'
+            spread added to the loss (the NLL of the forces too when ``pot.force_spread``).
 
     Returns:
         ``train_step(state, graph)`` returning the updated `TrainState`, the loss of the batch before the
@@ -53,8 +56,9 @@ def make_train_step(
         def batch_loss(p):
             if sharded:
                 sums = jax.vmap(lambda g: loss_sums(pot(p, g, compute_stress=use_stress), g, use_stress))(graph)
-                return loss_from_sums(jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums), beta, stress_weight)
-            return loss_fn(pot(p, graph, compute_stress=use_stress), graph, beta, stress_weight)
+                summed = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
+                return loss_from_sums(summed, beta, stress_weight, nll_weight)
+            return loss_fn(pot(p, graph, compute_stress=use_stress), graph, beta, stress_weight, nll_weight)
 
         (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
         updates, opt_state = opt.update(grads, state.opt_state, state.params, value=loss)

@@ -27,10 +27,10 @@ from so3lib.data.dataset import Dataset
 from so3lib.data.errors import DataError
 from so3lib.data.reference import fit_energy_reference
 from so3lib.graph.batching import BudgetLadder, GraphLoader
-from so3lib.potential import Potential, fit_scale_shift
+from so3lib.potential import Potential, fit_scale_shift, make_potential
 from so3lib.training import distributed, finetune, run_folder
 from so3lib.training.checkpoint import Checkpointer, NoCheckpointer
-from so3lib.training.config import DataConfig, RunConfig
+from so3lib.training.config import DataConfig, RunConfig, nll_weight
 from so3lib.training.evaluation import METRIC_FIELDS, MetricsCSV, evaluate, fmt, make_eval_fn, to_mev
 from so3lib.training.loop import LoopTiming, NonFiniteLossError, TrainingLoop, step_budget
 from so3lib.training.optim import BudgetSchedule, budget_driven, current_learning_rate, make_optimizer
@@ -85,7 +85,7 @@ def build_potential(cfg: RunConfig, train_ds) -> Potential:
             "fitted on the training set: %s",
             {k: v for k, v in model.config_view().items() if v != cfg.model.config_view().get(k)},
         )
-    return Potential(model, ref, scale, shift)
+    return make_potential(model, ref, scale, shift)
 
 
 def make_loader(
@@ -274,16 +274,20 @@ def _train(cfg, train_ds, val_ds, test_ds, out, ckpt_dir, resume, progress, spli
         [(r.n_graph, r.n_node, r.n_edge) for r in train_loader.ladder.rungs],
     )
 
-    train_step = make_train_step(pot, opt, tc.beta, tc.stress_weight, tc.ema_decay, sharded=mesh is not None)
+    shallow = getattr(pot, "with_force_spread", None)  # a shallow ensemble: per-head forces only for the force NLL
+    step_pot, eval_pot = (shallow(tc.nll_forces), shallow(False)) if shallow else (pot, pot)
+    train_step = make_train_step(
+        step_pot, opt, tc.beta, tc.stress_weight, tc.ema_decay, mesh is not None, nll_weight(cfg.model, tc)
+    )
     if multi:  # each process's own copy of the replicated arrays
         local = distributed.to_host
     else:
         local = (lambda t: t) if mesh is None else (lambda t: jax.device_put(t, jax.local_devices()[0]))
-    eval_fn = make_eval_fn(pot, tc.stress_weight > 0)
+    eval_fn = make_eval_fn(eval_pot, tc.stress_weight > 0)
     metrics_csv = MetricsCSV(out / "metrics.csv") if writer else _NoMetrics()
 
     def validate(ema):
-        m = evaluate(pot, local(ema), val_loader, eval_fn)
+        m = evaluate(eval_pot, local(ema), val_loader, eval_fn)
         return distributed.broadcast_json(m) if multi else m  # model selection follows process 0 everywhere
 
     pbar = tqdm(
@@ -393,6 +397,12 @@ def _finish(writer: bool, run: _FinishedRun) -> dict:
             "out": None,
         }
     best = run.local(run.state.best)
+    calibration = None
+    if hasattr(pot, "with_calibration"):  # a shallow ensemble: its spread calibrated on the validation set
+        from so3lib.training.ensemble import calibrate
+
+        calibration = calibrate(pot, best, _in_memory(run.val_ds), run.eval_batch_size)
+        pot = pot.with_calibration(calibration["energy_scale"] or 1.0, calibration["forces_scale"] or 1.0)
     save_potential(out / "model", pot, best)
     results: dict[str, Any] = {
         "model": run.cfg.model.name,
@@ -419,6 +429,10 @@ def _finish(writer: bool, run: _FinishedRun) -> dict:
     }
     if run.init_summary is not None:
         results["init"] = run.init_summary
+    if calibration is not None:
+        results["readout_heads"] = run.cfg.model.readout_heads
+        results["nll_weight"] = nll_weight(run.cfg.model, tc)
+        results["calibration"] = calibration
     if results["steps_per_s"]:
         results["structures_per_s"] = results["steps_per_s"] * tc.batch_size
     results["val"] = _without_mse(evaluate(pot, best, run.val_loader, run.eval_fn))
@@ -431,15 +445,42 @@ def _finish(writer: bool, run: _FinishedRun) -> dict:
     if run.test_ds is not None:
         test_ds = run.test_ds
         test_loader = make_loader(test_ds, pot, run.eval_batch_size, False, 0, "test")
-        test_eval = make_eval_fn(pot, True) if _has_stress(test_ds) and tc.stress_weight == 0 else run.eval_fn
+        test_stress = _has_stress(test_ds) and tc.stress_weight == 0
+        test_eval = run.eval_fn
+        if test_stress or calibration is not None:  # a shallow ensemble: the calibrated spread of the full potential
+            test_eval = make_eval_fn(pot, test_stress or tc.stress_weight > 0)
         results["test"] = _test(pot, best, test_loader, test_eval, out / "plots", name)
         _save_test_predictions(pot, best, test_ds, test_loader, test_eval, out / "test_predictions.extxyz")
+    if calibration is not None:
+        results["uncertainty"] = _uncertainty_reports(
+            pot, best, run.val_ds, run.test_ds, run.eval_batch_size, out, name
+        )
     # data, neighbour lists, evaluation, plots
     results["overhead_time_s"] = time.perf_counter() - run.t_setup - timing.train_time_s
     if distributed.active():
         results["n_processes"] = jax.process_count()
     run_folder.write_atomic(out / "results.json", run_folder.to_json(results))
     return results
+
+
+def _uncertainty_reports(pot, params, val_ds, test_ds, batch_size: int, out: Path, name: str) -> dict:
+    """How a shallow ensemble's calibrated spread ranks the real errors on the validation and test sets
+    (`so3lib.ensemble.uncertainty_report`), and plots/calibration.png."""
+    from so3lib import ensemble as ens_lib
+
+    reports = {}
+    for split, ds in (("validation", val_ds), ("test", test_ds)):
+        if ds is not None and (isinstance(ds, Dataset) or len(ds) <= TEST_PREDICTIONS_MAX_FRAMES):
+            ds = _in_memory(ds)
+            reports[split] = ens_lib.uncertainty_report(ens_lib.predict_arrays(pot, params, ds, batch_size), ds)
+    heads = pot.model.readout_heads
+    ens_lib.calibration_plot(reports, out / "plots" / "calibration.png", f"{name}: shallow ensemble of {heads} heads")
+    return reports
+
+
+def _in_memory(ds):
+    """A `Dataset` of every frame of ``ds`` (a streamed `DatasetView` is read into memory)."""
+    return ds if isinstance(ds, Dataset) else ds.materialize(np.arange(len(ds)))
 
 
 def _source(ds) -> str:

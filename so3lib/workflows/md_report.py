@@ -337,13 +337,13 @@ def run(opts: MDOptions) -> dict:
 
 def _monitor(opts: MDOptions, pot, params, atoms):
     """The ensemble's uncertainty monitor (None for a single model; --max-uncertainty then is an error)."""
-    from so3lib.ensemble import EnsemblePotential
+    from so3lib.ensemble import gives_spread
 
-    if not isinstance(pot, EnsemblePotential):
+    if not gives_spread(pot):
         if opts.max_uncertainty is not None:
             raise ValueError(
                 f"--max-uncertainty needs an ensemble run, and {opts.run} is a single model (train it with "
-                "--ensemble K)"
+                "--ensemble N, or --readout-heads K for a shallow ensemble)"
             )
         return None
     from so3lib.md.uncertainty import UncertaintyMonitor
