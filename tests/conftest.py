@@ -78,6 +78,27 @@ UNIT_MODULES = {
 }
 
 
+def check_guards_and_monitor(run_engine, calc, molecule) -> None:
+    """An engine's ``run_md_<engine>(calc, atoms, cfg, ...)``: dt = 50 fs flings ``molecule`` apart and the guards
+    stop the run at its first saved frame (nothing after it recorded); a monitor is called on every saved frame
+    and stops the run where it says so."""
+    from so3lib.md import MDConfig
+
+    fast = MDConfig(ensemble="nve", steps=40, dt_fs=50.0, save_every=10, max_temperature_k=1e9)
+    r = run_engine(calc, molecule, fast, progress=False, raise_on_blowup=False)
+    assert r.stopped.startswith("MD blew up by step 10 (t = 500.0 fs): ") and len(r.step) == 1, r.stopped
+    seen = []
+
+    def monitor(step, positions):
+        seen.append((step, positions.copy()))
+        return step >= 40
+
+    cfg = MDConfig(ensemble="nvt-langevin", steps=100, dt_fs=0.5, save_every=20)
+    r = run_engine(calc, molecule, cfg, progress=False, monitor=monitor)
+    assert r.step.tolist() == [s for s, _ in seen] == [0, 20, 40] and r.stopped is None
+    np.testing.assert_array_equal(r.positions, np.stack([p for _, p in seen]))
+
+
 def pytest_unconfigure(config):
     """The process that made the session's compilation cache removes it (the workers leave it alone)."""
     if _CACHE_OWNER:

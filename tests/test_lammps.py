@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from ase import units
+from conftest import check_guards_and_monitor
 
 import so3lib.data as d
 from so3lib.calculator import So3libCalculator
@@ -123,21 +124,9 @@ def test_guards_and_the_monitor_act_on_every_saved_frame(ethanol_run, ethanol):
 
     pot, params = load_potential(ethanol_run)
     calc = So3libCalculator(pot, params)
-    fast = MDConfig(ensemble="nve", steps=40, dt_fs=50.0, save_every=10, max_temperature_k=1e9)
-    r = run_md_lammps(calc, ethanol, fast, progress=False, raise_on_blowup=False)
-    assert r.stopped.startswith("MD blew up by step 10 (t = 500.0 fs): ") and len(r.step) == 1, r.stopped
+    check_guards_and_monitor(run_md_lammps, calc, ethanol)
     with pytest.raises(MDBlowUp, match=r"blew up by step 10 \(t = 5.0 fs\): temperature \d+ K above the limit 5 K"):
         run_md_lammps(calc, ethanol, MDConfig(steps=20, save_every=10, max_temperature_k=5.0), progress=False)
-    seen = []
-
-    def monitor(step, positions):
-        seen.append((step, positions.copy()))
-        return step >= 40
-
-    cfg = MDConfig(ensemble="nvt-langevin", steps=100, dt_fs=0.5, save_every=20)
-    r = run_md_lammps(calc, ethanol, cfg, progress=False, monitor=monitor)
-    assert r.step.tolist() == [s for s, _ in seen] == [0, 20, 40] and r.stopped is None
-    np.testing.assert_array_equal(r.positions, np.stack([p for _, p in seen]))
 
 
 def _md(run, structure, out, *extra):

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, data
+from conftest import ROOT, check_guards_and_monitor, data
 
 import so3lib.data as d
 from so3lib.calculator import So3libCalculator, load_calculator
@@ -167,19 +167,7 @@ def test_guards_and_the_monitor_act_on_every_saved_frame(ethanol_run, ethanol):
     """dt = 50 fs flings the molecule apart: `so3lib.md.guards` stops the OpenMM run at the first saved frame
     (nothing after it recorded); a monitor is called on every saved frame and stops the run where it says so."""
     calc = load_calculator(ethanol_run)
-    fast = MDConfig(ensemble="nve", steps=40, dt_fs=50.0, save_every=10, max_temperature_k=1e9)
-    r = run_md_openmm(calc, ethanol, fast, progress=False, raise_on_blowup=False)
-    assert r.stopped.startswith("MD blew up by step 10 (t = 500.0 fs): ") and len(r.step) == 1, r.stopped
-    seen = []
-
-    def monitor(step, positions):
-        seen.append((step, positions.copy()))
-        return step >= 40
-
-    cfg = MDConfig(ensemble="nvt-langevin", steps=100, dt_fs=0.5, save_every=20)
-    r = run_md_openmm(calc, ethanol, cfg, progress=False, monitor=monitor)
-    assert r.step.tolist() == [s for s, _ in seen] == [0, 20, 40] and r.stopped is None
-    np.testing.assert_array_equal(r.positions, np.stack([p for _, p in seen]))
+    check_guards_and_monitor(run_md_openmm, calc, ethanol)
 
 
 def test_the_command_with_openmm_and_a_reproducible_langevin(ethanol_run, ethanol, tmp_path):

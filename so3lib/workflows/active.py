@@ -96,21 +96,8 @@ class ActiveOptions(RunOptions, DynamicsOptions):
     def loop(self, seed: int):
         from so3lib.active import LoopConfig
 
-        return LoopConfig(
-            rounds=self.rounds,
-            n_select=self.n_select,
-            walkers=self.walkers,
-            max_batches=self.max_batches,
-            bounds=self.bounds,
-            min_uncertainty=self.min_uncertainty,
-            max_uncertainty=self.max_uncertainty,
-            min_gap=self.min_gap,
-            max_force_ev_per_a=self.max_label_force,
-            retrain=self.retrain,
-            finetune_steps=self.finetune_steps,
-            finetune_learning_rate=self.finetune_learning_rate,
-            seed=seed,
-        )
+        shared = set(LoopConfig.model_fields) & set(type(self).model_fields)  # the same names, the same meaning
+        return LoopConfig(**{k: getattr(self, k) for k in shared}, max_force_ev_per_a=self.max_label_force, seed=seed)
 
 
 def preset(model: str, options: dict):
