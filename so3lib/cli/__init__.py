@@ -401,6 +401,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: exit status 0 on success, 2 on a user error (one line on stderr), 1 otherwise."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from so3lib.cli.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # this process's allocator: XLA's step buffers reused, not re-faulted every step
     code = _main(argv)
     if code and "jax" in sys.modules:
         from so3lib.training import distributed
