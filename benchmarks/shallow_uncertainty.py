@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+from ensemble_uncertainty import calculator_ms  # noqa: E402  (benchmarks/: the same timing)
+
 import so3lib.data as data  # noqa: E402
 from so3lib import ensemble as E  # noqa: E402
 from so3lib.calculator import load_calculator  # noqa: E402
@@ -103,19 +105,6 @@ def step_times(args, train_ds, n_repeat: int = 7, n_steps: int = 20) -> dict:
         "n_repeat": n_repeat,
         "steps_per_repeat": len(batches),
     }
-
-
-def calculator_ms(calc, atoms, n: int = 50) -> float:
-    atoms = atoms.copy()
-    atoms.calc = calc
-    atoms.get_forces()  # compile
-    rng = np.random.default_rng(0)
-    p0 = atoms.positions.copy()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        atoms.positions = p0 + 1e-3 * rng.normal(size=p0.shape)
-        atoms.get_forces()
-    return 1e3 * (time.perf_counter() - t0) / n
 
 
 def md17_file() -> Path:

@@ -99,6 +99,21 @@ def check_guards_and_monitor(run_engine, calc, molecule) -> None:
     np.testing.assert_array_equal(r.positions, np.stack([p for _, p in seen]))
 
 
+def check_spread_calibrated(pot, params, val):
+    """A calibrated potential on its validation set: the RMS spread of forces and of energies equals the RMSE
+    (s² = Σerr²/Σσ²). Returns (predictions, force errors)."""
+    from so3lib import ensemble as E
+
+    pred = E.predict_arrays(pot, params, val)
+    f_err = pred["forces_ev_per_a"] - val.forces
+    np.testing.assert_allclose(
+        np.sqrt(np.mean(pred["forces_std_ev_per_a"] ** 2)), np.sqrt(np.mean(f_err**2)), rtol=1e-8
+    )
+    e_err = pred["energy_ev"] - val.energy
+    np.testing.assert_allclose(np.sqrt(np.mean(pred["energy_std_ev"] ** 2)), np.sqrt(np.mean(e_err**2)), rtol=1e-8)
+    return pred, f_err
+
+
 def pytest_unconfigure(config):
     """The process that made the session's compilation cache removes it (the workers leave it alone)."""
     if _CACHE_OWNER:

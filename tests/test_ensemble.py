@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import data
+from conftest import check_spread_calibrated, data
 
 import so3lib.data as d
 from so3lib import ensemble as E
@@ -84,13 +84,7 @@ def test_calibrated_spread_matches_the_validation_errors(ethanol_ensemble):
     """The stored factor s (s² = Σerr²/Σσ²): on the validation set the calibrated RMS spread equals the RMSE."""
     out, res, val = ethanol_ensemble
     pot, params = load_potential(out)
-    pred = E.predict_arrays(pot, params, val)
-    f_err = pred["forces_ev_per_a"] - val.forces
-    np.testing.assert_allclose(
-        np.sqrt(np.mean(pred["forces_std_ev_per_a"] ** 2)), np.sqrt(np.mean(f_err**2)), rtol=1e-8
-    )
-    e_err = pred["energy_ev"] - val.energy
-    np.testing.assert_allclose(np.sqrt(np.mean(pred["energy_std_ev"] ** 2)), np.sqrt(np.mean(e_err**2)), rtol=1e-8)
+    pred, f_err = check_spread_calibrated(pot, params, val)
     assert res["calibration"]["fitted_on"] == "validation" and res["calibration"]["forces_scale"] > 0
     # the mean's validation errors are those of predict_arrays
     np.testing.assert_allclose(res["val"]["forces_rmse_ev_per_a"], np.sqrt(np.mean(f_err**2)), rtol=1e-6)

@@ -14,7 +14,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import data
+from conftest import check_spread_calibrated, data
 from physics import fd_forces, fd_stress, graph, jitted
 
 import so3lib.data as d
@@ -227,13 +227,7 @@ def test_training_calibrates_the_spread_on_the_validation_set(ethanol_shallow):
     out, res, val = ethanol_shallow
     pot, params = load_potential(out)
     assert isinstance(pot, ShallowEnsemblePotential) and pot.forces_scale == res["calibration"]["forces_scale"]
-    pred = E.predict_arrays(pot, params, val)
-    f_err = pred["forces_ev_per_a"] - val.forces
-    np.testing.assert_allclose(
-        np.sqrt(np.mean(pred["forces_std_ev_per_a"] ** 2)), np.sqrt(np.mean(f_err**2)), rtol=1e-8
-    )
-    e_err = pred["energy_ev"] - val.energy
-    np.testing.assert_allclose(np.sqrt(np.mean(pred["energy_std_ev"] ** 2)), np.sqrt(np.mean(e_err**2)), rtol=1e-8)
+    check_spread_calibrated(pot, params, val)
     saved = json.loads((out / "results.json").read_text())
     assert saved["readout_heads"] == 8 and saved["nll_weight"] == 0.01
     assert set(saved["uncertainty"]) == {"validation", "test"} and (out / "plots" / "calibration.png").exists()
