@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+from work_folder import fresh_work_folder  # noqa: E402  (benchmarks/)
+
 import so3lib.data as data  # noqa: E402
 from so3lib import ensemble as E  # noqa: E402
 from so3lib.calculator import load_calculator  # noqa: E402
@@ -58,9 +60,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/so3lib_ensemble_bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ensemble_uncertainty.json"))
     args = ap.parse_args()
-    import shutil
-
-    shutil.rmtree(args.work, ignore_errors=True)
+    fresh_work_folder(args.work)
     tr = data.read(data.bundled_path(data.samples.RMD17_ETHANOL_TRAIN))
     te = data.read(data.bundled_path(data.samples.RMD17_ETHANOL_TEST))
     md17_path = SHARED / "md17" / "md17_ethanol_first2000.npz"

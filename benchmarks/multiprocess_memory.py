@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from work_folder import fresh_work_folder  # benchmarks/
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
@@ -170,6 +171,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multiprocess_memory.json")
     a = ap.parse_args(argv)
     rows = []
+    fresh_work_folder(a.work)
     try:
         for n in tqdm(a.sizes, desc="sizes"):
             t0 = time.perf_counter()
@@ -181,7 +183,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(store)
             print(json.dumps(rows[-2:]), flush=True)
     finally:
-        shutil.rmtree(a.work, ignore_errors=True)  # the synthetic stores are this benchmark's own
+        shutil.rmtree(a.work, ignore_errors=True)  # made and marked by fresh_work_folder above
     out = {
         "command": "python benchmarks/multiprocess_memory.py " + " ".join(argv or sys.argv[1:]),
         "what": "2 processes x 1 CPU device, streamed training (validation and test: 256 conformations each) on a "

@@ -33,6 +33,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 from ensemble_uncertainty import calculator_ms  # noqa: E402  (benchmarks/: the same timing)
+from work_folder import fresh_work_folder  # noqa: E402
 
 import so3lib.data as data  # noqa: E402
 from so3lib import ensemble as E  # noqa: E402
@@ -153,9 +154,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/so3lib_shallow_bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "shallow_uncertainty.json"))
     args = ap.parse_args()
-    import shutil
-
-    shutil.rmtree(args.work, ignore_errors=True)
+    fresh_work_folder(args.work)
     tr = data.read(data.bundled_path(data.samples.RMD17_ETHANOL_TRAIN))
     te = data.read(data.bundled_path(data.samples.RMD17_ETHANOL_TEST))
     md17_path = md17_file()

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE.parent))
+from work_folder import fresh_work_folder  # noqa: E402  (benchmarks/)
 
 SO3LIB = {
     "so3lib-schnet": ("so3lib SchNet F=128 T=3", ["--model", "schnet"]),
@@ -70,8 +71,6 @@ def export_split(path: Path, data_dir: str | None) -> dict:
 def run_so3lib(key: str, minutes: float, work: Path, extra: list[str]) -> dict:
     label, flags = SO3LIB[key]
     out = work / key
-    if out.exists():
-        shutil.rmtree(out)  # this script's own run folder of an earlier call
     cmd = [sys.executable, "-m", "so3lib", "md17", *flags, "--max-minutes", str(minutes), "--batch-size", str(BATCH)]
     cmd += ["--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -182,7 +181,7 @@ def main(argv=None) -> dict:
         doc = json.loads(Path(a.plot_only).read_text())
         plot(doc["runs"], Path(a.plot_only).with_suffix(".png"), _title(doc))
         return doc
-    work, venvs = Path(a.work), Path(a.venvs).expanduser()
+    work, venvs = fresh_work_folder(a.work), Path(a.venvs).expanduser()
     split = work / "split.npz"
     data = export_split(split, a.data_dir)
     keys = a.runs or [*SO3LIB, *PEERS]
