@@ -1,16 +1,19 @@
 """Issue #16, must show: each NVT method (Langevin, Nosé–Hoover, Berendsen) in each engine (jax-md, ASE, OpenMM,
-LAMMPS) holds its target, and the engines agree. Slow tier (about an hour on 2 cores).
+LAMMPS) holds its target, and the engines agree. Slow tier (about 70 minutes on 2 cores).
 
-rMD17 aspirin (21 atoms, n_dof = 3N − 3 = 60) at 300 K with a SchNet trained on rMD17 (`aspirin_run`): 20 ps of
-0.5 fs steps from the same Maxwell–Boltzmann start, the temperature of every 10th step after 1 ps of
-equilibration. For 60 degrees of freedom the instantaneous temperature fluctuates by sqrt(2/60) = 18 %, and its
-slow part (the energy exchanged with the thermostat) decorrelates only over the thermostat's time, so a mean over
-10 ps of moderately coupled (γ = 20 /ps) Langevin dynamics is known to ~1.5 % only, too loose to test 2 %. Each
-mean therefore comes with its standard error by block averaging (`thermo.mean_and_standard_error`, 20 blocks of
-~1 ps), and the coupling is tight enough (γ = 100 /ps, Nosé–Hoover τ = 25 fs, Berendsen τ = 50 fs) that over
-19 ps the error is at most 2/3 % (measured on jax-md: 0.4 K Berendsen, 1.2 K Langevin, 1.8 K Nosé–Hoover; a
-20-block estimate is itself uncertain by about 16 %): the 2 % bound is then at least three standard errors away
-from a correct thermostat, while a degrees-of-freedom mistake (3N against 3N − 3: +5 %) or heating fails it.
+rMD17 aspirin (21 atoms, n_dof = 3N − 3 = 60) at 300 K with a SchNet trained on rMD17 (`aspirin_run`): 20 ps
+(Nosé–Hoover 40 ps) of 0.5 fs steps from the same Maxwell–Boltzmann start, the temperature of every 10th step after
+1 ps of equilibration. For 60 degrees of freedom the instantaneous temperature fluctuates by sqrt(2/60) = 18 %, and
+its slow part (the energy exchanged with the thermostat) decorrelates only over the thermostat's time, so a mean
+over 10 ps of moderately coupled (γ = 20 /ps) Langevin dynamics is known to ~1.5 % only, too loose to test 2 %.
+Each mean therefore comes with its standard error by block averaging (`thermo.mean_and_standard_error`, 20 blocks
+of ~1 ps), and the coupling is tight enough (γ = 100 /ps, Nosé–Hoover τ = 25 fs, Berendsen τ = 50 fs) that over 19
+ps the error is at most 2/3 % (measured on jax-md: 0.4 K Berendsen, 1.2 K Langevin, 1.8 K Nosé–Hoover; a 20-block
+estimate is itself uncertain by about 16 %): the 2 % bound is then at least three standard errors away from a
+correct thermostat, while a degrees-of-freedom mistake (3N against 3N − 3: +5 %) or heating fails it. Nosé–Hoover
+runs 40 ps: over 20 ps its error was 1.5–2.0 K in the four engines (2026-12-02: OpenMM's estimate came out above
+the 2/3 % bound while its mean was 297.1 K), so with 20 ps the bound failed on the noise of the error estimate
+itself; twice the samples bring the error to ~1.3 K.
 
 Asserted per method: no run stopped; every engine's standard error ≤ 2/3 % (the test is decisive); every mean
 within 2 % of 300 K; the four engines' means within 2 % of each other.
@@ -31,8 +34,9 @@ COUPLING = {
     "nvt-nose-hoover": {"tau_fs": 25.0},
     "berendsen": {"tau_fs": 50.0},
 }
+STEPS = {"nvt-langevin": 40_000, "nvt-nose-hoover": 80_000, "berendsen": 40_000}
 ENGINES = ("jax-md", "ase", "openmm", "lammps")
-STEPS, DT_FS, EQUILIBRATION_FS = 40_000, 0.5, 1000.0
+DT_FS, EQUILIBRATION_FS = 0.5, 1000.0
 
 
 def _run(engine: str, pot, params, atoms, cfg: MDConfig):
@@ -59,7 +63,12 @@ def test_each_thermostat_holds_300_k_in_every_engine(ensemble, aspirin_run):
     pot, params = load_potential(aspirin_run)
     atoms = d.read(data("rmd17", "rmd17_aspirin_test_01.npz"))[0].to_ase()
     cfg = MDConfig(
-        ensemble=ensemble, temperature_k=TARGET_K, steps=STEPS, dt_fs=DT_FS, save_every=10, **COUPLING[ensemble]
+        ensemble=ensemble,
+        temperature_k=TARGET_K,
+        steps=STEPS[ensemble],
+        dt_fs=DT_FS,
+        save_every=10,
+        **COUPLING[ensemble],
     )
     stats = {}
     for engine in ENGINES:
@@ -73,7 +82,7 @@ def test_each_thermostat_holds_300_k_in_every_engine(ensemble, aspirin_run):
             flush=True,
         )
     for engine, (mean, se, stopped, n) in stats.items():
-        assert stopped is None and n == (STEPS - EQUILIBRATION_FS / DT_FS) // 10, (engine, stopped, n)
+        assert stopped is None and n == (STEPS[ensemble] - EQUILIBRATION_FS / DT_FS) // 10, (engine, stopped, n)
         assert se <= TARGET_K * 0.02 / 3, (engine, "not decisive", mean, se)
         assert abs(mean - TARGET_K) < 0.02 * TARGET_K, (engine, mean, se)
     means = [s[0] for s in stats.values()]
