@@ -17,9 +17,10 @@ def fresh_work_folder(path: str | Path) -> Path:
     or empty one is made and marked, anything else raises ``SystemExit`` naming the folder."""
     p = Path(path)
     if p.exists() or p.is_symlink():
-        if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file():
+        real_dir = p.is_dir() and not p.is_symlink()
+        if real_dir and (p / MARKER).is_file():
             shutil.rmtree(p)
-        elif p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+        elif real_dir and not any(p.iterdir()):
             p.rmdir()
         else:
             raise SystemExit(

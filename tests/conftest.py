@@ -218,7 +218,7 @@ def ethanol():
 def aspirin_run(tmp_path_factory):
     """The slow MD tests' potential: a float64 SchNet (F=64, T=3) trained for 12 000 steps (cosine to 1 %) on
     1950 frames of rMD17 aspirin, the train and test files of split 01 (validation: the last 50 test frames). The
-    thermostat test needs it stable for 20 ps at 300 K in four engines: the smaller one it replaces (F=32, T=2,
+    thermostat test needs it stable for 20–40 ps at 300 K in four engines: the smaller one it replaces (F=32, T=2,
     3000 steps on 950 frames, forces MAE 149 meV/Å) blew up under LAMMPS Langevin and under jax-md and ASE
     Nosé–Hoover on 2026-12-02. Here it is a fixture for stability, not an accuracy figure (it has seen the test
     file). Reads ``shared()`` data: tests using it are marked ``data``."""
