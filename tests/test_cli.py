@@ -1,6 +1,7 @@
 """The ``so3lib`` command: options from presets, config files and flags (flags win), help that shows the
 defaults in use, strict values, one-line errors with exit status 2, and a run's config.yaml that repeats it."""
 
+import re
 import subprocess
 import sys
 import typing
@@ -138,6 +139,16 @@ def test_rank_deficient_reference_refused_in_one_line(capsys, tmp_path):
     err = _err(capsys, ["train", "--train", str(ETHANOL_TRAIN), "--out", str(tmp_path / "r"), "--max-steps", "1"])
     assert "per-element energy reference is not determined" in err and "rank 1 for 3 elements (H, C, O)" in err
     assert "--e0s average" in err and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_diverging_training_is_a_one_line_error_naming_its_step(capsys, tmp_path):
+    argv = ["train", "--train", str(ETHANOL_TRAIN), "--out", str(tmp_path / "d"), "--e0s", "average"]
+    argv += ["--n-atom-basis", "8", "--n-interactions", "1", "--max-steps", "30", "--batch-size", "8"]
+    argv += ["--learning-rate", "1e9", "--warmup-steps", "0", "--schedule", "constant", "--grad-clip", "none"]
+    argv += ["--log-every-steps", "1", "--eval-every-steps", "30", "--progress", "false"]
+    err = _err(capsys, argv)
+    assert re.search(r"non-finite training loss \((nan|inf)\) at step \d+ \(epoch \d+\): training stopped", err)
+    assert "Lower the learning rate or check the data." in err and "internal error" not in err
 
 
 def _mace_style_extxyz(path: Path, n: int = 60) -> None:

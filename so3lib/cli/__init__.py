@@ -383,6 +383,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from so3lib.data.errors import DataError
     from so3lib.training.distributed import DistributedError
+    from so3lib.training.loop import NonFiniteLossError
 
     return (
         UsageError,
@@ -395,6 +396,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         KeyError,
         MemoryError,
         ImportError,  # an optional dependency that is not installed (the message says how to install it)
+        NonFiniteLossError,  # a run that diverged: a training outcome, the message names the step and checkpoint
     )
 
 
