@@ -81,6 +81,14 @@ def kernel_counts(hlo_text: str) -> dict:
     return {"fusions": fusions, "thunks": thunks}
 
 
+def xla_cost(compiled) -> dict:
+    """XLA's own estimate for a compiled program: floating-point operations and bytes read + written by its
+    kernels (independent of the machine's load; a step whose time follows the bytes is memory-bound)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"gflop": float(cost["flops"]) / 1e9, "bytes_accessed_gb": float(cost["bytes accessed"]) / 1e9}
+
+
 def build(name: str, ds):
     family, opts = MODELS[name]
     cfg = make_config(family, **opts).fit(ds)
@@ -133,7 +141,9 @@ def main(argv=None):
             opt = make_optimizer(tc, 100)
             step = make_train_step(pot, opt, tc.beta, 0.0, tc.ema_decay)
             state = init_state(params, opt.init(params))
-            r["train_step_kernels"] = kernel_counts(step.lower(state, batches[0]).compile().as_text())
+            compiled = step.lower(state, batches[0]).compile()
+            r["train_step_kernels"] = kernel_counts(compiled.as_text())
+            r["train_step_cost"] = xla_cost(compiled)
             t, (state, loss, _) = timed(step, state, batches[0])
             r["train_step_compile_s"] = t
             steps[n], states[n] = step, state
@@ -166,6 +176,10 @@ def main(argv=None):
         / m["schnet"]["train_step_cpu_ms_median"],
         "latency_so3krates_over_schnet": m["so3krates"]["energy_forces_1_molecule_ms_median"]
         / m["schnet"]["energy_forces_1_molecule_ms_median"],
+        "train_step_flops_so3krates_over_schnet": m["so3krates"]["train_step_cost"]["gflop"]
+        / m["schnet"]["train_step_cost"]["gflop"],
+        "train_step_bytes_so3krates_over_schnet": m["so3krates"]["train_step_cost"]["bytes_accessed_gb"]
+        / m["schnet"]["train_step_cost"]["bytes_accessed_gb"],
         "train_step_kernels_so3krates_over_schnet": m["so3krates"]["train_step_kernels"]["thunks"]
         / m["schnet"]["train_step_kernels"]["thunks"],
     }
